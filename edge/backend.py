@@ -1,0 +1,84 @@
+"""Backends run the pack's encoder: `run(batch) -> features`. ONNX Runtime here; TensorRT later.
+
+The interface is deliberately small (OpenVINO model_api's adapter idea): a backend knows its input
+and output shapes and turns an N x C x H x W float32 batch into the pack's feature tensor.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+import numpy as np
+
+from .errors import PackError
+from .pack import Pack
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """N x C x H x W float32 -> N x C' x h x w float32 features."""
+        ...
+
+
+def _dim_matches(declared, expected: int) -> bool:
+    # Symbolic (str) or unknown (None) dims accept anything; fixed ones must agree.
+    return not isinstance(declared, int) or declared == expected
+
+
+class OnnxRuntimeBackend:
+    """The pack encoder in an ONNX Runtime session. Providers: CUDA/TensorRT when present, else CPU."""
+
+    def __init__(self, pack: Pack, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = pack.file(pack.encoder.file)
+        available = ort.get_available_providers()
+        if providers is None:
+            preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+            providers = [p for p in preferred if p in available]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads or os.environ.get("ANOMALY_EDGE_THREADS"):
+            opts.intra_op_num_threads = int(threads or os.environ["ANOMALY_EDGE_THREADS"])
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise PackError(f"{path}: ONNX Runtime could not load the encoder: {e}") from None
+        self.name = "onnxruntime:" + ",".join(self.session.get_providers())
+        self._check_shapes(pack, path)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = pack.encoder.output
+        log.info("encoder %s on %s", path.name, self.name)
+
+    def _check_shapes(self, pack: Pack, path) -> None:
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        spec = pack.input
+        if spec.name not in inputs:
+            raise PackError(f"{path}: has no input '{spec.name}' (inputs: {sorted(inputs)})")
+        want_in = (spec.channels, spec.height, spec.width)
+        got_in = inputs[spec.name]
+        if len(got_in) != 4 or not all(_dim_matches(d, w) for d, w in zip(got_in[1:], want_in)):
+            raise PackError(f"{path}: input '{spec.name}' has shape {got_in}, pack.yaml says N x {want_in}")
+        out = pack.encoder.output
+        if out not in outputs:
+            raise PackError(f"{path}: has no output '{out}' (outputs: {sorted(outputs)})")
+        got_out = outputs[out]
+        want_out = tuple(pack.encoder.feature_shape)
+        if len(got_out) != 4 or not all(_dim_matches(d, w) for d, w in zip(got_out[1:], want_out)):
+            raise PackError(f"{path}: output '{out}' has shape {got_out}, pack.yaml encoder.feature_shape says N x {want_out}")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+
+def create_backend(pack: Pack, kind: str = "auto", threads: int | None = None) -> Backend:
+    """The best backend available for this pack. Only ONNX Runtime exists so far."""
+    if kind not in ("auto", "onnxruntime"):
+        raise ValueError(f"unknown backend '{kind}' (choose auto or onnxruntime)")
+    return OnnxRuntimeBackend(pack, threads=threads)

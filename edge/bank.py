@@ -1,0 +1,90 @@
+"""Memory bank of normal patch features and exact nearest-neighbour search.
+
+Search is GEMM-shaped: ||q - b||^2 = ||q||^2 + ||b||^2 - 2 q.b, computed a block of the bank at a
+time with BLAS, keeping only the running minimum, so memory stays bounded by `block_elements`
+whatever the bank and batch sizes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+class MemoryBank:
+    def __init__(self, features: np.ndarray):
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(f"memory bank needs a non-empty M x C array, got shape {features.shape}")
+        self.features = features
+        self.sq_norms = np.einsum("ij,ij->i", features, features)
+        # Transposed copy so the GEMM reads the bank contiguously.
+        self._features_t = np.ascontiguousarray(features.T)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.features.shape[1]
+
+    def nearest_sqdist(self, queries: np.ndarray, block_elements: int = 1 << 22) -> np.ndarray:
+        """Squared L2 distance of each query row to its nearest bank row (N,), float32, >= 0."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.channels:
+            raise ValueError(f"queries must be N x {self.channels}, got {queries.shape}")
+        n, m = queries.shape[0], len(self)
+        q_sq = np.einsum("ij,ij->i", queries, queries)
+        best = np.full(n, np.inf, np.float32)
+        rows = max(1, min(n, block_elements // max(1, min(m, 8192))))
+        cols = max(1, min(m, block_elements // rows))
+        for r0 in range(0, n, rows):
+            q = queries[r0:r0 + rows]
+            out = best[r0:r0 + rows]
+            for c0 in range(0, m, cols):
+                dots = q @ self._features_t[:, c0:c0 + cols]
+                # min over bank of (||b||^2 - 2 q.b); ||q||^2 is added once afterwards.
+                dots *= -2.0
+                dots += self.sq_norms[c0:c0 + cols]
+                np.minimum(out, dots.min(axis=1), out=out)
+        best += q_sq
+        np.maximum(best, 0.0, out=best)
+        return best
+
+
+def greedy_coreset(features: np.ndarray, size: int, seed: int = 0, projection_dim: int = 32,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Indices of `size` rows chosen by greedy k-center selection (PatchCore's coreset).
+
+    Distances are computed in a random projection to `projection_dim` dims (Johnson-Lindenstrauss),
+    which keeps each step a cheap matrix-vector product. Returns all indices when size >= len.
+    """
+    n = features.shape[0]
+    if size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if features.shape[1] > projection_dim:
+        proj = rng.standard_normal((features.shape[1], projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
+        reduced = np.ascontiguousarray(features @ proj)
+    else:
+        reduced = np.ascontiguousarray(features, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", reduced, reduced)
+    chosen = np.empty(size, np.int64)
+    chosen[0] = rng.integers(n)
+    min_dist = np.full(n, np.inf, np.float32)
+    step = max(1, size // 100)
+    for i in range(1, size + 1):
+        c = reduced[chosen[i - 1]]
+        d = reduced @ c
+        d *= -2.0
+        d += sq
+        d += sq[chosen[i - 1]]
+        np.minimum(min_dist, d, out=min_dist)
+        if i == size:
+            break
+        chosen[i] = int(np.argmax(min_dist))
+        if progress is not None and i % step == 0:
+            progress(step)
+    if progress is not None:
+        progress(size % step)
+    return chosen

@@ -1,0 +1,175 @@
+"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EdgeError
+
+
+def _shots(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shots must be a positive integer or 'all', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--shots must be >= 1, got {k}")
+    return k
+
+
+def cmd_export(args) -> int:
+    try:
+        from export.default_pack import export_default
+    except ImportError as e:
+        raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
+    if args.what != "default":
+        raise EdgeError(f"unknown export target {args.what!r} (available: default)")
+    export_default(args.out, size=args.size, weights=args.weights, force=args.force)
+    return 0
+
+
+def cmd_enroll(args) -> int:
+    from .pack import load_pack
+    from .preprocess import list_images
+    from .state import enroll
+
+    pack = load_pack(args.pack)
+    good = list_images(args.good)
+    if not good:
+        raise EdgeError(f"{args.good}: no images found (png, jpg, bmp, tif)")
+    state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
+                   log=lambda m: print(m, file=sys.stderr))
+    c = state.calibration
+    print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
+          f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import cv2
+
+    from . import visual
+    from .errors import ImageError
+    from .pack import load_pack
+    from .preprocess import list_images, read_image
+    from .scorer import Scorer
+    from .state import load_state
+
+    pack = load_pack(args.pack)
+    scorer = Scorer.from_state(pack, load_state(args.state, pack))
+    paths = []
+    for p in args.images:
+        p = Path(p)
+        paths += list_images(p) if p.is_dir() else [p]
+    if args.overlays:
+        Path(args.overlays).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in paths:
+        try:
+            img = read_image(path)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        r = scorer.score_one(img)
+        row = {"image": str(path), **r.summary()}
+        print(json.dumps(row) if args.json else
+              f"{path.name}  score {r.score:.4f}  threshold {r.threshold:.4f}  {r.verdict.upper():9s}  "
+              f"regions {len(r.regions)}  {r.latency_ms:.1f} ms")
+        if args.overlays:
+            th = r.threshold
+            cv2.imwrite(str(Path(args.overlays) / f"{path.stem}_overlay.png"),
+                        visual.heatmap_overlay(img, r.map_at_frame(), th * 0.5, th * 1.5, r.mask_at_frame()))
+    return 1 if failed else 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, summary_markdown, write_json
+    from .pack import load_pack
+
+    pack = load_pack(args.pack)
+    report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
+    result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
+                      log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        write_json(result, args.json)
+    print(summary_markdown(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.pack, args.out, parts=args.parts, shots=args.shots, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="build a model pack (needs the export extra)")
+    e.add_argument("what", choices=["default"], help="which pack to build")
+    e.add_argument("--out", required=True, help="pack folder to write")
+    e.add_argument("--size", type=int, default=224, help="input size in pixels (multiple of 16)")
+    e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
+    e.add_argument("--force", action="store_true", help="replace an existing pack folder")
+    e.set_defaults(func=cmd_export)
+
+    n = sub.add_parser("enroll", help="build or extend a station's memory bank and threshold from good images")
+    n.add_argument("--pack", required=True)
+    n.add_argument("--good", required=True, help="folder of good reference images")
+    n.add_argument("--shots", type=_shots, default=None, help="use K images from the folder (default all)")
+    n.add_argument("--out", required=True, help="station state folder (created or extended)")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.set_defaults(func=cmd_enroll)
+
+    s = sub.add_parser("score", help="score image files or folders against an enrolled station")
+    s.add_argument("--pack", required=True)
+    s.add_argument("--state", required=True)
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--overlays", help="write heatmap overlays to this folder")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(func=cmd_score)
+
+    v = sub.add_parser("eval", help="evaluate on an MVTec-layout folder")
+    v.add_argument("--pack", required=True)
+    v.add_argument("--data", required=True, help="category folder with train/good, test/, ground_truth/")
+    v.add_argument("--shots", type=_shots, default=None, help="K good references, or 'all' (default)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", help="write metrics here")
+    v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the synthetic line end to end: enroll, score a stream, overlays, summary")
+    d.add_argument("--pack", default="packs/default")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--parts", type=int, default=60)
+    d.add_argument("--shots", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

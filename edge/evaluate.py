@@ -1,0 +1,178 @@
+"""`anomaly-edge eval`: enroll K good shots from an MVTec-layout folder, score its test split, report.
+
+Reports image AUROC, pixel AUROC, AUPRO (to 30% FPR), and the automatic threshold's verdict
+accuracy, balanced accuracy, F1 and false-reject rate, plus throughput; writes JSON, a markdown
+summary, a ROC plot and a few heatmap overlays.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from . import metrics, visual
+from .dataset import open_mvtec, read_mask
+from .errors import ImageError
+from .pack import Pack
+from .preprocess import read_image
+from .scorer import FeatureExtractor, Scorer
+from .state import build_state
+
+PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
+BATCH = 8
+
+
+def _read_all(paths, log):
+    images, kept, skipped = [], [], []
+    for p in paths:
+        try:
+            images.append(read_image(p))
+            kept.append(p)
+        except ImageError as e:
+            skipped.append(str(e))
+            log(f"skipped: {e}")
+    return images, kept, skipped
+
+
+def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
+             n_overlays: int = 6, quiet: bool = False, log=print) -> dict:
+    category = open_mvtec(data)
+    rng = np.random.default_rng(seed)
+    train = category.train_good
+    if shots is not None and shots < len(train):
+        train = [train[i] for i in sorted(rng.choice(len(train), shots, replace=False))]
+    ref_images, _, skipped_refs = _read_all(train, log)
+    extractor = FeatureExtractor(pack)
+    t0 = time.perf_counter()
+    state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+    enroll_s = time.perf_counter() - t0
+    scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+
+    scores, labels, kinds, paths = [], [], [], []
+    maps, masks, skipped = [], [], []
+    keep_for_overlay = []
+    score_s = 0.0
+    samples = category.test
+    bar = tqdm(total=len(samples), desc="scoring test images", unit="img", disable=quiet, leave=False, dynamic_ncols=True)
+    for b0 in range(0, len(samples), BATCH):
+        batch, batch_imgs = [], []
+        for s in samples[b0:b0 + BATCH]:
+            try:
+                img = read_image(s.path)
+                mask = read_mask(s, img.shape[:2])
+            except ImageError as e:
+                skipped.append(str(e))
+                log(f"skipped: {e}")
+                continue
+            batch.append((s, mask))
+            batch_imgs.append(img)
+        if batch_imgs:
+            t = time.perf_counter()
+            results = scorer.score(batch_imgs)
+            score_s += time.perf_counter() - t
+            for (s, mask), img, r in zip(batch, batch_imgs, results):
+                scores.append(r.score)
+                labels.append(int(s.anomalous))
+                kinds.append(s.kind)
+                paths.append(str(s.path))
+                if s.anomalous and s.mask_path is None:
+                    continue  # no ground truth for pixel metrics
+                full = r.map_at_frame()
+                maps.append(full[::PIXEL_STEP, ::PIXEL_STEP].copy())
+                masks.append(mask[::PIXEL_STEP, ::PIXEL_STEP].copy())
+                keep_for_overlay.append((s, len(scores) - 1))
+        bar.update(len(samples[b0:b0 + BATCH]))
+    bar.close()
+
+    scores_a = np.asarray(scores)
+    labels_a = np.asarray(labels)
+    th = state.calibration.threshold
+    tm = metrics.threshold_metrics(scores_a, labels_a, th)
+    oracle_th, oracle_bacc = metrics.best_threshold(scores_a, labels_a)
+    fpr, tpr, _ = metrics.roc_curve(scores_a, labels_a)
+    result = {
+        "dataset": str(Path(data)),
+        "pack": pack.model_id,
+        "shots": len(ref_images),
+        "seed": seed,
+        "n_test": int(len(scores_a)),
+        "n_anomalous": int(labels_a.sum()),
+        "image_auroc": metrics.auroc(scores_a, labels_a),
+        "pixel_auroc": metrics.pixel_auroc(maps, masks),
+        "aupro": metrics.aupro(maps, masks, fpr_limit=0.3),
+        "threshold": th,
+        "accuracy": tm["accuracy"],
+        "balanced_accuracy": tm["balanced_accuracy"],
+        "f1": tm["f1"],
+        "false_reject_rate": tm["false_reject_rate"],
+        "miss_rate": tm["miss_rate"],
+        "oracle_threshold": float(oracle_th),
+        "oracle_balanced_accuracy": float(oracle_bacc),
+        "frames_per_second": len(scores_a) / score_s if score_s > 0 else 0.0,
+        "enroll_seconds": enroll_s,
+        "bank_patches": len(state.bank),
+        "calibration": {k: v for k, v in state.calibration.to_dict().items() if k != "normal_scores"},
+        "per_kind_detection": {k: float(np.mean(scores_a[np.asarray(kinds) == k] >= th)) for k in sorted(set(kinds))},
+        "skipped": skipped_refs + skipped,
+    }
+    if report_dir is not None:
+        _write_report(Path(report_dir), result, (fpr, tpr), scores_a, labels_a, keep_for_overlay, scorer, n_overlays)
+    return result
+
+
+def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scorer: Scorer, n_overlays: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    visual.roc_plot_png(out / "roc.png", [("image", roc[0], roc[1], result["image_auroc"])],
+                        title=f"{Path(result['dataset']).name}, {result['shots']} shots")
+    # The highest-scoring defective images, the highest-scoring good one (closest false alarm), lowest defective.
+    defective = sorted((c for c in candidates if labels[c[1]]), key=lambda c: -scores[c[1]])
+    good = sorted((c for c in candidates if not labels[c[1]]), key=lambda c: -scores[c[1]])
+    picks = defective[: max(1, n_overlays - 2)] + good[:1] + defective[-1:]
+    th = result["threshold"]
+    overlays = []
+    for s, i in picks:
+        img = read_image(s.path)
+        r = scorer.score_one(img)
+        mask = read_mask(s, img.shape[:2])
+        panel = visual.side_by_side(
+            [img, visual.heatmap_overlay(img, r.map_at_frame(), vmin=th * 0.5, vmax=th * 1.5, mask=mask)],
+            [f"{s.kind}: {s.path.name}", f"score {r.score:.3f} ({r.verdict})"])
+        name = f"overlay_{len(overlays):02d}_{s.kind}.png"
+        cv2.imwrite(str(out / name), panel)
+        overlays.append(name)
+    result["report"] = {"dir": str(out), "roc": "roc.png", "overlays": overlays}
+    (out / "summary.md").write_text(summary_markdown(result))
+
+
+def summary_markdown(r: dict) -> str:
+    rows = [
+        ("image AUROC", f"{r['image_auroc']:.3f}"), ("pixel AUROC", f"{r['pixel_auroc']:.3f}"),
+        ("AUPRO (30% FPR)", f"{r['aupro']:.3f}"),
+        ("automatic threshold", f"{r['threshold']:.4f}"),
+        ("verdict accuracy", f"{r['accuracy']:.3f}"), ("balanced accuracy", f"{r['balanced_accuracy']:.3f}"),
+        ("oracle balanced accuracy", f"{r['oracle_balanced_accuracy']:.3f}"),
+        ("F1", f"{r['f1']:.3f}"), ("false-reject rate", f"{r['false_reject_rate']:.3f}"),
+        ("miss rate", f"{r['miss_rate']:.3f}"),
+        ("frames/s (scoring)", f"{r['frames_per_second']:.1f}"), ("enrollment", f"{r['enroll_seconds']:.1f} s"),
+        ("bank patches", str(r["bank_patches"])),
+    ]
+    lines = [f"# {Path(r['dataset']).name}: {r['shots']} shots, seed {r['seed']}, pack {r['pack']}", "",
+             f"{r['n_test']} test images ({r['n_anomalous']} defective)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "Detection rate per kind at the automatic threshold (good = false-reject rate):", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in r["per_kind_detection"].items()]
+    if r.get("report"):
+        lines += ["", "![ROC](roc.png)", ""] + [f"![{o}]({o})" for o in r["report"]["overlays"]]
+    if r["skipped"]:
+        lines += ["", f"Skipped {len(r['skipped'])} unreadable files:"] + [f"- {s}" for s in r["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=float))

@@ -1,0 +1,202 @@
+"""The model pack: a folder with a schema-versioned `pack.yaml` and the files it lists.
+
+The pack describes itself: input size, colour mode and normalization, every file with its sha256,
+what the encoder outputs (feature layers, strides, shape) and how to score them. `load_pack`
+refuses anything that does not add up, naming the file and key at fault.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import PackError
+
+SCHEMA_VERSION = 1
+MANIFEST = "pack.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Strict):
+    """Applied to pixel values in 0..255: (x - mean) / std, per channel in the pack's colour order."""
+
+    mean: list[float] = Field(min_length=1, max_length=3)
+    std: list[float] = Field(min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class InputSpec(_Strict):
+    name: str = "image"
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    # rgb/bgr: 3 channels in that order; gray: frames are converted to grey and the grey
+    # plane is repeated over `channels`.
+    colour: Literal["rgb", "bgr", "gray"] = "rgb"
+    channels: Literal[1, 3] = 3
+    normalization: Normalization
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class FeatureLayer(_Strict):
+    name: str
+    stride: int = Field(gt=0)
+    channels: int = Field(gt=0)
+
+
+class EncoderSpec(_Strict):
+    file: str  # key into `files`
+    output: str = "features"
+    # Shape of one image's output: channels x grid height x grid width.
+    feature_shape: tuple[int, int, int]
+    stride: int = Field(gt=0)
+    layers: list[FeatureLayer] = Field(min_length=1)
+    aggregation: str = "avg3x3"
+
+    @model_validator(mode="after")
+    def _channels_add_up(self):
+        total = sum(layer.channels for layer in self.layers)
+        if total != self.feature_shape[0]:
+            raise ValueError(f"layers' channels add up to {total} but feature_shape has {self.feature_shape[0]}")
+        return self
+
+
+class ScorerSpec(_Strict):
+    kind: Literal["memory_bank"] = "memory_bank"
+    metric: Literal["l2"] = "l2"
+    # Gaussian sigma, in input pixels, applied to the upsampled map.
+    smoothing_sigma: float = Field(default=4.0, ge=0)
+    # Image score = mean of the highest `top_fraction` of map pixels (1 pixel when tiny).
+    top_fraction: float = Field(default=0.01, gt=0, le=1)
+    # Memory bank size cap (patches) after coreset subsampling at enrollment.
+    max_bank_patches: int = Field(default=16384, gt=0)
+
+
+class PackManifest(_Strict):
+    schema_version: int
+    model_id: str = Field(min_length=1)
+    description: str = ""
+    created: str = ""
+    input: InputSpec
+    files: dict[str, FileEntry]
+    encoder: EncoderSpec
+    scorer: ScorerSpec = ScorerSpec()
+    provenance: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _encoder_file_listed(self):
+        if self.encoder.file not in self.files:
+            raise ValueError(f"encoder.file '{self.encoder.file}' is not a key of files ({sorted(self.files)})")
+        s = self.encoder.stride
+        if self.input.height % s or self.input.width % s:
+            raise ValueError(f"input {self.input.height}x{self.input.width} is not a multiple of encoder.stride {s}")
+        grid = (self.input.height // s, self.input.width // s)
+        if tuple(self.encoder.feature_shape[1:]) != grid:
+            raise ValueError(f"encoder.feature_shape grid {self.encoder.feature_shape[1:]} != input/stride {grid}")
+        return self
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid pack manifest"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+class Pack:
+    """A validated pack on disk. `file(key)` gives the absolute path of a listed file."""
+
+    def __init__(self, root: Path, manifest: PackManifest, manifest_sha256: str):
+        self.root = root
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def input(self) -> InputSpec:
+        return self.manifest.input
+
+    @property
+    def encoder(self) -> EncoderSpec:
+        return self.manifest.encoder
+
+    @property
+    def scorer(self) -> ScorerSpec:
+        return self.manifest.scorer
+
+    def file(self, key: str) -> Path:
+        return self.root / self.manifest.files[key].path
+
+    def __repr__(self) -> str:
+        return f"Pack({self.model_id!r} at {self.root})"
+
+
+def load_pack(root: str | Path, verify_hashes: bool = True) -> Pack:
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise PackError(f"{root}: model pack folder not found")
+    if not manifest_path.is_file():
+        raise PackError(f"{manifest_path}: missing (a model pack is a folder with {MANIFEST})")
+    raw_bytes = manifest_path.read_bytes()
+    try:
+        raw = yaml.safe_load(raw_bytes)
+    except yaml.YAMLError as e:
+        raise PackError(f"{manifest_path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PackError(f"{manifest_path}: expected a mapping at the top level, got {type(raw).__name__}")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PackError(
+            f"{manifest_path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})"
+        )
+    try:
+        manifest = PackManifest.model_validate(raw)
+    except ValidationError as e:
+        raise PackError(_format_validation_error(manifest_path, e)) from None
+    for key, entry in manifest.files.items():
+        path = root / entry.path
+        if not path.is_file():
+            raise PackError(f"{manifest_path}: files.{key}: {path} is missing")
+        if verify_hashes:
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise PackError(
+                    f"{manifest_path}: files.{key}: sha256 of {path} is {actual}, manifest says {entry.sha256}"
+                )
+    return Pack(root.resolve(), manifest, hashlib.sha256(raw_bytes).hexdigest())
+
+
+def write_manifest(root: Path, manifest: PackManifest) -> Path:
+    path = Path(root) / MANIFEST
+    data = manifest.model_dump(mode="json")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,96 @@
+"""The score stage: frames -> encoder features -> nearest-neighbour distances -> smoothed anomaly maps.
+
+`FeatureExtractor` runs the pack's encoder in batches; `Scorer` adds the memory bank and the
+calibrated threshold and hands each map to the decide stage (`edge.decide`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from .backend import Backend, create_backend
+from .bank import MemoryBank
+from .decide import Result, find_regions, image_score
+from .pack import Pack
+from .preprocess import check_frame, to_batch
+
+
+class FeatureExtractor:
+    def __init__(self, pack: Pack, backend: Backend | None = None):
+        self.pack = pack
+        self.backend = backend or create_backend(pack)
+
+    def patch_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """N frames -> N x h x w x C float32 patch features (channels last, ready for the bank)."""
+        feats = self.backend.run(to_batch(list(images), self.pack.input))
+        return np.ascontiguousarray(feats.transpose(0, 2, 3, 1))
+
+    def patch_features_batched(self, images: Iterable[np.ndarray], batch_size: int = 8, progress=None) -> np.ndarray:
+        out, batch = [], []
+        for img in images:
+            batch.append(img)
+            if len(batch) == batch_size:
+                out.append(self.patch_features(batch))
+                progress and progress(len(batch))
+                batch = []
+        if batch:
+            out.append(self.patch_features(batch))
+            progress and progress(len(batch))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: tuple[int, int],
+                      sigma: float) -> np.ndarray:
+    """Flat squared distances of n images' patches -> n x H x W smoothed anomaly maps (L2 distances)."""
+    patch = np.sqrt(sqdist).reshape(n, *grid)
+    maps = np.empty((n, *size), np.float32)
+    for i in range(n):
+        m = cv2.resize(patch[i], (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        if sigma > 0:
+            m = cv2.GaussianBlur(m, (0, 0), sigma)
+        maps[i] = m
+    return maps
+
+
+class Scorer:
+    """Scores frames against one station's memory bank with its calibrated threshold."""
+
+    def __init__(self, pack: Pack, bank: MemoryBank, threshold: float, extractor: FeatureExtractor | None = None):
+        self.pack = pack
+        self.bank = bank
+        self.threshold = float(threshold)
+        self.extractor = extractor or FeatureExtractor(pack)
+        self.grid = tuple(pack.encoder.feature_shape[1:])
+        self.size = (pack.input.height, pack.input.width)
+
+    @classmethod
+    def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
+        return cls(pack, state.bank, state.calibration.threshold, FeatureExtractor(pack, backend))
+
+    def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
+        """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
+        n = features.shape[0]
+        sqdist = self.bank.nearest_sqdist(features.reshape(-1, features.shape[-1]))
+        return distances_to_maps(sqdist, n, self.grid, self.size, self.pack.scorer.smoothing_sigma)
+
+    def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
+        score = image_score(anomaly_map, self.pack.scorer.top_fraction)
+        anomalous = score >= self.threshold
+        mask = anomaly_map >= self.threshold
+        regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
+        return Result(score=score, threshold=self.threshold, anomalous=anomalous, anomaly_map=anomaly_map,
+                      mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms)
+
+    def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
+        """Score a batch of frames (grey or BGR uint8, any size)."""
+        t0 = time.perf_counter()
+        frames = [check_frame(f) for f in frames]
+        maps = self.anomaly_maps(self.extractor.patch_features(frames))
+        per_frame_ms = (time.perf_counter() - t0) * 1000 / max(1, len(frames))
+        return [self.decide(m, f.shape[:2], per_frame_ms) for m, f in zip(maps, frames)]
+
+    def score_one(self, frame: np.ndarray) -> Result:
+        return self.score([frame])[0]

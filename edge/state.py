@@ -1,0 +1,235 @@
+"""Station state: the memory bank of normal patches and the calibrated threshold, beside the pack.
+
+`enroll` builds it from good reference images: patch features -> coreset-subsampled bank, and a
+threshold calibrated on k-fold held-out scores of the references themselves (with augmented views
+when there is a single reference). Enrolling more images later rebuilds both from all references
+kept in the state's `good/` folder.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from .bank import MemoryBank, greedy_coreset
+from .calibration import Calibration, calibrate
+from .decide import image_score
+from .errors import ImageError, StateError
+from .pack import Pack
+from .preprocess import read_image
+from .scorer import FeatureExtractor, distances_to_maps
+
+STATE_SCHEMA_VERSION = 1
+STATE_FILE = "state.yaml"
+BANK_FILE = "bank.npy"
+GOOD_DIR = "good"
+MAX_CALIBRATION_IMAGES = 120
+POOL_FACTOR = 8
+
+
+@dataclass
+class StationState:
+    pack_model_id: str
+    pack_encoder_sha256: str
+    bank: MemoryBank
+    calibration: Calibration
+    references: list[str] = field(default_factory=list)  # file names under good/ (may be empty in memory)
+    info: dict = field(default_factory=dict)
+
+    def save(self, root: str | Path) -> Path:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp_bank = root / (BANK_FILE + ".part")
+        with open(tmp_bank, "wb") as f:
+            np.save(f, self.bank.features)
+        doc = {
+            "schema_version": STATE_SCHEMA_VERSION,
+            "pack": {"model_id": self.pack_model_id, "encoder_sha256": self.pack_encoder_sha256},
+            "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "bank": {"file": BANK_FILE, "patches": len(self.bank), "channels": self.bank.channels,
+                     "sha256": hashlib.sha256(self.bank.features.tobytes()).hexdigest()},
+            "calibration": self.calibration.to_dict(),
+            "references": self.references,
+            "info": self.info,
+        }
+        tmp_yaml = root / (STATE_FILE + ".part")
+        tmp_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
+        tmp_bank.replace(root / BANK_FILE)
+        tmp_yaml.replace(root / STATE_FILE)
+        return root
+
+
+def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
+    root = Path(root)
+    path = root / STATE_FILE
+    if not path.is_file():
+        raise StateError(f"{path}: missing (enroll good parts first: anomaly-edge enroll --pack P --good DIR --out {root})")
+    try:
+        doc = yaml.safe_load(path.read_text())
+        if doc.get("schema_version") != STATE_SCHEMA_VERSION:
+            raise StateError(f"{path}: schema_version {doc.get('schema_version')!r} not supported ({STATE_SCHEMA_VERSION})")
+        features = np.load(root / doc["bank"]["file"], allow_pickle=False)
+        calibration = Calibration.from_dict(doc["calibration"])
+        pack_doc = doc["pack"]
+    except StateError:
+        raise
+    except Exception as e:
+        raise StateError(f"{path}: unreadable station state: {type(e).__name__}: {e}") from None
+    if hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest() != doc["bank"].get("sha256"):
+        raise StateError(f"{root / doc['bank']['file']}: memory bank does not match the sha256 in {path}")
+    state = StationState(str(pack_doc["model_id"]), str(pack_doc["encoder_sha256"]), MemoryBank(features), calibration,
+                         list(doc.get("references") or []), dict(doc.get("info") or {}))
+    if pack is not None:
+        check_state_matches_pack(state, pack, path)
+    return state
+
+
+def check_state_matches_pack(state: StationState, pack: Pack, where) -> None:
+    encoder_sha = pack.manifest.files[pack.encoder.file].sha256
+    if state.pack_encoder_sha256 != encoder_sha:
+        raise StateError(f"{where}: enrolled with pack {state.pack_model_id} (encoder {state.pack_encoder_sha256[:12]}), "
+                         f"not with {pack.model_id} (encoder {encoder_sha[:12]}): enroll again for this pack")
+    if state.bank.channels != pack.encoder.feature_shape[0]:
+        raise StateError(f"{where}: bank has {state.bank.channels} channels, pack features have {pack.encoder.feature_shape[0]}")
+
+
+def augmented_views(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of a frame plus two small shifts (reflect-padded)."""
+    views = []
+    for flipped in (image, cv2.flip(image, 1)):
+        for k in range(4):
+            views.append(np.ascontiguousarray(np.rot90(flipped, k)))
+    h, w = image.shape[:2]
+    for dx, dy in ((0.04, 0.03), (-0.03, -0.04)):
+        m = np.float32([[1, 0, dx * w], [0, 1, dy * h]])
+        views.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT))
+    return views
+
+
+def _progress(desc: str, total: int, quiet: bool):
+    return tqdm(total=total, desc=desc, unit="img" if "feature" in desc else "it", disable=quiet, leave=False,
+                dynamic_ncols=True)
+
+
+def build_bank(features: np.ndarray, cap: int, seed: int, desc: str = "coreset", quiet: bool = False) -> MemoryBank:
+    flat = features.reshape(-1, features.shape[-1])
+    if len(flat) <= cap:
+        return MemoryBank(flat)
+    if len(flat) > POOL_FACTOR * cap:
+        # Greedy selection costs O(pool x cap): draw a random pool first so full-shot enrollment
+        # stays in seconds; the greedy step still picks the outlying patches within it.
+        pool = np.random.default_rng(seed).choice(len(flat), POOL_FACTOR * cap, replace=False)
+        flat = flat[np.sort(pool)]
+    with _progress(f"{desc} {cap}/{len(flat)} patches", cap, quiet) as bar:
+        idx = greedy_coreset(flat, cap, seed=seed, progress=bar.update)
+    return MemoryBank(flat[idx])
+
+
+def holdout_scores(pack: Pack, unit_features: list[np.ndarray], seed: int, quiet: bool = False) -> np.ndarray:
+    """Image scores of reference units each scored against a bank of the other units (k-fold)."""
+    n_units = len(unit_features)
+    if n_units < 2:
+        raise StateError("calibration needs at least two reference views")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_units)
+    n_folds = min(5, n_units)
+    folds = [order[f::n_folds] for f in range(n_folds)]
+    per_fold = max(1, MAX_CALIBRATION_IMAGES // n_folds)
+    grid = tuple(pack.encoder.feature_shape[1:])
+    size = (pack.input.height, pack.input.width)
+    cap = pack.scorer.max_bank_patches
+    scores = []
+    for f, held in enumerate(folds):
+        rest = np.concatenate([unit_features[i].reshape(-1, unit_features[i].shape[-1])
+                               for i in order if i not in set(held.tolist())])
+        bank = build_bank(rest, cap, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}", quiet=quiet)
+        for i in held[:per_fold]:
+            # A unit may hold several views (one reference with augmentation); score its first.
+            feats = unit_features[i][:1]
+            maps = distances_to_maps(bank.nearest_sqdist(feats.reshape(-1, feats.shape[-1])), 1, grid, size,
+                                     pack.scorer.smoothing_sigma)
+            scores.append(image_score(maps[0], pack.scorer.top_fraction))
+    return np.asarray(scores)
+
+
+def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor | None = None, seed: int = 0,
+                references: list[str] | None = None, quiet: bool = False) -> StationState:
+    """Memory bank + calibrated threshold from good reference frames (in memory)."""
+    if not images:
+        raise StateError("no good reference images to enroll")
+    extractor = extractor or FeatureExtractor(pack)
+    single = len(images) == 1
+    frames = augmented_views(images[0]) if single else images
+    with _progress("extracting features", len(frames), quiet) as bar:
+        feats = extractor.patch_features_batched(frames, progress=bar.update)
+    # Calibration units: views of the single reference, or one unit per reference image.
+    units = [feats[i:i + 1] for i in range(len(feats))]
+    normal_scores = holdout_scores(pack, units, seed, quiet=quiet)
+    calibration = calibrate(normal_scores)
+    bank = build_bank(feats, pack.scorer.max_bank_patches, seed, quiet=quiet)
+    return StationState(
+        pack_model_id=pack.model_id,
+        pack_encoder_sha256=pack.manifest.files[pack.encoder.file].sha256,
+        bank=bank, calibration=calibration, references=list(references or []),
+        info={"shots": len(images), "augmented_views": len(frames) if single else 0, "seed": seed,
+              "bank_patches": len(bank), "candidate_patches": int(feats.shape[0] * feats.shape[1] * feats.shape[2])},
+    )
+
+
+def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
+           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print) -> StationState:
+    """Enroll good images from files into the state folder `out`, adding to what it already holds.
+
+    Unreadable files are reported and skipped; the rest are enrolled. References are copied into
+    `out/good/` so later enrollments (and audits) see every image the bank was built from.
+    """
+    out = Path(out)
+    existing: list[str] = []
+    if (out / STATE_FILE).is_file():
+        existing = load_state(out, pack).references
+    rng = np.random.default_rng(seed)
+    good = list(good)
+    if shots is not None and shots < len(good):
+        good = [good[i] for i in sorted(rng.choice(len(good), shots, replace=False))]
+    new_images, new_names, skipped = [], [], []
+    for path in good:
+        try:
+            new_images.append(read_image(path))
+            new_names.append(Path(path).name)
+        except ImageError as e:
+            skipped.append(str(e))
+            log(f"skipped: {e}")
+    if not new_images and not existing:
+        raise StateError("no readable good images to enroll" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    # Stage the new references next to the old ones; names made unique, content-addressed.
+    staging = Path(tempfile.mkdtemp(prefix=".enroll.", dir=out.parent if out.parent.exists() else None))
+    try:
+        names = []
+        for img, name in zip(new_images, new_names):
+            digest = hashlib.sha256(img.tobytes()).hexdigest()[:12]
+            stem = f"{Path(name).stem}-{digest}.png"
+            if stem in existing or stem in names:
+                continue
+            if not cv2.imwrite(str(staging / stem), img):
+                raise StateError(f"{staging / stem}: could not write reference copy")
+            names.append(stem)
+        all_names = existing + names
+        all_images = [read_image(out / GOOD_DIR / n) for n in existing] + [read_image(staging / n) for n in names]
+        log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
+        state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
+        state.info["skipped"] = skipped
+        (out / GOOD_DIR).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            shutil.move(str(staging / n), out / GOOD_DIR / n)
+        state.save(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return state

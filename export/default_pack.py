@@ -1,0 +1,145 @@
+"""`anomaly-edge export default`: the default pack from ImageNet EfficientNet-Lite0.
+
+Encoder = blocks 4 (stride 8, 40 ch) and 10 (stride 16, 112 ch), each 3x3-averaged, the coarse one
+resized to the stride-8 grid, concatenated (152 ch). The ONNX graph is checked against the PyTorch
+forward before the pack is written; the pack folder appears only when everything succeeded.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization,
+                       PackManifest, ScorerSpec, load_pack, sha256_file, write_manifest)
+
+from . import assets
+
+TAPS = (4, 10)
+MAX_ABS_ERROR = 1e-4
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _step(i: int, n: int, text: str) -> float:
+    print(f"[{i}/{n}] {text}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def build_encoder(weights: Path):
+    import torch
+
+    from .efficientnet_lite import EfficientNetLite0, PatchFeatureEncoder
+
+    backbone = EfficientNetLite0()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ExportError(f"{weights}: not an EfficientNet-Lite0 state_dict: {e}") from None
+    return PatchFeatureEncoder(backbone.eval(), list(TAPS)).eval(), backbone.block_strides()
+
+
+def export_onnx(model, path: Path, size: int) -> None:
+    import torch
+
+    dummy = torch.zeros(2, 3, size, size)
+    # The TorchScript exporter: no extra dependency, and this graph (convs, pads, pools, resize)
+    # is well inside what it handles.
+    torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["features"],
+                      dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+
+
+def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(seed)
+    # Uniform noise over the whole normalized range, and a blurred (image-like) texture.
+    import cv2
+
+    noise = rng.uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
+    texture = cv2.GaussianBlur(rng.uniform(-1, 1, (size, size, 3)).astype(np.float32), (0, 0), 3) * 4
+    batch = np.concatenate([noise, np.clip(texture, -1, 1).transpose(2, 0, 1)[None]])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["features"], {"image": batch})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(batch)).numpy()
+    if got.shape != want.shape:
+        raise ExportError(f"{path}: ONNX output shape {got.shape} != PyTorch {want.shape}")
+    return float(np.abs(got - want).max())
+
+
+def export_default(out: str | Path, size: int = 224, weights: str | Path | None = None, force: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not force and any(out.iterdir()):
+        raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
+    if size % 16:
+        raise ExportError(f"--size {size}: must be a multiple of 16 (the coarsest feature stride)")
+    n = 5
+    t = _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
+    if weights is None:
+        weights_path = assets.fetch(assets.EFFICIENTNET_LITE0, log=lambda m: print("      " + m, file=sys.stderr))
+    else:
+        weights_path = assets.verify_file(Path(weights), assets.EFFICIENTNET_LITE0.member_sha256)
+    t = _step(2, n, f"building the patch-feature encoder (taps {TAPS})")
+    model, strides = build_encoder(weights_path)
+    layers = [FeatureLayer(name=f"blocks.{i}", stride=strides[i], channels=model.backbone._blocks[i]._bn2.num_features)
+              for i in TAPS]
+    stride = min(layer.stride for layer in layers)
+    channels = sum(layer.channels for layer in layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t = _step(3, n, f"exporting ONNX ({size}x{size}, dynamic batch)")
+        onnx_path = tmp / "encoder.onnx"
+        export_onnx(model, onnx_path, size)
+        print(f"      {onnx_path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        t = _step(4, n, "checking ONNX Runtime against the PyTorch forward")
+        err = check_onnx(model, onnx_path, size)
+        print(f"      max abs error {err:.2e} (limit {MAX_ABS_ERROR:.0e})", file=sys.stderr)
+        if not err <= MAX_ABS_ERROR:
+            raise ExportError(f"ONNX export differs from PyTorch by {err:.2e} > {MAX_ABS_ERROR:.0e}")
+        _step(5, n, f"writing the pack to {out}")
+        for extra in tmp.glob("*.data"):
+            extra.unlink()
+        manifest = PackManifest(
+            schema_version=SCHEMA_VERSION,
+            model_id=f"efficientnet-lite0-bank-{size}",
+            description="ImageNet EfficientNet-Lite0 patch features (blocks 4+10, 3x3 aggregated) "
+                        "with a memory-bank nearest-neighbour scorer",
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            input=InputSpec(height=size, width=size, colour="rgb", channels=3,
+                            normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3)),
+            files={"encoder": FileEntry(path="encoder.onnx", sha256=sha256_file(onnx_path))},
+            encoder=EncoderSpec(file="encoder", output="features", feature_shape=(channels, size // stride, size // stride),
+                                stride=stride, layers=layers, aggregation="avg3x3"),
+            scorer=ScorerSpec(),
+            provenance={
+                "weights": assets.EFFICIENTNET_LITE0.requirement,
+                "weights_sha256": assets.EFFICIENTNET_LITE0.member_sha256,
+                "weights_license": "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints)",
+                "export_max_abs_error": err,
+                "exporter": "anomaly-edge export default",
+            },
+        )
+        write_manifest(tmp, manifest)
+        load_pack(tmp)  # the runtime must accept what we wrote
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"pack {manifest.model_id} written to {out}", file=sys.stderr)
+    return out
