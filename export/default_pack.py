@@ -50,12 +50,17 @@ def build_encoder(weights: Path):
 def export_onnx(model, path: Path, size: int) -> None:
     import torch
 
+    import warnings
+
     dummy = torch.zeros(2, 3, size, size)
     # The TorchScript exporter: no extra dependency, and this graph (convs, pads, pools, resize)
     # is well inside what it handles.
-    torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["features"],
-                      dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    with warnings.catch_warnings():
+        # Tracer notes about constant-folded shapes: expected, the spatial size is fixed per pack.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["features"],
+                          dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
 
 
 def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:

@@ -1,0 +1,105 @@
+"""Scoring speed and memory on this machine: frames/s, p50/p99 latency at batch 1 and 8, peak RSS.
+
+    python bench/bench_scoring.py --pack packs/default [--references 752] [--frames 300]
+
+Enrolls `--references` synthetic good parts (the bank is coreset-capped as the pack says), then
+scores synthetic frames at the pack's input size, timing encoder, search and decide separately.
+Prints a markdown table for docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.pack import load_pack  # noqa: E402
+from edge.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.state import build_state  # noqa: E402
+from edge.synthetic import SyntheticLine  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_batches(scorer: Scorer, frames: list[np.ndarray], batch: int) -> dict:
+    stages = {"encoder": [], "search+map": [], "decide": []}
+    per_frame = []
+    for i in range(0, len(frames) - batch + 1, batch):
+        chunk = frames[i:i + batch]
+        t0 = time.perf_counter()
+        feats = scorer.extractor.patch_features(chunk)
+        t1 = time.perf_counter()
+        maps = scorer.anomaly_maps(feats)
+        t2 = time.perf_counter()
+        for m, f in zip(maps, chunk):
+            scorer.decide(m, f.shape[:2])
+        t3 = time.perf_counter()
+        stages["encoder"].append((t1 - t0) / batch)
+        stages["search+map"].append((t2 - t1) / batch)
+        stages["decide"].append((t3 - t2) / batch)
+        per_frame.append((t3 - t0) * 1000)  # latency of the batch call
+    lat = np.asarray(per_frame)
+    n_frames = len(per_frame) * batch
+    return {
+        "batch": batch, "fps": n_frames / (lat.sum() / 1000), "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        **{k: float(np.mean(v) * 1000) for k, v in stages.items()},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pack", default="packs/default")
+    ap.add_argument("--references", type=int, default=752)
+    ap.add_argument("--frames", type=int, default=320)
+    ap.add_argument("--bank", type=int, default=None, help="override the pack's bank cap (patches)")
+    args = ap.parse_args()
+    pack = load_pack(args.pack)
+    if args.bank:
+        pack.manifest = pack.manifest.model_copy(update={"scorer": pack.scorer.model_copy(update={"max_bank_patches": args.bank})})
+    line = SyntheticLine(seed=1)
+    t = time.perf_counter()
+    extractor = FeatureExtractor(pack)
+    state = build_state(pack, line.good(args.references), extractor, seed=0)
+    enroll_s = time.perf_counter() - t
+    scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+    # Frames already at the pack's input size, so resize costs what a matched camera ROI would.
+    frames = [np.ascontiguousarray(p.image[:pack.input.height, :pack.input.width]) for p in line.parts(args.frames)]
+    for b in (1, 8):
+        time_batches(scorer, frames[:16], b)  # warm-up
+    rows = [time_batches(scorer, frames, b) for b in (1, 8)]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"command: python bench/bench_scoring.py --pack {args.pack} --references {args.references} "
+          f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else ""))
+    print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}")
+    print(f"pack {pack.model_id}, input {pack.input.height}x{pack.input.width}, bank {len(state.bank)} patches "
+          f"x {state.bank.channels} ch from {args.references} references (enrollment {enroll_s:.1f} s)")
+    print()
+    print("| batch | frames/s | p50 ms/call | p99 ms/call | encoder ms/frame | search+map ms/frame | decide ms/frame |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['fps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['encoder']:.1f} | "
+              f"{r['search+map']:.1f} | {r['decide']:.2f} |")
+    print()
+    print(f"peak RSS {rss_mb:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

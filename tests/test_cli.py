@@ -1,0 +1,78 @@
+"""The console script as a user runs it: enroll, score, eval on a synthetic MVTec-layout folder."""
+import json
+
+import cv2
+import numpy as np
+
+from conftest import run_cli
+
+
+def test_eval_writes_metrics_json_report_and_images(default_pack_dir, synthetic_dataset, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_cli("eval", "--pack", default_pack_dir, "--data", synthetic_dataset, "--shots", "8",
+                   "--json", out, "--quiet")
+    result = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "balanced_accuracy", "f1", "false_reject_rate",
+                "frames_per_second"):
+        assert isinstance(result[key], float), key
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= result[key] <= 1.0
+    # Synthetic defects are plain to see: the scorer must separate them.
+    assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9
+    assert result["shots"] == 8 and result["n_test"] == 8 + 4 * 4
+    report = tmp_path / "eval-report"
+    roc = cv2.imread(str(report / "roc.png"))
+    assert roc is not None and roc.shape[0] > 100
+    assert len(list(report.glob("overlay_*.png"))) >= 3
+    assert "image AUROC" in (report / "summary.md").read_text()
+    assert "| image AUROC |" in proc.stdout
+
+
+def test_eval_skips_a_corrupt_test_image_and_scores_the_rest(default_pack_dir, synthetic_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    (data / "test" / "good" / "zzz_corrupt.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "e.json"
+    proc = run_cli("eval", "--pack", default_pack_dir, "--data", data, "--shots", "4", "--json", out, "--quiet")
+    result = json.loads(out.read_text())
+    assert result["n_test"] == 24
+    assert any("zzz_corrupt.png: not a readable image" in s for s in result["skipped"])
+    assert "zzz_corrupt.png" in proc.stderr
+
+
+def test_enroll_then_score_flags_the_defects(default_pack_dir, synthetic_dataset, tmp_path):
+    state = tmp_path / "station"
+    proc = run_cli("enroll", "--pack", default_pack_dir, "--good", synthetic_dataset / "train" / "good",
+                   "--out", state, "--quiet")
+    assert "threshold" in proc.stdout and (state / "state.yaml").is_file()
+    assert len(list((state / "good").iterdir())) == 12
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for kind in ("good", "hole", "scratch"):
+        src = synthetic_dataset / "test" / kind / "000.png"
+        (frames / f"{kind}.png").write_bytes(src.read_bytes())
+    (frames / "broken.png").write_bytes(b"nope")
+    proc = run_cli("score", "--pack", default_pack_dir, "--state", state, frames, "--json",
+                   "--overlays", tmp_path / "ov", check=False)
+    assert proc.returncode == 1  # one file failed; the others were still scored
+    assert "broken.png: not a readable image" in proc.stderr
+    rows = {json.loads(line)["image"].split("/")[-1]: json.loads(line) for line in proc.stdout.splitlines()}
+    assert rows["good.png"]["verdict"] == "normal"
+    assert rows["hole.png"]["verdict"] == "anomalous" and rows["scratch.png"]["verdict"] == "anomalous"
+    assert rows["hole.png"]["regions"] and rows["hole.png"]["score"] > rows["good.png"]["score"]
+    assert len(list((tmp_path / "ov").glob("*_overlay.png"))) == 3
+
+
+def test_bad_arguments_get_clear_errors(default_pack_dir, tmp_path):
+    proc = run_cli("eval", "--pack", default_pack_dir, "--data", tmp_path, "--shots", "zero", check=False)
+    assert proc.returncode == 2 and "--shots must be a positive integer or 'all'" in proc.stderr
+    proc = run_cli("eval", "--pack", default_pack_dir, "--data", tmp_path, check=False)
+    assert proc.returncode == 2 and "not an MVTec-layout folder (missing train/good/)" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("enroll", "--pack", default_pack_dir, "--good", tmp_path / "empty", "--out", tmp_path / "s",
+                   check=False)
+    assert proc.returncode == 2 and "no images found" in proc.stderr
+    proc = run_cli("enroll", "--pack", tmp_path / "nopack", "--good", tmp_path, "--out", tmp_path / "s", check=False)
+    assert proc.returncode == 2 and "model pack folder not found" in proc.stderr
