@@ -18,8 +18,9 @@ class MemoryBank:
             raise ValueError(f"memory bank needs a non-empty M x C array, got shape {features.shape}")
         self.features = features
         self.sq_norms = np.einsum("ij,ij->i", features, features)
-        # Transposed copy so the GEMM reads the bank contiguously.
-        self._features_t = np.ascontiguousarray(features.T)
+        # One GEMM gives ||b||^2 - 2 q.b directly: queries get a trailing 1, the bank is stored as
+        # [-2 b, ||b||^2], transposed so the GEMM reads it contiguously.
+        self._augmented_t = np.ascontiguousarray(np.concatenate([-2.0 * features, self.sq_norms[:, None]], axis=1).T)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -28,26 +29,26 @@ class MemoryBank:
     def channels(self) -> int:
         return self.features.shape[1]
 
-    def nearest_sqdist(self, queries: np.ndarray, block_elements: int = 1 << 22) -> np.ndarray:
+    def nearest_sqdist(self, queries: np.ndarray, block_elements: int = 1 << 20) -> np.ndarray:
         """Squared L2 distance of each query row to its nearest bank row (N,), float32, >= 0."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.channels:
             raise ValueError(f"queries must be N x {self.channels}, got {queries.shape}")
         n, m = queries.shape[0], len(self)
-        q_sq = np.einsum("ij,ij->i", queries, queries)
+        augmented = np.empty((n, self.channels + 1), np.float32)
+        augmented[:, :-1] = queries
+        augmented[:, -1] = 1.0
         best = np.full(n, np.inf, np.float32)
-        rows = max(1, min(n, block_elements // max(1, min(m, 8192))))
-        cols = max(1, min(m, block_elements // rows))
+        # Blocks of about `block_elements` distances (4 MB by default) stay in cache between the GEMM
+        # and the min that consumes them.
+        cols = min(m, 4096)
+        rows = max(1, min(n, block_elements // cols))
         for r0 in range(0, n, rows):
-            q = queries[r0:r0 + rows]
+            q = augmented[r0:r0 + rows]
             out = best[r0:r0 + rows]
             for c0 in range(0, m, cols):
-                dots = q @ self._features_t[:, c0:c0 + cols]
-                # min over bank of (||b||^2 - 2 q.b); ||q||^2 is added once afterwards.
-                dots *= -2.0
-                dots += self.sq_norms[c0:c0 + cols]
-                np.minimum(out, dots.min(axis=1), out=out)
-        best += q_sq
+                np.minimum(out, (q @ self._augmented_t[:, c0:c0 + cols]).min(axis=1), out=out)
+        best += np.einsum("ij,ij->i", queries, queries)
         np.maximum(best, 0.0, out=best)
         return best
 

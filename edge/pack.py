@@ -85,7 +85,7 @@ class ScorerSpec(_Strict):
     # Image score = mean of the highest `top_fraction` of map pixels (1 pixel when tiny).
     top_fraction: float = Field(default=0.01, gt=0, le=1)
     # Memory bank size cap (patches) after coreset subsampling at enrollment.
-    max_bank_patches: int = Field(default=16384, gt=0)
+    max_bank_patches: int = Field(default=8192, gt=0)
 
 
 class PackManifest(_Strict):

@@ -32,7 +32,7 @@ STATE_FILE = "state.yaml"
 BANK_FILE = "bank.npy"
 GOOD_DIR = "good"
 MAX_CALIBRATION_IMAGES = 120
-POOL_FACTOR = 8
+POOL_FACTOR = 64
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_threshold_comes_from_held_out_normal_scores(station):
     state, _ = station
     c = state.calibration
     assert c.n_scores == 10
-    assert c.threshold > c.quantile >= c.median > 0
+    assert c.threshold > c.median > 0 and c.spread > 0
 
 
 def test_single_shot_enrolls_with_augmented_views(default_pack, line):
@@ -159,3 +159,18 @@ def test_bad_frames_are_refused_with_a_clear_error(station):
     # Grey, 16-bit and BGRA frames of any size are accepted.
     for frame in (np.zeros((100, 300), np.uint8), np.zeros((64, 64), np.uint16), np.zeros((90, 90, 4), np.uint8)):
         assert scorer.score_one(frame).anomaly_map.shape == (224, 224)
+
+
+def test_calibration_is_the_robust_95_percent_point_of_normal_scores():
+    from edge.calibration import calibrate
+
+    # median 10, IQR 2 (9..11) -> spread 2/1.349; z(0.95) = 1.6449
+    scores = [8, 9, 9, 10, 10, 10, 11, 11, 12, 40]
+    c = calibrate(scores)
+    q1, q3 = np.quantile(scores, [0.25, 0.75])
+    assert c.median == 10 and c.spread == pytest.approx((q3 - q1) / 1.349)
+    assert c.threshold == pytest.approx(10 + 1.6449 * (q3 - q1) / 1.349, rel=1e-4)
+    # The single outlying good part does not drag the threshold up to it.
+    assert c.threshold < 15
+    with pytest.raises(ValueError, match="at least two"):
+        calibrate([1.0])
