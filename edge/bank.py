@@ -12,10 +12,25 @@ import numpy as np
 
 
 class MemoryBank:
-    def __init__(self, features: np.ndarray):
+    """Normal patch features, optionally stored in a PCA projection (`mean`, `components`: C x k).
+
+    Queries arrive with the encoder's C channels and are projected the same way before search.
+    """
+
+    def __init__(self, features: np.ndarray, mean: np.ndarray | None = None, components: np.ndarray | None = None):
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"memory bank needs a non-empty M x C array, got shape {features.shape}")
+        if (mean is None) != (components is None):
+            raise ValueError("a projected bank needs both mean and components")
+        if components is not None:
+            components = np.ascontiguousarray(components, dtype=np.float32)
+            mean = np.ascontiguousarray(mean, dtype=np.float32)
+            if components.shape[1] != features.shape[1] or mean.shape != (components.shape[0],):
+                raise ValueError(f"projection {components.shape} / mean {mean.shape} do not fit bank rows of "
+                                 f"{features.shape[1]} dims")
+        self.mean = mean
+        self.components = components
         self.features = features
         self.sq_norms = np.einsum("ij,ij->i", features, features)
         # One GEMM gives ||b||^2 - 2 q.b directly: queries get a trailing 1, the bank is stored as
@@ -27,15 +42,34 @@ class MemoryBank:
 
     @property
     def channels(self) -> int:
-        return self.features.shape[1]
+        """Channels a query must have (the encoder's, before any projection)."""
+        return self.components.shape[0] if self.components is not None else self.features.shape[1]
+
+    @classmethod
+    def with_pca(cls, features: np.ndarray, dims: int) -> "MemoryBank":
+        """Bank stored in the top `dims` principal components of `features` (kept as is if already small)."""
+        features = np.asarray(features, dtype=np.float32)
+        if dims >= features.shape[1] or dims >= features.shape[0]:
+            return cls(features)
+        mean = features.mean(axis=0)
+        _, _, vt = np.linalg.svd(features - mean, full_matrices=False)
+        components = np.ascontiguousarray(vt[:dims].T)
+        return cls((features - mean) @ components, mean, components)
+
+    def project(self, queries: np.ndarray) -> np.ndarray:
+        if self.components is None:
+            return queries
+        return (queries - self.mean) @ self.components
 
     def nearest_sqdist(self, queries: np.ndarray, block_elements: int = 1 << 20) -> np.ndarray:
         """Squared L2 distance of each query row to its nearest bank row (N,), float32, >= 0."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.channels:
             raise ValueError(f"queries must be N x {self.channels}, got {queries.shape}")
+        queries = self.project(queries)
         n, m = queries.shape[0], len(self)
-        augmented = np.empty((n, self.channels + 1), np.float32)
+        dims = self.features.shape[1]
+        augmented = np.empty((n, dims + 1), np.float32)
         augmented[:, :-1] = queries
         augmented[:, -1] = 1.0
         best = np.full(n, np.inf, np.float32)

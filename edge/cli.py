@@ -47,6 +47,9 @@ def cmd_enroll(args) -> int:
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
+    if len(state.references) < 4:
+        print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
+              "threshold may reject good parts: enroll more good images when you have them", file=sys.stderr)
     return 0
 
 
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
     e.add_argument("what", choices=["default"], help="which pack to build")
     e.add_argument("--out", required=True, help="pack folder to write")
-    e.add_argument("--size", type=int, default=224, help="input size in pixels (multiple of 16)")
+    e.add_argument("--size", type=int, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
     e.set_defaults(func=cmd_export)

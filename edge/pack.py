@@ -81,11 +81,14 @@ class ScorerSpec(_Strict):
     kind: Literal["memory_bank"] = "memory_bank"
     metric: Literal["l2"] = "l2"
     # Gaussian sigma, in input pixels, applied to the upsampled map.
-    smoothing_sigma: float = Field(default=4.0, ge=0)
+    smoothing_sigma: float = Field(default=8.0, ge=0)
     # Image score = mean of the highest `top_fraction` of map pixels (1 pixel when tiny).
-    top_fraction: float = Field(default=0.01, gt=0, le=1)
+    top_fraction: float = Field(default=0.05, gt=0, le=1)
     # Memory bank size cap (patches) after coreset subsampling at enrollment.
     max_bank_patches: int = Field(default=8192, gt=0)
+    # Bank and queries are compared in the bank's top principal components (search cost is linear
+    # in this); null keeps all channels.
+    projection_dim: int | None = Field(default=128, gt=0)
 
 
 class PackManifest(_Strict):

@@ -23,13 +23,13 @@ from .bank import MemoryBank, greedy_coreset
 from .calibration import Calibration, calibrate
 from .decide import image_score
 from .errors import ImageError, StateError
-from .pack import Pack
+from .pack import Pack, ScorerSpec
 from .preprocess import read_image
 from .scorer import FeatureExtractor, distances_to_maps
 
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
-BANK_FILE = "bank.npy"
+BANK_FILE = "bank.npz"
 GOOD_DIR = "good"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
@@ -49,13 +49,13 @@ class StationState:
         root.mkdir(parents=True, exist_ok=True)
         tmp_bank = root / (BANK_FILE + ".part")
         with open(tmp_bank, "wb") as f:
-            np.save(f, self.bank.features)
+            np.savez(f, **bank_arrays(self.bank))
         doc = {
             "schema_version": STATE_SCHEMA_VERSION,
             "pack": {"model_id": self.pack_model_id, "encoder_sha256": self.pack_encoder_sha256},
             "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "bank": {"file": BANK_FILE, "patches": len(self.bank), "channels": self.bank.channels,
-                     "sha256": hashlib.sha256(self.bank.features.tobytes()).hexdigest()},
+                     "dims": int(self.bank.features.shape[1]), "sha256": bank_digest(self.bank)},
             "calibration": self.calibration.to_dict(),
             "references": self.references,
             "info": self.info,
@@ -67,6 +67,21 @@ class StationState:
         return root
 
 
+def bank_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
+    arrays = {"features": bank.features}
+    if bank.components is not None:
+        arrays.update(mean=bank.mean, components=bank.components)
+    return arrays
+
+
+def bank_digest(bank: MemoryBank) -> str:
+    h = hashlib.sha256()
+    for name, array in bank_arrays(bank).items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
     root = Path(root)
     path = root / STATE_FILE
@@ -76,16 +91,17 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
         doc = yaml.safe_load(path.read_text())
         if doc.get("schema_version") != STATE_SCHEMA_VERSION:
             raise StateError(f"{path}: schema_version {doc.get('schema_version')!r} not supported ({STATE_SCHEMA_VERSION})")
-        features = np.load(root / doc["bank"]["file"], allow_pickle=False)
+        with np.load(root / doc["bank"]["file"], allow_pickle=False) as arrays:
+            bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"))
         calibration = Calibration.from_dict(doc["calibration"])
         pack_doc = doc["pack"]
     except StateError:
         raise
     except Exception as e:
         raise StateError(f"{path}: unreadable station state: {type(e).__name__}: {e}") from None
-    if hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest() != doc["bank"].get("sha256"):
+    if bank_digest(bank) != doc["bank"].get("sha256"):
         raise StateError(f"{root / doc['bank']['file']}: memory bank does not match the sha256 in {path}")
-    state = StationState(str(pack_doc["model_id"]), str(pack_doc["encoder_sha256"]), MemoryBank(features), calibration,
+    state = StationState(str(pack_doc["model_id"]), str(pack_doc["encoder_sha256"]), bank, calibration,
                          list(doc.get("references") or []), dict(doc.get("info") or {}))
     if pack is not None:
         check_state_matches_pack(state, pack, path)
@@ -101,7 +117,7 @@ def check_state_matches_pack(state: StationState, pack: Pack, where) -> None:
         raise StateError(f"{where}: bank has {state.bank.channels} channels, pack features have {pack.encoder.feature_shape[0]}")
 
 
-def augmented_views(image: np.ndarray) -> list[np.ndarray]:
+def augmented_views(image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> list[np.ndarray]:
     """The 8 flips/rotations of a frame plus two small shifts (reflect-padded)."""
     views = []
     for flipped in (image, cv2.flip(image, 1)):
@@ -110,8 +126,44 @@ def augmented_views(image: np.ndarray) -> list[np.ndarray]:
     h, w = image.shape[:2]
     for dx, dy in ((0.04, 0.03), (-0.03, -0.04)):
         m = np.float32([[1, 0, dx * w], [0, 1, dy * h]])
-        views.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT))
+        views.append(cv2.warpAffine(image, m, (w, h), flags=interpolation, borderMode=cv2.BORDER_REFLECT))
     return views
+
+
+def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Held-out normal scores from one reference: each quadrant of the part against the rest of it.
+
+    Augmented views of one image are near-copies of each other, so scoring a view against the
+    others says nothing about normal variation. Instead every patch is traced back to the quadrant
+    of the original image it shows (by pushing a quadrant-label image through the same flips,
+    rotations and shifts), and each view's patches from quadrant r are scored against a bank of
+    all views' patches from the *other* quadrants: how far one place on a good part is from the
+    rest of that good part.
+    """
+    h, w = frame_shape
+    labels = np.zeros((h, w), np.uint8)
+    labels[: h // 2, w // 2:] = 1
+    labels[h // 2:, : w // 2] = 2
+    labels[h // 2:, w // 2:] = 3
+    gh, gw = pack.encoder.feature_shape[1:]
+    grids = np.stack([cv2.resize(v, (gw, gh), interpolation=cv2.INTER_NEAREST)
+                      for v in augmented_views(labels, cv2.INTER_NEAREST)])
+    channels = view_features.shape[-1]
+    size = (pack.input.height, pack.input.width)
+    scores = []
+    for region in range(4):
+        others = view_features[grids != region]
+        bank = build_bank(others, pack.scorer, seed=region, quiet=True)
+        for v in range(len(view_features)):
+            own = grids[v] == region
+            if not own.any():
+                continue
+            sqdist = bank.nearest_sqdist(view_features[v].reshape(-1, channels)).reshape(gh, gw)
+            # Patches outside the held-out quadrant are not scored: give them the quadrant's median.
+            sqdist[~own] = np.median(sqdist[own])
+            m = distances_to_maps(sqdist.ravel(), 1, (gh, gw), size, pack.scorer.smoothing_sigma)[0]
+            scores.append(image_score(m, pack.scorer.top_fraction))
+    return np.asarray(scores)
 
 
 def _progress(desc: str, total: int, quiet: bool):
@@ -119,18 +171,25 @@ def _progress(desc: str, total: int, quiet: bool):
                 dynamic_ncols=True)
 
 
-def build_bank(features: np.ndarray, cap: int, seed: int, desc: str = "coreset", quiet: bool = False) -> MemoryBank:
+def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = "coreset",
+               quiet: bool = False) -> MemoryBank:
+    """Coreset-subsampled bank of at most `scorer.max_bank_patches` rows, PCA-projected as the pack says."""
     flat = features.reshape(-1, features.shape[-1])
-    if len(flat) <= cap:
-        return MemoryBank(flat)
+    cap = scorer.max_bank_patches
+    if len(flat) > cap:
+        flat = flat[_coreset_indices(flat, cap, seed, desc, quiet)]
+    return MemoryBank.with_pca(flat, scorer.projection_dim) if scorer.projection_dim else MemoryBank(flat)
+
+
+def _coreset_indices(flat: np.ndarray, cap: int, seed: int, desc: str, quiet: bool) -> np.ndarray:
+    offset = np.arange(len(flat))
     if len(flat) > POOL_FACTOR * cap:
         # Greedy selection costs O(pool x cap): draw a random pool first so full-shot enrollment
         # stays in seconds; the greedy step still picks the outlying patches within it.
-        pool = np.random.default_rng(seed).choice(len(flat), POOL_FACTOR * cap, replace=False)
-        flat = flat[np.sort(pool)]
+        offset = np.sort(np.random.default_rng(seed).choice(len(flat), POOL_FACTOR * cap, replace=False))
+        flat = flat[offset]
     with _progress(f"{desc} {cap}/{len(flat)} patches", cap, quiet) as bar:
-        idx = greedy_coreset(flat, cap, seed=seed, progress=bar.update)
-    return MemoryBank(flat[idx])
+        return offset[greedy_coreset(flat, cap, seed=seed, progress=bar.update)]
 
 
 def holdout_scores(pack: Pack, unit_features: list[np.ndarray], seed: int, quiet: bool = False) -> np.ndarray:
@@ -145,14 +204,12 @@ def holdout_scores(pack: Pack, unit_features: list[np.ndarray], seed: int, quiet
     per_fold = max(1, MAX_CALIBRATION_IMAGES // n_folds)
     grid = tuple(pack.encoder.feature_shape[1:])
     size = (pack.input.height, pack.input.width)
-    cap = pack.scorer.max_bank_patches
     scores = []
     for f, held in enumerate(folds):
         rest = np.concatenate([unit_features[i].reshape(-1, unit_features[i].shape[-1])
                                for i in order if i not in set(held.tolist())])
-        bank = build_bank(rest, cap, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}", quiet=quiet)
+        bank = build_bank(rest, pack.scorer, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}", quiet=quiet)
         for i in held[:per_fold]:
-            # A unit may hold several views (one reference with augmentation); score its first.
             feats = unit_features[i][:1]
             maps = distances_to_maps(bank.nearest_sqdist(feats.reshape(-1, feats.shape[-1])), 1, grid, size,
                                      pack.scorer.smoothing_sigma)
@@ -170,11 +227,12 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     frames = augmented_views(images[0]) if single else images
     with _progress("extracting features", len(frames), quiet) as bar:
         feats = extractor.patch_features_batched(frames, progress=bar.update)
-    # Calibration units: views of the single reference, or one unit per reference image.
-    units = [feats[i:i + 1] for i in range(len(feats))]
-    normal_scores = holdout_scores(pack, units, seed, quiet=quiet)
+    if single:
+        normal_scores = single_reference_scores(pack, feats, images[0].shape[:2])
+    else:
+        normal_scores = holdout_scores(pack, [feats[i:i + 1] for i in range(len(feats))], seed, quiet=quiet)
     calibration = calibrate(normal_scores)
-    bank = build_bank(feats, pack.scorer.max_bank_patches, seed, quiet=quiet)
+    bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
     return StationState(
         pack_model_id=pack.model_id,
         pack_encoder_sha256=pack.manifest.files[pack.encoder.file].sha256,

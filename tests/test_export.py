@@ -25,8 +25,8 @@ def test_weights_are_pinned_by_sha256(tmp_path):
 def test_export_refuses_to_overwrite_and_bad_sizes(tmp_path, default_pack_dir):
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_default(default_pack_dir)
-    with pytest.raises(ExportError, match="multiple of 16"):
-        export_default(tmp_path / "p", size=230)
+    with pytest.raises(ExportError, match="multiple of 32"):
+        export_default(tmp_path / "p", size=240)
 
 
 def test_cli_export_at_another_size_gives_a_loadable_pack(tmp_path):
@@ -37,4 +37,4 @@ def test_cli_export_at_another_size_gives_a_loadable_pack(tmp_path):
 
     pack = load_pack(tmp_path / "p256")
     feats = FeatureExtractor(pack).patch_features([np.zeros((300, 400, 3), np.uint8)])
-    assert feats.shape == (1, 32, 32, 152)
+    assert feats.shape == (1, 32, 32, 344)

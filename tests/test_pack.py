@@ -25,8 +25,8 @@ def edit_manifest(pack_dir, change):
 
 def test_default_pack_loads_and_describes_itself(default_pack):
     assert default_pack.input.height == default_pack.input.width == 224
-    assert default_pack.encoder.feature_shape == (152, 28, 28)
-    assert [layer.stride for layer in default_pack.encoder.layers] == [8, 16]
+    assert default_pack.encoder.feature_shape == (344, 28, 28)
+    assert [layer.stride for layer in default_pack.encoder.layers] == [8, 16, 32]
     assert default_pack.manifest.provenance["export_max_abs_error"] <= 1e-4
 
 
@@ -63,7 +63,7 @@ def test_invalid_manifest_names_the_key(pack_copy):
 
 
 def test_inconsistent_feature_shape_is_refused(pack_copy):
-    edit_manifest(pack_copy, lambda d: d["encoder"].update(feature_shape=[152, 14, 14]))
+    edit_manifest(pack_copy, lambda d: d["encoder"].update(feature_shape=[344, 14, 14]))
     with pytest.raises(PackError, match="feature_shape grid"):
         load_pack(pack_copy)
 
@@ -71,7 +71,7 @@ def test_inconsistent_feature_shape_is_refused(pack_copy):
 def test_manifest_that_disagrees_with_the_onnx_graph_is_refused(pack_copy):
     def grow(d):
         d["input"].update(height=256, width=256)
-        d["encoder"]["feature_shape"] = [152, 32, 32]
+        d["encoder"]["feature_shape"] = [344, 32, 32]
     edit_manifest(pack_copy, grow)
     with pytest.raises(PackError, match=r"input 'image' has shape .*224.*pack\.yaml says N x \(3, 256, 256\)"):
         OnnxRuntimeBackend(load_pack(pack_copy))

@@ -30,6 +30,18 @@ def test_bank_search_equals_brute_force():
     np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-3)
 
 
+def test_projected_bank_matches_search_in_the_projected_space():
+    rng = np.random.default_rng(2)
+    # Data that lives in 6 of 40 dims: a 6-component projection loses nothing.
+    basis = rng.standard_normal((6, 40)).astype(np.float32)
+    rows = rng.standard_normal((800, 6)).astype(np.float32) @ basis
+    queries = rng.standard_normal((50, 6)).astype(np.float32) @ basis
+    projected = MemoryBank.with_pca(rows, 6)
+    assert projected.features.shape == (800, 6) and projected.channels == 40
+    np.testing.assert_allclose(projected.nearest_sqdist(queries), MemoryBank(rows).nearest_sqdist(queries),
+                               rtol=1e-3, atol=1e-2)
+
+
 def test_coreset_picks_distinct_points_that_cover_the_outliers():
     rng = np.random.default_rng(1)
     cluster = rng.standard_normal((2000, 8)).astype(np.float32) * 0.1
@@ -88,7 +100,7 @@ def test_threshold_comes_from_held_out_normal_scores(station):
 def test_single_shot_enrolls_with_augmented_views(default_pack, line):
     state = build_state(default_pack, line.good(1), seed=0, quiet=True)
     assert state.info["augmented_views"] == 10
-    assert state.calibration.n_scores == 10
+    assert state.calibration.n_scores == 40  # 4 quadrants x 10 views
     scorer = Scorer(default_pack, state.bank, state.calibration.threshold)
     scores = {bool(p.defect): [] for p in line.parts(16)}
     for p in line.parts(16):
@@ -140,8 +152,9 @@ def test_state_from_another_pack_or_corrupt_bank_is_refused(default_pack, statio
     with pytest.raises(StateError, match="enroll again for this pack"):
         load_state(tmp_path / "s", default_pack)
     state.save(tmp_path / "t")
-    bank = np.load(tmp_path / "t" / "bank.npy")
-    np.save(tmp_path / "t" / "bank.npy", bank * 2)
+    arrays = dict(np.load(tmp_path / "t" / "bank.npz"))
+    arrays["features"] = arrays["features"] * 2
+    np.savez(tmp_path / "t" / "bank.npz", **arrays)
     with pytest.raises(StateError, match="does not match the sha256"):
         load_state(tmp_path / "t")
     with pytest.raises(StateError, match="enroll good parts first"):
