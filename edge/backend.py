@@ -43,6 +43,9 @@ class OnnxRuntimeBackend:
             providers = [p for p in preferred if p in available]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's worker threads otherwise spin-wait after each run and steal the cores that the
+        # nearest-neighbour GEMM (BLAS) needs right after the encoder.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads or os.environ.get("ANOMALY_EDGE_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["ANOMALY_EDGE_THREADS"])
         try:
