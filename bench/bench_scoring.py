@@ -72,7 +72,7 @@ def scoring_process_rss(pack, state, frames) -> float:
         state.save(Path(tmp) / "state")
         np.save(Path(tmp) / "frames.npy", np.stack(frames))
         code = (
-            "import resource, sys, numpy as np\n"
+            "import sys, numpy as np\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
             "from edge.pack import load_pack\nfrom edge.state import load_state\nfrom edge.scorer import Scorer\n"
             f"pack = load_pack({str(pack.root)!r})\n"
