@@ -29,7 +29,13 @@ def cmd_export(args) -> int:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
     if args.what != "default":
         raise EdgeError(f"unknown export target {args.what!r} (available: default)")
-    export_default(args.out, size=args.size, weights=args.weights, force=args.force)
+    try:
+        taps = tuple(int(t) for t in args.taps.split(","))
+    except ValueError:
+        raise EdgeError(f"--taps must be comma-separated block indices, e.g. 4,10,14; got {args.taps!r}") from None
+    if not taps or any(not 0 <= t <= 15 for t in taps) or list(taps) != sorted(set(taps)):
+        raise EdgeError(f"--taps must be increasing block indices in 0..15, got {args.taps!r}")
+    export_default(args.out, size=args.size, weights=args.weights, force=args.force, taps=taps)
     return 0
 
 
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
+    e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
     e.set_defaults(func=cmd_export)
 
     n = sub.add_parser("enroll", help="build or extend a station's memory bank and threshold from good images")

@@ -121,8 +121,8 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
             extra.unlink()
         manifest = PackManifest(
             schema_version=SCHEMA_VERSION,
-            model_id=f"efficientnet-lite0-bank-{size}",
-            description="ImageNet EfficientNet-Lite0 patch features (blocks 4+10+14, 3x3 aggregated) "
+            model_id=f"efficientnet-lite0-bank-{size}" + ("" if taps == TAPS else "-b" + "-".join(map(str, taps))),
+            description=f"ImageNet EfficientNet-Lite0 patch features (blocks {'+'.join(map(str, taps))}, 3x3 aggregated) "
                         "with a memory-bank nearest-neighbour scorer",
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             input=InputSpec(height=size, width=size, colour="rgb", channels=3,

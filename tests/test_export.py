@@ -38,3 +38,9 @@ def test_cli_export_at_another_size_gives_a_loadable_pack(tmp_path):
     pack = load_pack(tmp_path / "p256")
     feats = FeatureExtractor(pack).patch_features([np.zeros((300, 400, 3), np.uint8)])
     assert feats.shape == (1, 32, 32, 344)
+
+
+def test_cli_export_rejects_bad_taps(tmp_path):
+    proc = run_cli("export", "default", "--out", tmp_path / "p", "--taps", "10,4", check=False)
+    assert proc.returncode == 2 and "--taps must be increasing block indices" in proc.stderr
+    assert not (tmp_path / "p").exists()
