@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PACK ?= packs/default
 
-.PHONY: install demo test test-all pack bench eval clean
+.PHONY: install demo test test-all pack bench clean
 
 $(BIN)/anomaly-edge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/anomaly-edge: pyproject.toml
 
 install: $(BIN)/anomaly-edge
 
-$(PACK)/pack.yaml: $(BIN)/anomaly-edge export/default_pack.py export/efficientnet_lite.py
+$(PACK)/pack.yaml: $(BIN)/anomaly-edge export/default_pack.py export/efficientnet_lite.py export/assets.py edge/pack.py
 	$(BIN)/anomaly-edge export default --out $(PACK) --force
 
 pack: $(PACK)/pack.yaml

@@ -30,7 +30,7 @@ STEP = 4  # pixel metrics on every 4th row/column
 
 
 def cached_features(pack, category, cache: Path):
-    path = cache / f"{pack.model_id}-{pack.manifest.files[pack.encoder.file].sha256[:12]}.npz"
+    path = cache / f"{category.root.name}-{pack.model_id}-{pack.encoder_sha256[:12]}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["train"].astype(np.float32), z["test"].astype(np.float32)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import PackError
+from .errors import EdgeError, PackError
 from .pack import Pack
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,20 @@ class OnnxRuntimeBackend:
         # ORT's worker threads otherwise spin-wait after each run and steal the cores that the
         # nearest-neighbour GEMM (BLAS) needs right after the encoder.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads or os.environ.get("ANOMALY_EDGE_THREADS"):
-            opts.intra_op_num_threads = int(threads or os.environ["ANOMALY_EDGE_THREADS"])
+        env_threads = os.environ.get("ANOMALY_EDGE_THREADS")
+        if threads is None and env_threads:
+            if not env_threads.isdigit() or int(env_threads) < 1:
+                raise EdgeError(f"ANOMALY_EDGE_THREADS={env_threads!r}: expected a positive integer")
+            threads = int(env_threads)
+        if threads:
+            opts.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise PackError(f"{path}: ONNX Runtime could not load the encoder: {e}") from None
         self.name = "onnxruntime:" + ",".join(self.session.get_providers())
         self._check_shapes(pack, path)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = pack.input.name
         self.output_name = pack.encoder.output
         log.info("encoder %s on %s", path.name, self.name)
 

@@ -4,9 +4,7 @@ Enrollment scores each reference image against a bank built without it (k-fold h
 shows how high a *normal* part scores. The threshold is the (1 - target false-reject rate) point of
 a robust normal fit to those scores: median + z * IQR/1.349. The robust fit matters: held-out
 scores have a heavy upper tail (a few unusual good parts), and an empirical high quantile or the
-maximum lands far above where normal parts really sit (measured on magnetic_tile: the empirical
-95th percentile gave 1% false rejects and missed half the defects; the robust fit gave 4.5%, close
-to the 5% aimed at; see docs/evaluation.md).
+maximum lands far above where normal parts really sit. How it does on real photos: docs/evaluation.md.
 """
 from __future__ import annotations
 

@@ -10,6 +10,16 @@ from pathlib import Path
 from .errors import EdgeError
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
 def _shots(value: str) -> int | None:
     if value == "all":
         return None
@@ -78,6 +88,7 @@ def cmd_score(args) -> int:
     if args.overlays:
         Path(args.overlays).mkdir(parents=True, exist_ok=True)
     failed = 0
+    written: set[str] = set()
     for path in paths:
         try:
             img = read_image(path)
@@ -91,9 +102,12 @@ def cmd_score(args) -> int:
               f"{path.name}  score {r.score:.4f}  threshold {r.threshold:.4f}  {r.verdict.upper():9s}  "
               f"regions {len(r.regions)}  {r.latency_ms:.1f} ms")
         if args.overlays:
-            th = r.threshold
-            cv2.imwrite(str(Path(args.overlays) / f"{path.stem}_overlay.png"),
-                        visual.heatmap_overlay(img, r.map_at_frame(), th * 0.5, th * 1.5, r.mask_at_frame()))
+            # Same stem from two folders (a/x.png, b/x.jpg) must not overwrite each other.
+            name = f"{path.stem}_overlay.png"
+            if name in written:
+                name = f"{path.stem}_{len(written)}_overlay.png"
+            written.add(name)
+            cv2.imwrite(str(Path(args.overlays) / name), visual.result_overlay(img, r, r.mask_at_frame()))
     return 1 if failed else 0
 
 
@@ -125,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
     e.add_argument("what", choices=["default"], help="which pack to build")
     e.add_argument("--out", required=True, help="pack folder to write")
-    e.add_argument("--size", type=int, default=224, help="input size in pixels (multiple of 32)")
+    e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
     e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
@@ -161,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the synthetic line end to end: enroll, score a stream, overlays, summary")
     d.add_argument("--pack", default="packs/default")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--parts", type=int, default=60)
-    d.add_argument("--shots", type=int, default=16)
+    d.add_argument("--parts", type=_positive, default=60)
+    d.add_argument("--shots", type=_positive, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     return p

@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from . import metrics, visual
 from .dataset import open_mvtec, read_mask
+from .errors import DatasetError
 from .errors import ImageError
 from .pack import Pack
-from .preprocess import read_image
+from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer
 from .state import build_state
 
@@ -26,26 +27,13 @@ PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution m
 BATCH = 8
 
 
-def _read_all(paths, log):
-    images, kept, skipped = [], [], []
-    for p in paths:
-        try:
-            images.append(read_image(p))
-            kept.append(p)
-        except ImageError as e:
-            skipped.append(str(e))
-            log(f"skipped: {e}")
-    return images, kept, skipped
-
-
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
              n_overlays: int = 6, quiet: bool = False, log=print) -> dict:
     category = open_mvtec(data)
-    rng = np.random.default_rng(seed)
-    train = category.train_good
-    if shots is not None and shots < len(train):
-        train = [train[i] for i in sorted(rng.choice(len(train), shots, replace=False))]
-    ref_images, _, skipped_refs = _read_all(train, log)
+    train = choose_shots(category.train_good, shots, seed)
+    ref_images, _, skipped_refs = read_images(train, log)
+    if not ref_images:
+        raise DatasetError(f"{category.root / 'train' / 'good'}: no readable good images")
     extractor = FeatureExtractor(pack)
     t0 = time.perf_counter()
     state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
@@ -90,6 +78,11 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
 
     scores_a = np.asarray(scores)
     labels_a = np.asarray(labels)
+    if len(set(labels)) < 2:
+        raise DatasetError(f"{category.root / 'test'}: needs both good and defective readable images to evaluate "
+                           f"(found {len(labels)} images, all {'defective' if labels and labels[0] else 'good'})")
+    # Pixel metrics need at least one defect mask (ground_truth/ may be absent): null otherwise.
+    has_masks = any(m.any() for m in masks)
     th = state.calibration.threshold
     tm = metrics.threshold_metrics(scores_a, labels_a, th)
     oracle_th, oracle_bacc = metrics.best_threshold(scores_a, labels_a)
@@ -102,8 +95,8 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         "n_test": int(len(scores_a)),
         "n_anomalous": int(labels_a.sum()),
         "image_auroc": metrics.auroc(scores_a, labels_a),
-        "pixel_auroc": metrics.pixel_auroc(maps, masks),
-        "aupro": metrics.aupro(maps, masks, fpr_limit=0.3),
+        "pixel_auroc": metrics.pixel_auroc(maps, masks) if has_masks else None,
+        "aupro": metrics.aupro(maps, masks, fpr_limit=0.3) if has_masks else None,
         "threshold": th,
         "accuracy": tm["accuracy"],
         "balanced_accuracy": tm["balanced_accuracy"],
@@ -131,15 +124,16 @@ def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scor
     # The highest-scoring defective images, the highest-scoring good one (closest false alarm), lowest defective.
     defective = sorted((c for c in candidates if labels[c[1]]), key=lambda c: -scores[c[1]])
     good = sorted((c for c in candidates if not labels[c[1]]), key=lambda c: -scores[c[1]])
-    picks = defective[: max(1, n_overlays - 2)] + good[:1] + defective[-1:]
-    th = result["threshold"]
+    picks = defective[: max(1, n_overlays - 2)] + good[:1]
+    if defective and defective[-1] not in picks:
+        picks.append(defective[-1])
     overlays = []
     for s, i in picks:
         img = read_image(s.path)
         r = scorer.score_one(img)
         mask = read_mask(s, img.shape[:2])
         panel = visual.side_by_side(
-            [img, visual.heatmap_overlay(img, r.map_at_frame(), vmin=th * 0.5, vmax=th * 1.5, mask=mask)],
+            [img, visual.result_overlay(img, r, mask=mask)],
             [f"{s.kind}: {s.path.name}", f"score {r.score:.3f} ({r.verdict})"])
         name = f"overlay_{len(overlays):02d}_{s.kind}.png"
         cv2.imwrite(str(out / name), panel)
@@ -148,10 +142,14 @@ def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scor
     (out / "summary.md").write_text(summary_markdown(result))
 
 
+def _fmt(value) -> str:
+    return "n/a (no defect masks)" if value is None else f"{value:.3f}"
+
+
 def summary_markdown(r: dict) -> str:
     rows = [
-        ("image AUROC", f"{r['image_auroc']:.3f}"), ("pixel AUROC", f"{r['pixel_auroc']:.3f}"),
-        ("AUPRO (30% FPR)", f"{r['aupro']:.3f}"),
+        ("image AUROC", f"{r['image_auroc']:.3f}"), ("pixel AUROC", _fmt(r["pixel_auroc"])),
+        ("AUPRO (30% FPR)", _fmt(r["aupro"])),
         ("automatic threshold", f"{r['threshold']:.4f}"),
         ("verdict accuracy", f"{r['accuracy']:.3f}"), ("balanced accuracy", f"{r['balanced_accuracy']:.3f}"),
         ("oracle balanced accuracy", f"{r['oracle_balanced_accuracy']:.3f}"),

@@ -49,6 +49,16 @@ class InputSpec(_Strict):
     normalization: Normalization
 
 
+    @model_validator(mode="after")
+    def _channels_consistent(self):
+        if self.colour in ("rgb", "bgr") and self.channels != 3:
+            raise ValueError(f"colour {self.colour} needs channels: 3, not {self.channels}")
+        n = len(self.normalization.mean)
+        if n not in (1, self.channels):
+            raise ValueError(f"normalization has {n} values for {self.channels} channels (give 1 or {self.channels})")
+        return self
+
+
 class FileEntry(_Strict):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -154,6 +164,10 @@ class Pack:
     @property
     def scorer(self) -> ScorerSpec:
         return self.manifest.scorer
+
+    @property
+    def encoder_sha256(self) -> str:
+        return self.manifest.files[self.encoder.file].sha256
 
     def file(self, key: str) -> Path:
         return self.root / self.manifest.files[key].path

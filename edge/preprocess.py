@@ -17,10 +17,16 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
     if data.size == 0:
         raise ImageError(f"{path}: file is empty")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise ImageError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
     if img is None:
         raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
     return check_frame(img, str(path))
@@ -70,6 +76,27 @@ def to_batch(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     for i, img in enumerate(images):
         batch[i] = ((to_input_pixels(img, spec) - mean) / std).transpose(2, 0, 1)
     return batch
+
+
+def read_images(paths, log=print) -> tuple[list[np.ndarray], list[Path], list[str]]:
+    """Read every path; unreadable ones are logged and skipped. Returns (images, their paths, skip messages)."""
+    images, kept, skipped = [], [], []
+    for p in paths:
+        try:
+            images.append(read_image(p))
+            kept.append(Path(p))
+        except ImageError as e:
+            skipped.append(str(e))
+            log(f"skipped: {e}")
+    return images, kept, skipped
+
+
+def choose_shots(paths: list, shots: int | None, seed: int) -> list:
+    """K of the paths drawn with the seed (kept in their order), or all of them."""
+    if shots is None or shots >= len(paths):
+        return list(paths)
+    chosen = np.random.default_rng(seed).choice(len(paths), shots, replace=False)
+    return [paths[i] for i in sorted(chosen)]
 
 
 def list_images(folder: str | Path) -> list[Path]:

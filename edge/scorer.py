@@ -55,6 +55,17 @@ def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: t
     return maps
 
 
+def anomaly_maps(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
+    """N x h x w x C patch features -> N x H x W anomaly maps at the pack's input size."""
+    n, h, w, c = features.shape
+    sqdist = bank.nearest_sqdist(features.reshape(-1, c))
+    return distances_to_maps(sqdist, n, (h, w), (pack.input.height, pack.input.width), pack.scorer.smoothing_sigma)
+
+
+def image_scores(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
+    return np.array([image_score(m, pack.scorer.top_fraction) for m in anomaly_maps(bank, features, pack)])
+
+
 class Scorer:
     """Scores frames against one station's memory bank with its calibrated threshold."""
 
@@ -63,8 +74,6 @@ class Scorer:
         self.bank = bank
         self.threshold = float(threshold)
         self.extractor = extractor or FeatureExtractor(pack)
-        self.grid = tuple(pack.encoder.feature_shape[1:])
-        self.size = (pack.input.height, pack.input.width)
 
     @classmethod
     def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
@@ -72,9 +81,7 @@ class Scorer:
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
-        n = features.shape[0]
-        sqdist = self.bank.nearest_sqdist(features.reshape(-1, features.shape[-1]))
-        return distances_to_maps(sqdist, n, self.grid, self.size, self.pack.scorer.smoothing_sigma)
+        return anomaly_maps(self.bank, features, self.pack)
 
     def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
         score = image_score(anomaly_map, self.pack.scorer.top_fraction)

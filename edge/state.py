@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,14 +23,13 @@ from tqdm import tqdm
 from .bank import MemoryBank, greedy_coreset
 from .calibration import Calibration, calibrate
 from .decide import image_score
-from .errors import ImageError, StateError
+from .errors import StateError
 from .pack import Pack, ScorerSpec
-from .preprocess import read_image
-from .scorer import FeatureExtractor, distances_to_maps
+from .preprocess import choose_shots, read_image, read_images
+from .scorer import FeatureExtractor, distances_to_maps, image_scores
 
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
-BANK_FILE = "bank.npz"
 GOOD_DIR = "good"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
@@ -45,26 +45,40 @@ class StationState:
     info: dict = field(default_factory=dict)
 
     def save(self, root: str | Path) -> Path:
+        """Write the bank under a content-addressed name, then point state.yaml at it (replaced last),
+        then drop older banks: a crash at any step leaves the previous, consistent state readable."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        tmp_bank = root / (BANK_FILE + ".part")
-        with open(tmp_bank, "wb") as f:
-            np.savez(f, **bank_arrays(self.bank))
+        digest = bank_digest(self.bank)
+        bank_name = f"bank-{digest[:16]}.npz"
+        _atomic_write(root / bank_name, lambda f: np.savez(f, **bank_arrays(self.bank)))
         doc = {
             "schema_version": STATE_SCHEMA_VERSION,
             "pack": {"model_id": self.pack_model_id, "encoder_sha256": self.pack_encoder_sha256},
             "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "bank": {"file": BANK_FILE, "patches": len(self.bank), "channels": self.bank.channels,
-                     "dims": int(self.bank.features.shape[1]), "sha256": bank_digest(self.bank)},
+            "bank": {"file": bank_name, "patches": len(self.bank), "channels": self.bank.channels,
+                     "dims": int(self.bank.features.shape[1]), "sha256": digest},
             "calibration": self.calibration.to_dict(),
             "references": self.references,
             "info": self.info,
         }
-        tmp_yaml = root / (STATE_FILE + ".part")
-        tmp_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp_bank.replace(root / BANK_FILE)
-        tmp_yaml.replace(root / STATE_FILE)
+        _atomic_write(root / STATE_FILE, lambda f: f.write(yaml.safe_dump(doc, sort_keys=False).encode()))
+        for old in root.glob("bank-*.npz"):
+            if old.name != bank_name:
+                old.unlink(missing_ok=True)
         return root
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def bank_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
@@ -89,27 +103,28 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
         raise StateError(f"{path}: missing (enroll good parts first: anomaly-edge enroll --pack P --good DIR --out {root})")
     try:
         doc = yaml.safe_load(path.read_text())
-        if doc.get("schema_version") != STATE_SCHEMA_VERSION:
-            raise StateError(f"{path}: schema_version {doc.get('schema_version')!r} not supported ({STATE_SCHEMA_VERSION})")
-        with np.load(root / doc["bank"]["file"], allow_pickle=False) as arrays:
+        if not isinstance(doc, dict) or doc.get("schema_version") != STATE_SCHEMA_VERSION:
+            version = doc.get("schema_version") if isinstance(doc, dict) else None
+            raise StateError(f"{path}: schema_version {version!r} not supported ({STATE_SCHEMA_VERSION})")
+        bank_path = root / doc["bank"]["file"]
+        with np.load(bank_path, allow_pickle=False) as arrays:
             bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"))
-        calibration = Calibration.from_dict(doc["calibration"])
-        pack_doc = doc["pack"]
+        if bank_digest(bank) != doc["bank"].get("sha256"):
+            raise StateError(f"{bank_path}: memory bank does not match the sha256 in {path}")
+        state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
+                             Calibration.from_dict(doc["calibration"]), list(doc.get("references") or []),
+                             dict(doc.get("info") or {}))
     except StateError:
         raise
     except Exception as e:
         raise StateError(f"{path}: unreadable station state: {type(e).__name__}: {e}") from None
-    if bank_digest(bank) != doc["bank"].get("sha256"):
-        raise StateError(f"{root / doc['bank']['file']}: memory bank does not match the sha256 in {path}")
-    state = StationState(str(pack_doc["model_id"]), str(pack_doc["encoder_sha256"]), bank, calibration,
-                         list(doc.get("references") or []), dict(doc.get("info") or {}))
     if pack is not None:
         check_state_matches_pack(state, pack, path)
     return state
 
 
 def check_state_matches_pack(state: StationState, pack: Pack, where) -> None:
-    encoder_sha = pack.manifest.files[pack.encoder.file].sha256
+    encoder_sha = pack.encoder_sha256
     if state.pack_encoder_sha256 != encoder_sha:
         raise StateError(f"{where}: enrolled with pack {state.pack_model_id} (encoder {state.pack_encoder_sha256[:12]}), "
                          f"not with {pack.model_id} (encoder {encoder_sha[:12]}): enroll again for this pack")
@@ -192,29 +207,23 @@ def _coreset_indices(flat: np.ndarray, cap: int, seed: int, desc: str, quiet: bo
         return offset[greedy_coreset(flat, cap, seed=seed, progress=bar.update)]
 
 
-def holdout_scores(pack: Pack, unit_features: list[np.ndarray], seed: int, quiet: bool = False) -> np.ndarray:
-    """Image scores of reference units each scored against a bank of the other units (k-fold)."""
-    n_units = len(unit_features)
-    if n_units < 2:
-        raise StateError("calibration needs at least two reference views")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_units)
-    n_folds = min(5, n_units)
-    folds = [order[f::n_folds] for f in range(n_folds)]
+def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = False) -> np.ndarray:
+    """Image scores of reference images, each scored against a bank built without it (k-fold)."""
+    n = len(features)
+    if n < 2:
+        raise StateError("calibration needs at least two reference images")
+    order = np.random.default_rng(seed).permutation(n)
+    n_folds = min(5, n)
     per_fold = max(1, MAX_CALIBRATION_IMAGES // n_folds)
-    grid = tuple(pack.encoder.feature_shape[1:])
-    size = (pack.input.height, pack.input.width)
     scores = []
-    for f, held in enumerate(folds):
-        rest = np.concatenate([unit_features[i].reshape(-1, unit_features[i].shape[-1])
-                               for i in order if i not in set(held.tolist())])
-        bank = build_bank(rest, pack.scorer, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}", quiet=quiet)
-        for i in held[:per_fold]:
-            feats = unit_features[i][:1]
-            maps = distances_to_maps(bank.nearest_sqdist(feats.reshape(-1, feats.shape[-1])), 1, grid, size,
-                                     pack.scorer.smoothing_sigma)
-            scores.append(image_score(maps[0], pack.scorer.top_fraction))
-    return np.asarray(scores)
+    for f in range(n_folds):
+        held = order[f::n_folds]
+        rest = np.ones(n, bool)
+        rest[held] = False
+        bank = build_bank(features[rest], pack.scorer, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}",
+                          quiet=quiet)
+        scores.append(image_scores(bank, features[np.sort(held[:per_fold])], pack))
+    return np.concatenate(scores)
 
 
 def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor | None = None, seed: int = 0,
@@ -230,12 +239,12 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     if single:
         normal_scores = single_reference_scores(pack, feats, images[0].shape[:2])
     else:
-        normal_scores = holdout_scores(pack, [feats[i:i + 1] for i in range(len(feats))], seed, quiet=quiet)
+        normal_scores = holdout_scores(pack, feats, seed, quiet=quiet)
     calibration = calibrate(normal_scores)
     bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
     return StationState(
         pack_model_id=pack.model_id,
-        pack_encoder_sha256=pack.manifest.files[pack.encoder.file].sha256,
+        pack_encoder_sha256=pack.encoder_sha256,
         bank=bank, calibration=calibration, references=list(references or []),
         info={"shots": len(images), "augmented_views": len(frames) if single else 0, "seed": seed,
               "bank_patches": len(bank), "candidate_patches": int(feats.shape[0] * feats.shape[1] * feats.shape[2])},
@@ -252,19 +261,13 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
     out = Path(out)
     existing: list[str] = []
     if (out / STATE_FILE).is_file():
-        existing = load_state(out, pack).references
-    rng = np.random.default_rng(seed)
-    good = list(good)
-    if shots is not None and shots < len(good):
-        good = [good[i] for i in sorted(rng.choice(len(good), shots, replace=False))]
-    new_images, new_names, skipped = [], [], []
-    for path in good:
-        try:
-            new_images.append(read_image(path))
-            new_names.append(Path(path).name)
-        except ImageError as e:
-            skipped.append(str(e))
-            log(f"skipped: {e}")
+        previous = load_state(out)
+        existing = previous.references
+        if previous.pack_encoder_sha256 != pack.encoder_sha256:
+            log(f"{out}: was enrolled with pack {previous.pack_model_id}; rebuilding its {len(existing)} references "
+                f"for {pack.model_id}")
+    new_images, new_paths, skipped = read_images(choose_shots(list(good), shots, seed), log)
+    new_names = [p.name for p in new_paths]
     if not new_images and not existing:
         raise StateError("no readable good images to enroll" + (f" ({len(skipped)} skipped)" if skipped else ""))
     # Stage the new references next to the old ones; names made unique, content-addressed.

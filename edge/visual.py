@@ -116,6 +116,12 @@ def _dashed_line(img, p0, p1, color, dash=8, gap=6, thickness=1):
         pos += dash + gap
 
 
+def result_overlay(image: np.ndarray, result, mask: np.ndarray | None = None) -> np.ndarray:
+    """A scored frame's map over the frame, coloured from half to one and a half times the threshold."""
+    th = result.threshold
+    return heatmap_overlay(image, result.map_at_frame(), vmin=th * 0.5, vmax=th * 1.5, mask=mask)
+
+
 def roc_plot_png(
     path,
     curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]],

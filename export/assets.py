@@ -8,10 +8,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.errors import EdgeError
 from edge.pack import sha256_file
 
 
-class AssetError(RuntimeError):
+class AssetError(EdgeError):
     pass
 
 

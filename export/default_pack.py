@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.errors import EdgeError
 from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization,
                        PackManifest, ScorerSpec, load_pack, sha256_file, write_manifest)
 
@@ -25,7 +26,7 @@ TAPS = (4, 10, 14)
 MAX_ABS_ERROR = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(EdgeError):
     pass
 
 
@@ -90,7 +91,7 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
     out = Path(out)
     if out.exists() and not force and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
-    if size % 32:
+    if size < 32 or size % 32:
         raise ExportError(f"--size {size}: must be a multiple of 32 (the network's total stride)")
     n = 5
     t = _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
@@ -141,10 +142,14 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
         )
         write_manifest(tmp, manifest)
         load_pack(tmp)  # the runtime must accept what we wrote
-        if out.exists():
-            shutil.rmtree(out)
         tmp.chmod(0o755)
+        # Swap in the new pack so that a crash leaves either the old one or the new one in place.
+        backup = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
         tmp.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -76,3 +76,29 @@ def test_bad_arguments_get_clear_errors(default_pack_dir, tmp_path):
     assert proc.returncode == 2 and "no images found" in proc.stderr
     proc = run_cli("enroll", "--pack", tmp_path / "nopack", "--good", tmp_path, "--out", tmp_path / "s", check=False)
     assert proc.returncode == 2 and "model pack folder not found" in proc.stderr
+
+
+def test_eval_without_masks_reports_pixel_metrics_as_null_and_one_class_is_refused(default_pack_dir,
+                                                                                  synthetic_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    shutil.rmtree(data / "ground_truth")
+    out = tmp_path / "e.json"
+    run_cli("eval", "--pack", default_pack_dir, "--data", data, "--shots", "4", "--json", out, "--quiet")
+    result = json.loads(out.read_text())
+    assert result["pixel_auroc"] is None and result["aupro"] is None and result["image_auroc"] > 0.5
+    for kind in ("hole", "scratch", "stain", "missing_chunk"):
+        shutil.rmtree(data / "test" / kind)
+    proc = run_cli("eval", "--pack", default_pack_dir, "--data", data, "--shots", "4", check=False)
+    assert proc.returncode == 2 and "needs both good and defective readable images" in proc.stderr
+
+
+def test_export_and_demo_bad_arguments_are_clear(default_pack_dir, tmp_path):
+    proc = run_cli("export", "default", "--out", default_pack_dir, check=False)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("export", "default", "--out", tmp_path / "p", "--size", "0", check=False)
+    assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
+    proc = run_cli("demo", "--pack", default_pack_dir, "--parts", "0", check=False)
+    assert proc.returncode == 2 and "expected a positive integer" in proc.stderr

@@ -15,7 +15,7 @@ def test_magnetic_tile_few_shot_eval_runs_and_separates(default_pack, tmp_path):
     r = evaluate(default_pack, MAGNETIC, shots=16, seed=0, report_dir=tmp_path / "report", quiet=True,
                  log=lambda m: None)
     assert r["n_test"] == 592 and r["n_anomalous"] == 392
-    # Measured 0.74 / 0.75 at 16 shots (docs/evaluation.md); well above chance either way.
+    # Measured 0.79 / 0.77 at 16 shots, seed 0 (docs/evaluation.md); well above chance either way.
     assert r["image_auroc"] > 0.65 and r["pixel_auroc"] > 0.65
     assert (tmp_path / "report" / "roc.png").is_file()
 
@@ -38,3 +38,14 @@ def test_hazelnut_one_shot_finds_both_real_defects(default_pack):
         # The hottest pixel lies on the real defect (within a few pixels of its mask).
         ys, xs = np.nonzero(truth)
         assert np.min(np.hypot(ys - peak[0], xs - peak[1])) < 16, sample.path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MAGNETIC.is_dir(), reason=f"real data not present at {MAGNETIC}")
+def test_magnetic_tile_full_shot_threshold_reaches_target_balanced_accuracy(default_pack):
+    from edge.evaluate import evaluate
+
+    r = evaluate(default_pack, MAGNETIC, shots=None, seed=0, quiet=True, log=lambda m: None)
+    # The foundation issue's target for the automatic threshold; measured 0.916 (docs/evaluation.md).
+    assert r["balanced_accuracy"] >= 0.90
+    assert r["image_auroc"] >= 0.95

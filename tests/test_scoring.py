@@ -152,13 +152,28 @@ def test_state_from_another_pack_or_corrupt_bank_is_refused(default_pack, statio
     with pytest.raises(StateError, match="enroll again for this pack"):
         load_state(tmp_path / "s", default_pack)
     state.save(tmp_path / "t")
-    arrays = dict(np.load(tmp_path / "t" / "bank.npz"))
+    (bank_file,) = (tmp_path / "t").glob("bank-*.npz")
+    arrays = dict(np.load(bank_file))
     arrays["features"] = arrays["features"] * 2
-    np.savez(tmp_path / "t" / "bank.npz", **arrays)
+    np.savez(bank_file, **arrays)
     with pytest.raises(StateError, match="does not match the sha256"):
         load_state(tmp_path / "t")
     with pytest.raises(StateError, match="enroll good parts first"):
         load_state(tmp_path / "missing")
+    state.save(tmp_path / "u")
+    (tmp_path / "u" / "state.yaml").write_text("schema_version: 1\npack: {}\n")
+    with pytest.raises(StateError, match="unreadable station state"):
+        load_state(tmp_path / "u")
+
+
+def test_saving_again_replaces_the_bank_and_leaves_no_partial_files(station, tmp_path):
+    state, _ = station
+    state.save(tmp_path / "s")
+    state.save(tmp_path / "s")
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert len([n for n in names if n.startswith("bank-")]) == 1
+    assert not [n for n in names if n.endswith(".part")]
+    assert load_state(tmp_path / "s").calibration.threshold == state.calibration.threshold
 
 
 def test_bad_frames_are_refused_with_a_clear_error(station):
@@ -187,3 +202,24 @@ def test_calibration_is_the_robust_95_percent_point_of_normal_scores():
     assert c.threshold < 15
     with pytest.raises(ValueError, match="at least two"):
         calibrate([1.0])
+
+
+def test_enrolling_a_station_with_a_new_pack_rebuilds_it_from_its_references(default_pack, tmp_path):
+    import cv2
+
+    from edge.pack import load_pack
+    from export.default_pack import export_default
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, img in enumerate(SyntheticLine(seed=8).good(3)):
+        cv2.imwrite(str(good / f"g{i}.png"), img)
+    enroll(default_pack, sorted(good.iterdir()), tmp_path / "state", quiet=True, log=lambda m: None)
+    other = load_pack(export_default(tmp_path / "pack2", taps=(4, 10)))
+    with pytest.raises(StateError, match="enroll again for this pack"):
+        load_state(tmp_path / "state", other)
+    messages = []
+    state = enroll(other, [], tmp_path / "state", quiet=True, log=messages.append)
+    assert any("rebuilding its 3 references" in m for m in messages)
+    assert len(state.references) == 3 and state.bank.channels == 152
+    assert load_state(tmp_path / "state", other).pack_model_id == other.model_id
