@@ -36,8 +36,8 @@ def cached_features(pack, category, cache: Path):
             return z["train"].astype(np.float32), z["test"].astype(np.float32)
     ex = FeatureExtractor(pack)
     with tqdm(total=len(category.train_good) + len(category.test), desc="features", unit="img") as bar:
-        train = ex.patch_features_batched((read_image(p) for p in category.train_good), progress=bar.update)
-        test = ex.patch_features_batched((read_image(s.path) for s in category.test), progress=bar.update)
+        train = ex.patch_features_batched([read_image(p) for p in category.train_good], progress=bar.update)
+        test = ex.patch_features_batched([read_image(s.path) for s in category.test], progress=bar.update)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, train=train.astype(np.float16), test=test.astype(np.float16))
     return train, test

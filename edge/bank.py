@@ -88,21 +88,26 @@ class MemoryBank:
 
 
 def greedy_coreset(features: np.ndarray, size: int, seed: int = 0, projection_dim: int = 32,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+                   progress: Callable[[int], None] | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """Indices of `size` rows chosen by greedy k-center selection (PatchCore's coreset).
 
     Distances are computed in a random projection to `projection_dim` dims (Johnson-Lindenstrauss),
-    which keeps each step a cheap matrix-vector product. Returns all indices when size >= len.
+    which keeps each step a cheap matrix-vector product. `rows` restricts the choice to those row
+    indices without copying them out of `features` (only their projection is held). Returns all
+    candidate indices when size >= their number.
     """
-    n = features.shape[0]
+    rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
+    n = len(rows)
     if size >= n:
-        return np.arange(n)
+        return rows
     rng = np.random.default_rng(seed)
     if features.shape[1] > projection_dim:
         proj = rng.standard_normal((features.shape[1], projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
-        reduced = np.ascontiguousarray(features @ proj)
+        reduced = np.empty((n, projection_dim), np.float32)
+        for r0 in range(0, n, 65536):
+            reduced[r0:r0 + 65536] = features[rows[r0:r0 + 65536]] @ proj
     else:
-        reduced = np.ascontiguousarray(features, dtype=np.float32)
+        reduced = np.ascontiguousarray(features[rows], dtype=np.float32)
     sq = np.einsum("ij,ij->i", reduced, reduced)
     chosen = np.empty(size, np.int64)
     chosen[0] = rng.integers(n)
@@ -122,4 +127,4 @@ def greedy_coreset(features: np.ndarray, size: int, seed: int = 0, projection_di
             progress(step)
     if progress is not None:
         progress(size % step)
-    return chosen
+    return rows[chosen]

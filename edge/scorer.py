@@ -6,7 +6,7 @@ calibrated threshold and hands each map to the decide stage (`edge.decide`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -28,18 +28,19 @@ class FeatureExtractor:
         feats = self.backend.run(to_batch(list(images), self.pack.input))
         return np.ascontiguousarray(feats.transpose(0, 2, 3, 1))
 
-    def patch_features_batched(self, images: Iterable[np.ndarray], batch_size: int = 8, progress=None) -> np.ndarray:
-        out, batch = [], []
-        for img in images:
-            batch.append(img)
-            if len(batch) == batch_size:
-                out.append(self.patch_features(batch))
-                progress and progress(len(batch))
-                batch = []
-        if batch:
-            out.append(self.patch_features(batch))
-            progress and progress(len(batch))
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    def patch_features_batched(self, images: Sequence[np.ndarray], batch_size: int = 8, progress=None) -> np.ndarray:
+        """All images' patch features in one preallocated N x h x w x C array (no concatenation copy)."""
+        out = None
+        for b0 in range(0, len(images), batch_size):
+            feats = self.patch_features(images[b0:b0 + batch_size])
+            if out is None:
+                out = np.empty((len(images), *feats.shape[1:]), np.float32)
+            out[b0:b0 + len(feats)] = feats
+            if progress:
+                progress(len(feats))
+        if out is None:
+            raise ValueError("no images to extract features from")
+        return out
 
 
 def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: tuple[int, int],

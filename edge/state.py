@@ -187,24 +187,27 @@ def _progress(desc: str, total: int, quiet: bool):
 
 
 def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = "coreset",
-               quiet: bool = False) -> MemoryBank:
-    """Coreset-subsampled bank of at most `scorer.max_bank_patches` rows, PCA-projected as the pack says."""
+               quiet: bool = False, images: np.ndarray | None = None) -> MemoryBank:
+    """Coreset-subsampled bank of at most `scorer.max_bank_patches` rows, PCA-projected as the pack says.
+
+    `features` is N x h x w x C (or rows x C); `images`, a boolean mask over N, restricts the bank to
+    those images without copying their features (full-shot enrollment holds ~1 GB of them).
+    """
     flat = features.reshape(-1, features.shape[-1])
+    rows = np.arange(len(flat))
+    if images is not None:
+        per_image = len(flat) // len(features)
+        rows = (np.flatnonzero(images)[:, None] * per_image + np.arange(per_image)).ravel()
     cap = scorer.max_bank_patches
-    if len(flat) > cap:
-        flat = flat[_coreset_indices(flat, cap, seed, desc, quiet)]
-    return MemoryBank.with_pca(flat, scorer.projection_dim) if scorer.projection_dim else MemoryBank(flat)
-
-
-def _coreset_indices(flat: np.ndarray, cap: int, seed: int, desc: str, quiet: bool) -> np.ndarray:
-    offset = np.arange(len(flat))
-    if len(flat) > POOL_FACTOR * cap:
-        # Greedy selection costs O(pool x cap): draw a random pool first so full-shot enrollment
-        # stays in seconds; the greedy step still picks the outlying patches within it.
-        offset = np.sort(np.random.default_rng(seed).choice(len(flat), POOL_FACTOR * cap, replace=False))
-        flat = flat[offset]
-    with _progress(f"{desc} {cap}/{len(flat)} patches", cap, quiet) as bar:
-        return offset[greedy_coreset(flat, cap, seed=seed, progress=bar.update)]
+    if len(rows) > cap:
+        if len(rows) > POOL_FACTOR * cap:
+            # Greedy selection costs O(pool x cap): draw a random pool first so full-shot enrollment
+            # stays in minutes; the greedy step still picks the outlying patches within it.
+            rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), POOL_FACTOR * cap, replace=False))]
+        with _progress(f"{desc} {cap}/{len(rows)} patches", cap, quiet) as bar:
+            rows = greedy_coreset(flat, cap, seed=seed, progress=bar.update, rows=rows)
+    chosen = flat[rows]
+    return MemoryBank.with_pca(chosen, scorer.projection_dim) if scorer.projection_dim else MemoryBank(chosen)
 
 
 def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = False) -> np.ndarray:
@@ -220,8 +223,8 @@ def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = Fa
         held = order[f::n_folds]
         rest = np.ones(n, bool)
         rest[held] = False
-        bank = build_bank(features[rest], pack.scorer, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}",
-                          quiet=quiet)
+        bank = build_bank(features, pack.scorer, seed + 1 + f, desc=f"calibration fold {f + 1}/{n_folds}",
+                          quiet=quiet, images=rest)
         scores.append(image_scores(bank, features[np.sort(held[:per_fold])], pack))
     return np.concatenate(scores)
 
