@@ -1,0 +1,126 @@
+"""Durable outbox: outgoing messages wait in SQLite until the broker acknowledges them.
+
+One connection, owned by the `Outbox`, in WAL mode. Rows keep an autoincrement sequence so
+the sender replays them in the order they were put, also after a process restart. Each message
+carries a uuid4 `message_id`; dict payloads get it injected so subscribers can de-duplicate
+the redeliveries a reconnect may cause (delivery is at least once).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT    NOT NULL UNIQUE,
+    topic      TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    qos        INTEGER NOT NULL,
+    retain     INTEGER NOT NULL,
+    created    REAL    NOT NULL
+)
+"""
+
+
+class OutboxError(EdgeError):
+    """The outbox database cannot be opened or used, or a message is invalid."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One stored outgoing message."""
+
+    seq: int
+    message_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+
+
+class Outbox:
+    """SQLite-backed FIFO of outgoing MQTT messages; safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxError(f"cannot open outbox database {self.path}: {exc}") from exc
+
+    def put(self, topic: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False) -> str:
+        """Store a message and return its message id."""
+        if not topic or not isinstance(topic, str):
+            raise OutboxError(f"outbox {self.path}: topic must be a non-empty string, got {topic!r}")
+        if qos not in (0, 1, 2):
+            raise OutboxError(f"outbox {self.path}: qos must be 0, 1 or 2, got {qos!r}")
+        message_id = uuid.uuid4().hex
+        if isinstance(payload, dict):
+            body = json.dumps({**payload, "message_id": message_id}).encode()
+        elif isinstance(payload, str):
+            body = payload.encode()
+        elif isinstance(payload, (bytes, bytearray, memoryview)):
+            body = bytes(payload)
+        else:
+            raise OutboxError(
+                f"outbox {self.path}: payload must be bytes, str or dict, got {type(payload).__name__}"
+            )
+        self._execute(
+            "INSERT INTO outbox (message_id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, topic, body, qos, int(bool(retain)), time.time()),
+        )
+        return message_id
+
+    def pending(self, limit: int = 100) -> list[Message]:
+        """The oldest `limit` unsent messages, oldest first."""
+        rows = self._execute(
+            "SELECT seq, message_id, topic, payload, qos, retain, created FROM outbox ORDER BY seq LIMIT ?",
+            (int(limit),),
+        )
+        return [Message(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), r[6]) for r in rows]
+
+    def mark_sent(self, message_id: str) -> None:
+        """Forget a message the broker has acknowledged."""
+        self._execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+
+    def size(self) -> int:
+        """Number of messages still waiting."""
+        return self._execute("SELECT COUNT(*) FROM outbox", ())[0][0]
+
+    def close(self) -> None:
+        """Close the database connection; further use raises `OutboxError`."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _execute(self, sql: str, params: tuple) -> list[tuple]:
+        with self._lock:
+            if self._conn is None:
+                raise OutboxError(f"outbox {self.path} is closed")
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox database {self.path}: {exc}") from exc

@@ -1,0 +1,200 @@
+"""Store-and-forward MQTT publishing: `publish()` writes to the durable `Outbox`, a sender thread
+drains it to the broker one message at a time and deletes a row only after the broker's PUBACK.
+
+Delivery is at least once and in `put` order: a message is not sent before the previous one is
+acknowledged, and one in flight when the link drops is retransmitted by paho on reconnect (or
+replayed from the outbox after a process restart), so subscribers de-duplicate by `message_id`.
+The station's presence is `<prefix>/status`, retained: "online" on every connect, "offline" from
+the Last Will on an unclean drop and published explicitly on `close()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.errors import EdgeError
+from edge.outbox import Message, Outbox
+
+log = logging.getLogger(__name__)
+
+ONLINE = json.dumps({"state": "online"})
+OFFLINE = json.dumps({"state": "offline"})
+
+
+class PublisherError(EdgeError):
+    """The publisher is misconfigured or used after `close()`."""
+
+
+class MqttPublisher:
+    """Publishes outbox messages to an MQTT broker in order, surviving broker and process restarts."""
+
+    def __init__(
+        self,
+        outbox: Outbox | str | Path,
+        host: str = "localhost",
+        port: int = 1883,
+        topic_prefix: str = "anomaly-edge",
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        keepalive: int = 30,
+        reconnect_min_delay: int = 1,
+        reconnect_max_delay: int = 30,
+    ):
+        self._owns_outbox = not isinstance(outbox, Outbox)
+        self.outbox = Outbox(outbox) if self._owns_outbox else outbox
+        self.topic_prefix = topic_prefix.rstrip("/")
+        if not self.topic_prefix:
+            raise PublisherError("topic_prefix must not be empty (status goes to '<prefix>/status')")
+        self.status_topic = f"{self.topic_prefix}/status"
+        self.host, self.port = host, port
+
+        self._connected = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closing = False
+        self._ack_cond = threading.Condition()
+        self._acked_mids: set[int] = set()
+        self._sent = 0
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"anomaly-edge-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv311,
+        )
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls_ca is not None:
+            client.tls_set(
+                ca_certs=str(tls_ca),
+                certfile=str(tls_cert) if tls_cert else None,
+                keyfile=str(tls_key) if tls_key else None,
+            )
+        elif tls_cert or tls_key:
+            raise PublisherError("tls_cert/tls_key given without tls_ca; pass the CA file to enable TLS")
+        client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(reconnect_min_delay, reconnect_max_delay)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client = client
+
+        # connect_async + loop_start keeps retrying when the broker is down at start.
+        client.connect_async(host, port, keepalive)
+        client.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox-sender", daemon=True)
+        self._sender.start()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def publish(self, topic_suffix: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False) -> str:
+        """Queue a message for `<prefix>/<topic_suffix>`; returns its message id without touching the network."""
+        if self._closing:
+            raise PublisherError(f"publisher for {self.host}:{self.port} is closed; cannot publish to {topic_suffix!r}")
+        message_id = self.outbox.put(f"{self.topic_prefix}/{topic_suffix.lstrip('/')}", payload, qos, retain)
+        self._wake.set()
+        return message_id
+
+    def stats(self) -> dict:
+        """connected, outbox_size (messages waiting) and sent (acknowledged since start)."""
+        return {"connected": self._connected.is_set(), "outbox_size": self.outbox.size(), "sent": self._sent}
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Send what can be sent within `flush_timeout`, announce "offline", disconnect, stop threads."""
+        if self._closing:
+            return
+        self._closing = True
+        deadline = time.monotonic() + flush_timeout
+        while self._connected.is_set() and self.outbox.size() > 0 and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.02)
+        self._stop.set()
+        self._sender.join(timeout=2.0)
+        if self._connected.is_set():
+            # A clean disconnect suppresses the Last Will, so say "offline" ourselves.
+            info = self._client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError):
+                pass
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._owns_outbox:
+            self.outbox.close()
+
+    def __enter__(self) -> "MqttPublisher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- paho callbacks (network thread) ------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            return
+        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._ack_cond:
+            self._acked_mids.add(mid)
+            self._ack_cond.notify_all()
+
+    # -- sender thread ------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._connected.wait(0.2):
+                continue
+            self._wake.clear()
+            try:
+                batch = self.outbox.pending(100)
+            except Exception:
+                log.exception("cannot read outbox %s", self.outbox.path)
+                self._stop.wait(1.0)
+                continue
+            if not batch:
+                self._wake.wait(0.5)
+                continue
+            try:
+                for message in batch:
+                    if self._stop.is_set() or not self._send_one(message):
+                        break
+            except Exception:  # keep draining: a dead sender would silently stall the line's output
+                log.exception("outbox sender for %s:%s failed; retrying", self.host, self.port)
+                self._stop.wait(1.0)
+
+    def _send_one(self, message: Message) -> bool:
+        """Publish one message and wait for its acknowledgement; False when it was not (yet) sent."""
+        with self._ack_cond:
+            self._acked_mids.clear()  # only one outbox message is ever in flight
+        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return False
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and message.qos == 0:
+            return False  # QoS 0 is not queued by paho; resend from the outbox after reconnect
+        # QoS 1/2 stay in paho's in-flight store and are retransmitted on reconnect, so just wait.
+        with self._ack_cond:
+            while info.mid not in self._acked_mids:
+                if self._stop.is_set():
+                    return False
+                self._ack_cond.wait(0.2)
+            self._acked_mids.discard(info.mid)
+        self.outbox.mark_sent(message.message_id)
+        self._sent += 1
+        return True
