@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from . import metrics, visual
 from .dataset import open_mvtec, read_mask
-from .errors import DatasetError
-from .errors import ImageError
+from .errors import DatasetError, ImageError
 from .pack import Pack
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer

@@ -163,7 +163,6 @@ def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: 
     gh, gw = pack.encoder.feature_shape[1:]
     grids = np.stack([cv2.resize(v, (gw, gh), interpolation=cv2.INTER_NEAREST)
                       for v in augmented_views(labels, cv2.INTER_NEAREST)])
-    channels = view_features.shape[-1]
     size = (pack.input.height, pack.input.width)
     scores = []
     for region in range(4):
@@ -173,7 +172,8 @@ def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: 
             own = grids[v] == region
             if not own.any():
                 continue
-            sqdist = bank.nearest_sqdist(view_features[v].reshape(-1, channels)).reshape(gh, gw)
+            sqdist = np.empty((gh, gw), np.float32)
+            sqdist[own] = bank.nearest_sqdist(view_features[v][own])
             # Patches outside the held-out quadrant are not scored: give them the quadrant's median.
             sqdist[~own] = np.median(sqdist[own])
             m = distances_to_maps(sqdist.ravel(), 1, (gh, gw), size, pack.scorer.smoothing_sigma)[0]
@@ -181,9 +181,8 @@ def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: 
     return np.asarray(scores)
 
 
-def _progress(desc: str, total: int, quiet: bool):
-    return tqdm(total=total, desc=desc, unit="img" if "feature" in desc else "it", disable=quiet, leave=False,
-                dynamic_ncols=True)
+def _progress(desc: str, total: int, quiet: bool, unit: str = "patch"):
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, dynamic_ncols=True)
 
 
 def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = "coreset",
@@ -237,7 +236,7 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     extractor = extractor or FeatureExtractor(pack)
     single = len(images) == 1
     frames = augmented_views(images[0]) if single else images
-    with _progress("extracting features", len(frames), quiet) as bar:
+    with _progress("extracting features", len(frames), quiet, unit="img") as bar:
         feats = extractor.patch_features_batched(frames, progress=bar.update)
     if single:
         normal_scores = single_reference_scores(pack, feats, images[0].shape[:2])

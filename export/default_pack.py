@@ -2,8 +2,9 @@
 
 Encoder = blocks 4 (stride 8, 40 ch), 10 (stride 16, 112 ch) and 14 (stride 32, 192 ch), each
 3x3-averaged, the coarser ones resized to the stride-8 grid, concatenated (344 ch). The stride-32 tap
-sees large, low-contrast defects (magnetic_tile's "uneven": image AUROC 0.944 -> 0.965 measured). The ONNX graph is checked against the PyTorch
-forward before the pack is written; the pack folder appears only when everything succeeded.
+adds context for large, low-contrast defects (docs/evaluation.md, "What moved the numbers"). The ONNX
+graph is checked against the PyTorch forward before the pack is written; the pack folder appears only
+when everything succeeded.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, Inp
 from . import assets
 
 TAPS = (4, 10, 14)
+N_BLOCKS = 16  # MBConv blocks in EfficientNet-Lite0
 MAX_ABS_ERROR = 1e-4
 
 
@@ -51,8 +54,6 @@ def build_encoder(weights: Path, taps=TAPS):
 
 def export_onnx(model, path: Path, size: int) -> None:
     import torch
-
-    import warnings
 
     dummy = torch.zeros(2, 3, size, size)
     # The TorchScript exporter: no extra dependency, and this graph (convs, pads, pools, resize)
@@ -93,6 +94,8 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
         raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
     if size < 32 or size % 32:
         raise ExportError(f"--size {size}: must be a multiple of 32 (the network's total stride)")
+    if not taps or any(not 0 <= t < N_BLOCKS for t in taps) or list(taps) != sorted(set(taps)):
+        raise ExportError(f"--taps must be increasing block indices in 0..{N_BLOCKS - 1}, got {taps}")
     n = 5
     t = _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
     if weights is None:
