@@ -101,6 +101,39 @@ class ScorerSpec(_Strict):
     projection_dim: int | None = Field(default=128, gt=0)
 
 
+class ConversationSpec(_Strict):
+    """AnomalyGPT's (Vicuna v0) turn layout; the image part is fed as embeddings, not tokens."""
+
+    system: str = ""
+    human: str = "### Human: "
+    image_open: str = "<Img>"
+    image_close: str = "</Img> "
+    assistant: str = "\n### Assistant:"
+    stop: list[str] = Field(default_factory=lambda: ["###"], min_length=1)
+
+
+class LlmSpec(_Strict):
+    """The pack's language model. `chat`: any chat GGUF grounded by a text prompt built from the
+    scorer's findings, in the model's own chat template. `anomalygpt`: the image embedding and the
+    prompt learner's embeddings (from `projector`) fed to the GGUF as raw embeddings."""
+
+    kind: Literal["chat", "anomalygpt"]
+    file: str  # key into `files`: the GGUF
+    context_length: int = Field(default=2048, gt=0)
+    projector: str | None = None  # key into `files`: projector.onnx (anomalygpt)
+    n_embd: int | None = Field(default=None, gt=0)
+    n_prompt_embeddings: int = Field(default=18, ge=0)
+    conversation: ConversationSpec | None = None
+
+    @model_validator(mode="after")
+    def _anomalygpt_complete(self):
+        if self.kind == "anomalygpt":
+            missing = [k for k in ("projector", "n_embd", "conversation") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"kind anomalygpt needs {', '.join(missing)}")
+        return self
+
+
 class PackManifest(_Strict):
     schema_version: int
     model_id: str = Field(min_length=1)
@@ -110,12 +143,18 @@ class PackManifest(_Strict):
     files: dict[str, FileEntry]
     encoder: EncoderSpec
     scorer: ScorerSpec = ScorerSpec()
+    llm: LlmSpec | None = None
     provenance: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _encoder_file_listed(self):
         if self.encoder.file not in self.files:
             raise ValueError(f"encoder.file '{self.encoder.file}' is not a key of files ({sorted(self.files)})")
+        if self.llm is not None:
+            for key in ("file", "projector"):
+                value = getattr(self.llm, key)
+                if value is not None and value not in self.files:
+                    raise ValueError(f"llm.{key} '{value}' is not a key of files ({sorted(self.files)})")
         s = self.encoder.stride
         if self.input.height % s or self.input.width % s:
             raise ValueError(f"input {self.input.height}x{self.input.width} is not a multiple of encoder.stride {s}")
@@ -164,6 +203,10 @@ class Pack:
     @property
     def scorer(self) -> ScorerSpec:
         return self.manifest.scorer
+
+    @property
+    def llm(self) -> LlmSpec | None:
+        return self.manifest.llm
 
     @property
     def encoder_sha256(self) -> str:
