@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PACK ?= packs/default
 
-.PHONY: install demo test test-all pack bench clean
+.PHONY: install demo test test-all pack bench run clean
 
 $(BIN)/anomaly-edge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ pack: $(PACK)/pack.yaml
 demo: pack
 	$(BIN)/anomaly-edge demo --pack $(PACK) --out demo-out
 
+# The synthetic station of configs/station.yaml: 16 good synthetic parts enrolled once.
+stations/station-1/state/state.yaml: $(PACK)/pack.yaml
+	rm -rf stations/station-1/state
+	$(BIN)/anomaly-edge enroll --pack $(PACK) --synthetic 16 --out stations/station-1/state --quiet
+
+# The line service on the synthetic line (MQTT to localhost:1883: apt-get install mosquitto).
+run: stations/station-1/state/state.yaml
+	$(BIN)/anomaly-edge run --config configs/station.yaml
+
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -34,4 +43,4 @@ bench: pack
 	$(BIN)/python bench/bench_scoring.py --pack $(PACK)
 
 clean:
-	rm -rf demo-out packs .pytest_cache
+	rm -rf demo-out packs stations var .pytest_cache

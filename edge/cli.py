@@ -1,4 +1,4 @@
-"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo."""
+"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo, run."""
 from __future__ import annotations
 
 import argparse
@@ -50,12 +50,25 @@ def cmd_export(args) -> int:
 def cmd_enroll(args) -> int:
     from .pack import load_pack
     from .preprocess import list_images
-    from .state import enroll
 
     pack = load_pack(args.pack)
+    if args.synthetic:
+        import tempfile
+
+        from .synthetic import write_good_parts
+
+        with tempfile.TemporaryDirectory(prefix="synthetic-good.") as tmp:
+            good = write_good_parts(tmp, args.synthetic, seed=args.seed)
+            return _enroll(pack, good, args)
     good = list_images(args.good)
     if not good:
         raise EdgeError(f"{args.good}: no images found (png, jpg, bmp, tif)")
+    return _enroll(pack, good, args)
+
+
+def _enroll(pack, good, args) -> int:
+    from .state import enroll
+
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
                    log=lambda m: print(m, file=sys.stderr))
     c = state.calibration
@@ -129,6 +142,19 @@ def cmd_demo(args) -> int:
     return run_demo(args.pack, args.out, parts=args.parts, shots=args.shots, seed=args.seed)
 
 
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .runtime import run
+
+    if args.check:
+        config = load_config(args.config)
+        print(f"{args.config}: valid (station {config.station.line}/{config.station.name}, source "
+              f"{config.source.kind}, trigger {config.trigger.mode}, topics {config.topic_prefix}/...)")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    return run(args.config, exit_at_end=args.exit_at_end)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -145,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("enroll", help="build or extend a station's memory bank and threshold from good images")
     n.add_argument("--pack", required=True)
-    n.add_argument("--good", required=True, help="folder of good reference images")
+    src = n.add_mutually_exclusive_group(required=True)
+    src.add_argument("--good", help="folder of good reference images")
+    src.add_argument("--synthetic", type=_positive, metavar="N",
+                     help="enroll N good parts of the synthetic line (seeded by --seed) instead")
     n.add_argument("--shots", type=_shots, default=None, help="use K images from the folder (default all)")
     n.add_argument("--out", required=True, help="station state folder (created or extended)")
     n.add_argument("--seed", type=int, default=0)
@@ -177,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shots", type=_positive, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="the line service: capture, score every frame, MQTT, store, local API")
+    r.add_argument("--config", required=True, help="station YAML (see configs/)")
+    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.add_argument("--exit-at-end", action="store_true",
+                   help="stop once a finite source (file, folder, synthetic count) is done and flushed")
+    r.set_defaults(func=cmd_run)
     return p
 
 

@@ -8,13 +8,12 @@ the redeliveries a reconnect may cause (delivery is at least once).
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.db import Database
 from edge.errors import EdgeError
 
 _SCHEMA = """
@@ -52,25 +51,17 @@ class Outbox:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise OutboxError(f"cannot open outbox database {self.path}: {exc}") from exc
+        self._db = Database(self.path, _SCHEMA, OutboxError, "outbox database")
 
-    def put(self, topic: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False) -> str:
-        """Store a message and return its message id."""
+    def put(self, topic: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False,
+            message_id: str | None = None) -> str:
+        """Store a message and return its message id. Putting a message id that is already waiting
+        is a no-op, so a producer can safely re-put what it is not sure it put."""
         if not topic or not isinstance(topic, str):
             raise OutboxError(f"outbox {self.path}: topic must be a non-empty string, got {topic!r}")
         if qos not in (0, 1, 2):
             raise OutboxError(f"outbox {self.path}: qos must be 0, 1 or 2, got {qos!r}")
-        message_id = uuid.uuid4().hex
+        message_id = message_id or uuid.uuid4().hex
         if isinstance(payload, dict):
             body = json.dumps({**payload, "message_id": message_id}).encode()
         elif isinstance(payload, str):
@@ -82,7 +73,7 @@ class Outbox:
                 f"outbox {self.path}: payload must be bytes, str or dict, got {type(payload).__name__}"
             )
         self._execute(
-            "INSERT INTO outbox (message_id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO outbox (message_id, topic, payload, qos, retain, created) VALUES (?, ?, ?, ?, ?, ?)",
             (message_id, topic, body, qos, int(bool(retain)), time.time()),
         )
         return message_id
@@ -105,10 +96,7 @@ class Outbox:
 
     def close(self) -> None:
         """Close the database connection; further use raises `OutboxError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
 
     def __enter__(self) -> "Outbox":
         return self
@@ -117,10 +105,4 @@ class Outbox:
         self.close()
 
     def _execute(self, sql: str, params: tuple) -> list[tuple]:
-        with self._lock:
-            if self._conn is None:
-                raise OutboxError(f"outbox {self.path} is closed")
-            try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise OutboxError(f"outbox database {self.path}: {exc}") from exc
+        return self._db.execute(sql, params)

@@ -66,6 +66,7 @@ class MqttPublisher:
         self._ack_cond = threading.Condition()
         self._acked_mids: set[int] = set()
         self._sent = 0
+        self._subscriptions: dict[str, int] = {}  # full topic -> qos, (re)subscribed on every connect
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -97,13 +98,41 @@ class MqttPublisher:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def publish(self, topic_suffix: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False) -> str:
+    def publish(self, topic_suffix: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False,
+                message_id: str | None = None) -> str:
         """Queue a message for `<prefix>/<topic_suffix>`; returns its message id without touching the network."""
         if self._closing:
             raise PublisherError(f"publisher for {self.host}:{self.port} is closed; cannot publish to {topic_suffix!r}")
-        message_id = self.outbox.put(f"{self.topic_prefix}/{topic_suffix.lstrip('/')}", payload, qos, retain)
+        message_id = self.outbox.put(f"{self.topic_prefix}/{topic_suffix.lstrip('/')}", payload, qos, retain,
+                                     message_id)
         self._wake.set()
         return message_id
+
+    def publish_now(self, topic_suffix: str, payload: bytes | str | dict, retain: bool = False) -> bool:
+        """Publish without storing (for state that a newer message supersedes, such as health);
+        False when not connected."""
+        if self._closing or not self._connected.is_set():
+            return False
+        body = json.dumps(payload) if isinstance(payload, dict) else payload
+        self._client.publish(f"{self.topic_prefix}/{topic_suffix.lstrip('/')}", body, qos=1, retain=retain)
+        return True
+
+    def subscribe(self, topic_suffix: str, handler, qos: int = 1) -> str:
+        """Call `handler(topic, payload_bytes)` (on the network thread) for messages on
+        `<prefix>/<topic_suffix>`; kept across reconnects."""
+        topic = f"{self.topic_prefix}/{topic_suffix.lstrip('/')}"
+
+        def on_message(client, userdata, message):
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a bad handler must not kill paho's network loop
+                log.exception("handler for %s failed", message.topic)
+
+        self._client.message_callback_add(topic, on_message)
+        self._subscriptions[topic] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos)
+        return topic
 
     def stats(self) -> dict:
         """connected, outbox_size (messages waiting) and sent (acknowledged since start)."""
@@ -144,6 +173,8 @@ class MqttPublisher:
         if reason_code.is_failure:
             return
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        for topic, qos in list(self._subscriptions.items()):
+            client.subscribe(topic, qos)
         self._connected.set()
         self._wake.set()
 

@@ -265,6 +265,10 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
     if (out / STATE_FILE).is_file():
         previous = load_state(out)
         existing = previous.references
+        if not existing:
+            # Rebuilding from the new images alone would silently throw the old bank away.
+            raise StateError(f"{out}: this state holds no reference images ({GOOD_DIR}/ is empty), so it cannot "
+                             "be extended; enroll all good images into a new folder")
         if previous.pack_encoder_sha256 != pack.encoder_sha256:
             log(f"{out}: was enrolled with pack {previous.pack_model_id}; rebuilding its {len(existing)} references "
                 f"for {pack.model_id}")

@@ -421,6 +421,18 @@ class SyntheticLine:
 # -------------------------------------------------------------------------------------------------- export
 
 
+def write_good_parts(folder: str | Path, n: int, seed: int = 0) -> list[Path]:
+    """Write `n` good synthetic parts (the enrollment stream of `SyntheticLine(seed)`) as PNGs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(SyntheticLine(seed=seed).good(n)):
+        paths.append(folder / f"good-{i:04d}.png")
+        if not cv2.imwrite(str(paths[-1]), img):
+            raise OSError(f"{paths[-1]}: could not write")
+    return paths
+
+
 def write_mvtec_dataset(
     root: str | Path,
     n_train: int = 16,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (mqtt_helpers)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -41,3 +43,17 @@ def run_cli(*args, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real Mosquitto on a free loopback port, stopped by PID after the test."""
+    from mqtt_helpers import MOSQUITTO, Broker
+
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto broker not installed (apt install mosquitto)")
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+    b.log.close()

@@ -1,0 +1,245 @@
+"""The station's local API: JSON over HTTP on a UNIX socket (owner/group permissions), optionally also
+on a TCP port. The technician console and scripts use it; it never blocks the frame loop.
+
+    GET  /health                               frames/s, latencies, queues, outbox, broker and source
+    GET  /parts?limit=20&verdict=anomalous&since=<epoch s>&until=<epoch s>&station=<name>
+    GET  /parts/<id>                           one part: findings, explanation, files, feedback
+    POST /parts/<id>/feedback  {"label": "defect"|"false_alarm", "by": "jane", "note": "...",
+                                "enroll": true}  (enroll: add the image to the good references now)
+    POST /parts/<id>/ask       {"question": "How big is it?"}   (when the pack has a language model)
+    POST /reload                               re-read the config and station state
+
+Errors come back as {"error": "..."} with 400 (bad request), 404 (unknown part or path) or 503.
+`ApiClient` is the matching client.
+"""
+from __future__ import annotations
+
+import grp
+import http.client
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from .errors import EdgeError
+from .store import FEEDBACK_LABELS, StoreError
+
+log = logging.getLogger(__name__)
+MAX_BODY = 65536
+
+
+class ApiError(EdgeError):
+    """The station's API cannot be reached or refused a request."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    runtime = None  # set per server class
+    protocol_version = "HTTP/1.1"
+
+    def address_string(self) -> str:  # UNIX sockets have no client address
+        return "local"
+
+    def log_message(self, fmt, *args) -> None:
+        log.debug("api: " + fmt, *args)
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > MAX_BODY:
+            raise ApiError(f"request body of {n} bytes is over the {MAX_BODY}-byte limit", 400)
+        raw = self.rfile.read(n) if n else b"{}"
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"request body is not JSON: {e}", 400) from None
+        if not isinstance(body, dict):
+            raise ApiError("request body must be a JSON object", 400)
+        return body
+
+    def _dispatch(self, method: str) -> None:
+        url = urlparse(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
+        try:
+            body = self._body() if method == "POST" else {}
+            self._send(200, route(self.runtime, method, parts, parse_qs(url.query), body))
+        except ApiError as e:
+            self._send(e.status or 400, {"error": str(e)})
+        except StoreError as e:
+            self._send(404 if "no part with id" in str(e) else 503, {"error": str(e)})
+        except EdgeError as e:
+            self._send(400, {"error": str(e)})
+        except Exception as e:  # the API must outlive any one request
+            log.exception("api: %s %s failed", method, self.path)
+            self._send(500, {"error": f"internal error: {e}"})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+
+def _number(query: dict, key: str, kind=float):
+    if key not in query:
+        return None
+    try:
+        return kind(query[key][0])
+    except ValueError:
+        raise ApiError(f"query parameter {key}={query[key][0]!r} is not a {kind.__name__}", 400) from None
+
+
+def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> dict:
+    """The API's routing, apart from HTTP so it can be called and tested directly."""
+    if method == "GET" and parts == ["health"]:
+        return runtime.health()
+    if method == "GET" and parts == ["parts"]:
+        verdict = query.get("verdict", [None])[0]
+        if verdict not in (None, "anomalous", "normal", "error"):
+            raise ApiError(f"verdict={verdict!r}: use anomalous, normal or error", 400)
+        limit = _number(query, "limit", int) or 20
+        if not 1 <= limit <= 1000:
+            raise ApiError(f"limit={limit}: use 1..1000", 400)
+        return {"parts": runtime.store.query(limit=limit, verdict=verdict, since=_number(query, "since"),
+                                             until=_number(query, "until"),
+                                             station=query.get("station", [None])[0])}
+    if len(parts) >= 2 and parts[0] == "parts":
+        part_id = parts[1]
+        if method == "GET" and len(parts) == 2:
+            return runtime.store.get(part_id)
+        if method == "POST" and parts[2:] == ["feedback"]:
+            return feedback(runtime, part_id, body)
+        if method == "POST" and parts[2:] == ["ask"]:
+            if runtime.explainer is None:
+                raise ApiError("this station has no language model (the pack has no llm section or "
+                               "explain.enabled is false)", 503)
+            question = body.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise ApiError("ask: give a non-empty 'question'", 400)
+            runtime.store.get(part_id)
+            return {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(part_id, question)}
+    if method == "POST" and parts == ["reload"]:
+        return runtime.reload()
+    raise ApiError(f"no such endpoint: {method} /{'/'.join(parts)}", 404)
+
+
+def feedback(runtime, part_id: str, body: dict) -> dict:
+    unknown = set(body) - {"label", "by", "note", "enroll"}
+    if unknown:
+        raise ApiError(f"feedback: unknown keys {sorted(unknown)} (label, by, note, enroll)", 400)
+    label, by = body.get("label"), body.get("by")
+    if label not in FEEDBACK_LABELS:
+        raise ApiError(f"feedback: label must be one of {', '.join(FEEDBACK_LABELS)}, got {label!r}", 400)
+    if not isinstance(by, str) or not by.strip():
+        raise ApiError("feedback: say who gives it ('by')", 400)
+    enroll = body.get("enroll", False)
+    if enroll and label != "false_alarm":
+        raise ApiError("feedback: only a false alarm can be enrolled as good", 400)
+    row = runtime.store.set_feedback(part_id, label, by.strip(), body.get("note"))
+    out = {"part": row}
+    if enroll:
+        out["enrolled"] = runtime.enroll_good(part_id, by.strip())
+    return out
+
+
+class LocalApi:
+    def __init__(self, runtime, socket_path: str | Path, mode: int = 0o660, group: str | None = None,
+                 tcp: tuple[str, int] | None = None):
+        self.runtime, self.socket_path, self.mode, self.group, self.tcp = runtime, Path(socket_path), mode, group, tcp
+        self._servers = []
+
+    def start(self) -> "LocalApi":
+        handler = type("Handler", (_Handler,), {"runtime": self.runtime})
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.is_socket():
+            self.socket_path.unlink()  # left by a process that died
+        old_umask = os.umask(0o177)  # no window in which others could connect
+        try:
+            self._servers.append(_UnixHTTPServer(str(self.socket_path), handler))
+        finally:
+            os.umask(old_umask)
+        if self.group:
+            try:
+                os.chown(self.socket_path, -1, grp.getgrnam(self.group).gr_gid)
+            except (KeyError, PermissionError) as e:
+                log.warning("api: cannot give %s to group %s: %s", self.socket_path, self.group, e)
+        os.chmod(self.socket_path, self.mode)
+        if self.tcp:
+            self._servers.append(ThreadingHTTPServer(self.tcp, handler))
+        for server in self._servers:
+            threading.Thread(target=server.serve_forever, name="edge-api", daemon=True).start()
+        log.info("api on %s%s", self.socket_path, f" and {self.tcp[0]}:{self.tcp[1]}" if self.tcp else "")
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+class ApiClient:
+    """Talks to a station's local API over its UNIX socket."""
+
+    def __init__(self, socket_path: str | Path, timeout: float = 30.0):
+        self.socket_path, self.timeout = str(socket_path), timeout
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+            response = conn.getresponse()
+            payload = json.loads(response.read() or b"{}")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ApiError(f"the station service is not running (no API at {self.socket_path})") from None
+        except PermissionError:
+            raise ApiError(f"no permission to use {self.socket_path} (ask to be added to its group)") from None
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
+            raise ApiError(f"station API at {self.socket_path}: {e}") from None
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise ApiError(payload.get("error", f"HTTP {response.status}"), response.status)
+        return payload
+
+    def get(self, path: str) -> dict:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        return self.request("POST", path, body or {})

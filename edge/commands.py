@@ -1,0 +1,79 @@
+"""Commands from the PLC/MES over MQTT (`<prefix>/cmd/<name>`, JSON) and from the local API.
+
+Each command's body is validated; anything malformed raises `CommandError` naming what is wrong, and
+the runtime answers it on `<prefix>/reply` with `ok: false` instead of acting on a guess.
+
+    cmd/trigger      {"part_id": "A-1234", "request_id": "optional"}   inspect the next frame as this part
+    cmd/enroll-good  {"part_id": "A-1234", "by": "jane"}              a stored part is good: add it to the
+                                                                     memory bank and recalibrate
+    cmd/reload       {}                                                re-read the config and station state
+"""
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import PART_ID_PATTERN
+from .errors import EdgeError
+
+MAX_COMMAND_BYTES = 16384
+
+
+class CommandError(EdgeError):
+    """A command that cannot be carried out as sent."""
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str | None = Field(default=None, max_length=128)
+
+
+class TriggerCommand(_Command):
+    part_id: str = Field(pattern=PART_ID_PATTERN.pattern)
+
+
+class EnrollGoodCommand(_Command):
+    part_id: str = Field(pattern=PART_ID_PATTERN.pattern)
+    by: str = Field(default="mqtt", min_length=1, max_length=64)
+
+
+class ReloadCommand(_Command):
+    pass
+
+
+COMMANDS = {"trigger": TriggerCommand, "enroll-good": EnrollGoodCommand, "reload": ReloadCommand}
+
+
+def parse_command(name: str, payload: bytes | str) -> _Command:
+    if name not in COMMANDS:
+        raise CommandError(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"{name}: payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+    try:
+        body = json.loads(payload or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CommandError(f"{name}: payload is not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise CommandError(f"{name}: payload must be a JSON object, got {type(body).__name__}")
+    try:
+        return COMMANDS[name].model_validate(body)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(body)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "string_pattern_mismatch":
+                msg = "must be 1-128 letters, digits or . _ : - (starting with a letter or digit)"
+            problems.append(f"{key}: {msg}")
+        raise CommandError(f"{name}: " + "; ".join(problems)) from None
+
+
+def request_id_of(payload: bytes | str) -> str | None:
+    """Best effort, for replying to a command that failed validation."""
+    try:
+        body = json.loads(payload)
+        rid = body.get("request_id") if isinstance(body, dict) else None
+        return rid if isinstance(rid, str) and len(rid) <= 128 else None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return None

@@ -1,0 +1,313 @@
+"""Station configuration: one YAML file, validated at start, every error naming the key and what is allowed.
+
+    station: {line: line-1, name: station-1, mm_per_pixel: 0.05}
+    pack: ../packs/default                  # relative paths are relative to this file's folder
+    state: ../stations/station-1/state
+    source: {kind: usb, device: 0}          # usb | rtsp | file | folder | gstreamer | synthetic
+    trigger: {mode: free_run}               # free_run | mqtt | interval
+    mqtt: {host: localhost, port: 1883}
+    storage: {dir: ../var/station-1, retention_days: 30, disk_budget_mb: 2048}
+
+The examples in `configs/` document every key. `RELOADABLE` lists what SIGHUP (or the `reload`
+command) applies without a restart; other changes are reported as needing one.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import EdgeError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # safe in MQTT topics and file names
+
+
+class ConfigError(EdgeError):
+    """The station configuration file is missing, not YAML, or has a key with a wrong value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationSpec(_Strict):
+    line: str = Field(default="line-1", pattern=NAME_PATTERN)
+    name: str = Field(default="station-1", pattern=NAME_PATTERN)
+    # Frame pixels -> millimetres on the part, for region sizes in mm (null: pixels only).
+    mm_per_pixel: float | None = Field(default=None, gt=0)
+
+
+class Reconnect(_Strict):
+    initial_delay_s: float = Field(default=0.5, gt=0)
+    max_delay_s: float = Field(default=30.0, gt=0)
+    # Consecutive failed reads before a live source is declared lost and reopened.
+    max_failed_reads: int = Field(default=5, ge=1)
+
+
+class _SourceBase(_Strict):
+    reconnect: Reconnect = Reconnect()
+    # Replay sources: emulate a camera at this rate (then they drop frames like one); null = as fast
+    # as scoring takes them, nothing dropped.
+    fps: float | None = Field(default=None, gt=0)
+
+
+class UsbSource(_SourceBase):
+    kind: Literal["usb"]
+    device: int | str = 0  # V4L2 index or /dev/videoN
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+
+
+class StreamSource(_SourceBase):
+    kind: Literal["rtsp"]
+    url: str = Field(pattern=r"^(rtsps?|https?)://\S+$")
+
+
+class FileSource(_SourceBase):
+    kind: Literal["file"]
+    path: Path
+    loop: bool = False
+
+
+class FolderSource(_SourceBase):
+    kind: Literal["folder"]
+    path: Path
+    loop: bool = False
+
+
+class GstreamerSource(_SourceBase):
+    kind: Literal["gstreamer"]
+    pipeline: str = Field(min_length=1)  # must end in an appsink
+
+
+class SyntheticSource(_SourceBase):
+    kind: Literal["synthetic"]
+    seed: int = Field(default=0, ge=0)
+    defect_rate: float = Field(default=0.2, ge=0, le=1)
+    size: int = Field(default=256, ge=64, le=4096)
+    count: int | None = Field(default=None, gt=0)  # parts before the stream ends (null: endless)
+
+
+SourceSpec = Annotated[
+    Union[UsbSource, StreamSource, FileSource, FolderSource, GstreamerSource, SyntheticSource],
+    Field(discriminator="kind"),
+]
+
+
+class TriggerSpec(_Strict):
+    # free_run: every frame is a part. mqtt: a part per trigger command (part id from the PLC).
+    # interval: a part every interval_s seconds.
+    mode: Literal["free_run", "mqtt", "interval"] = "free_run"
+    interval_s: float = Field(default=1.0, gt=0)
+
+
+class PipelineSpec(_Strict):
+    capture_queue: int = Field(default=4, ge=1, le=1024)
+    output_queue: int = Field(default=64, ge=1, le=100000)
+    batch_size: int = Field(default=1, ge=1, le=64)
+
+
+class TlsSpec(_Strict):
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class HeatmapSpec(_Strict):
+    # inline: JPEG overlay in the flagged message (base64); path: only its stored path; none.
+    mode: Literal["inline", "path", "none"] = "inline"
+    max_bytes: int = Field(default=65536, ge=1024, le=10_000_000)
+
+
+class MqttSpec(_Strict):
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    # Topics are <topic_prefix>/result, /flagged, ...; default anomaly-edge/<line>/<station>.
+    topic_prefix: str | None = Field(default=None, pattern=r"^[^#+\s]+$")
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None  # preferred over `password` in files others can read
+    tls: TlsSpec | None = None
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    heatmap: HeatmapSpec = HeatmapSpec()
+
+    @model_validator(mode="after")
+    def _one_password(self):
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+class StorageSpec(_Strict):
+    dir: Path = Path("var")
+    # Which parts keep image files (every part keeps its row): flagged, all or none.
+    keep_images: Literal["flagged", "all", "none"] = "flagged"
+    retention_days: float = Field(default=30, gt=0)
+    disk_budget_mb: float = Field(default=2048, gt=0)
+
+
+class ApiSpec(_Strict):
+    enabled: bool = True
+    socket: Path | None = None  # default <storage.dir>/api.sock
+    mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
+    group: str | None = None
+    tcp_port: int | None = Field(default=None, ge=1, le=65535)  # also listen on this port
+    tcp_host: str = "127.0.0.1"
+
+
+class ExplainSpec(_Strict):
+    enabled: bool = True  # used when the pack has an llm section
+    queue_size: int = Field(default=4, ge=1, le=1000)
+    threads: int = Field(default=1, ge=1, le=64)
+    max_tokens: int = Field(default=96, ge=1, le=4096)
+    time_limit_s: float = Field(default=30, gt=0)
+
+
+class HealthSpec(_Strict):
+    status_interval_s: float = Field(default=10, gt=0)
+
+
+class StationConfig(_Strict):
+    station: StationSpec = StationSpec()
+    pack: Path
+    state: Path
+    source: SourceSpec
+    trigger: TriggerSpec = TriggerSpec()
+    pipeline: PipelineSpec = PipelineSpec()
+    mqtt: MqttSpec = MqttSpec()
+    storage: StorageSpec = StorageSpec()
+    api: ApiSpec = ApiSpec()
+    explain: ExplainSpec = ExplainSpec()
+    health: HealthSpec = HealthSpec()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("pack", "state")
+    @classmethod
+    def _not_empty(cls, v: Path) -> Path:
+        if str(v) in ("", "."):
+            raise ValueError("must name a folder")
+        return v
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix or f"anomaly-edge/{self.station.line}/{self.station.name}"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.api.socket or self.storage.dir / "api.sock"
+
+
+# Keys SIGHUP applies in place; everything else needs a restart.
+RELOADABLE = ("trigger.interval_s", "storage", "mqtt.heatmap", "explain.max_tokens", "explain.time_limit_s",
+              "health", "log_level", "station.mm_per_pixel", "state")
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Relative paths in the file are relative to the file's folder (what a service unit expects)."""
+    def fix(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and "://" not in value:
+            return str(base / value)
+        return value
+
+    for key in ("pack", "state"):
+        if key in raw:
+            raw[key] = fix(raw[key])
+    for section, keys in (("source", ("path",)), ("storage", ("dir",)), ("api", ("socket",)),
+                          ("mqtt", ("password_file",))):
+        if isinstance(raw.get(section), dict):
+            for k in keys:
+                if k in raw[section]:
+                    raw[section][k] = fix(raw[section][k])
+    tls = raw.get("mqtt", {}).get("tls") if isinstance(raw.get("mqtt"), dict) else None
+    if isinstance(tls, dict):
+        for k in ("ca", "cert", "key"):
+            if k in tls:
+                tls[k] = fix(tls[k])
+    return raw
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid station configuration"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # Discriminated unions put the chosen kind in the path (source.usb.device): drop it.
+        if len(loc) > 1 and loc[0] == "source" and loc[1] in ("usb", "rtsp", "file", "folder", "gstreamer",
+                                                               "synthetic"):
+            loc.pop(1)
+        key = ".".join(loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/*.yaml)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown kind {e['input'].get('kind')!r}; allowed: usb, rtsp, file, folder, gstreamer, synthetic"
+        elif e["type"] == "union_tag_not_found":
+            msg = "missing 'kind' (usb, rtsp, file, folder, gstreamer or synthetic)"
+        elif e["type"] in ("path_type", "path_not_file", "path_not_directory"):
+            msg = f"expected a file or folder path, got {e['input']!r}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "string_pattern_mismatch":
+            pattern = e.get("ctx", {}).get("pattern", "")
+            msg = f"{e['input']!r} is not allowed here " + (
+                "(letters, digits, '.', '_', '-'; at most 64)" if pattern == NAME_PATTERN else f"(must match {pattern})")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw, path: Path, check_files: bool = True) -> StationConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        config = StationConfig.model_validate(_resolve_paths(dict(raw), path.parent.resolve()))
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None
+    for f in [] if not check_files else [config.mqtt.password_file] + ([config.mqtt.tls.ca, config.mqtt.tls.cert, config.mqtt.tls.key]
+                                             if config.mqtt.tls else []):
+        if f is not None and not Path(f).is_file():
+            raise ConfigError(f"{path}: mqtt: file {f} does not exist")
+    return config
+
+
+def load_config(path: str | Path) -> StationConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: station configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse_config(raw, path)
+
+
+def mqtt_password(config: StationConfig) -> str | None:
+    if config.mqtt.password_file is not None:
+        return Path(config.mqtt.password_file).read_text().strip()
+    return config.mqtt.password
+
+
+def changed_keys(old: StationConfig, new: StationConfig) -> list[str]:
+    """Dotted keys whose values differ, one level into sections."""
+    a, b = old.model_dump(), new.model_dump()
+    keys = []
+    for k in b:
+        if a[k] == b[k]:
+            continue
+        if isinstance(b[k], dict) and isinstance(a[k], dict):
+            keys += [f"{k}.{sub}" for sub in b[k] if a[k].get(sub) != b[k].get(sub)]
+        else:
+            keys.append(k)
+    return keys
+
+
+def needs_restart(keys: list[str]) -> list[str]:
+    return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RELOADABLE)]
+
+
+PART_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -1,0 +1,648 @@
+"""The line runtime: `anomaly-edge run --config station.yaml`.
+
+    capture thread ──PartQueue──▶ score thread ──output queue──▶ output thread ──▶ store, outbox→MQTT,
+                                                                                  explain queue
+Capture never waits on scoring: free-run frames from a live source make room by dropping the oldest
+(counted), triggered parts always enter. The output thread owns the disk and the outbox, so scoring
+never waits on them unless the output queue is full. A maintenance thread runs enrollments and
+reloads; a health thread publishes status, pings the systemd watchdog and applies retention.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import visual
+from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
+from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart
+from .decide import Result
+from .errors import EdgeError
+from .findings import describe
+from .notify import SystemdNotifier
+from .pack import load_pack
+from .scorer import Scorer
+from .sources import Frame, ReconnectingSource, make_source
+from .state import enroll, load_state
+from .store import TraceStore, iso_time
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Part:
+    part_id: str
+    frame: Frame
+    trigger: str                 # free_run, mqtt, interval
+    request_id: str | None = None
+    queued_at: float = 0.0       # time.monotonic() when it entered the score queue
+
+
+@dataclasses.dataclass
+class ScoredPart:
+    part: Part
+    result: Result | None
+    error: str | None
+    score_ms: float
+    scored_at: float             # time.monotonic()
+
+
+class PartQueue:
+    """Bounded FIFO feeding the score stage. A droppable part (free-run from a live source) that finds
+    the queue full pushes out the oldest droppable part; a non-droppable one always enters."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._items: collections.deque[tuple[Part, bool]] = collections.deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, part: Part, droppable: bool) -> None:
+        with self._cond:
+            if droppable and len(self._items) >= self.maxsize:
+                for i, (_, d) in enumerate(self._items):
+                    if d:
+                        del self._items[i]
+                        self.dropped += 1
+                        break
+                else:
+                    self.dropped += 1  # full of triggered parts: this frame is the one to go
+                    return
+            part.queued_at = time.monotonic()
+            self._items.append((part, droppable))
+            self._cond.notify()
+
+    def wait_for_room(self, stop: threading.Event) -> None:
+        """Back-pressure for replays taken as fast as scoring goes (nothing of theirs is dropped)."""
+        with self._cond:
+            while len(self._items) >= self.maxsize and not stop.is_set():
+                self._cond.wait(0.1)
+
+    def get_batch(self, max_n: int, timeout: float) -> list[Part]:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            batch = []
+            while self._items and len(batch) < max_n:
+                batch.append(self._items.popleft()[0])
+            self._cond.notify_all()
+            return batch
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Rolling:
+    """Recent samples (value, at) for rates and percentiles over the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 30.0, maxlen: int = 20000):
+        self.window_s = window_s
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def add(self, value: float = 0.0) -> None:
+        with self._lock:
+            self._samples.append((time.monotonic(), value))
+
+    def _recent(self) -> list[tuple[float, float]]:
+        cutoff = time.monotonic() - self.window_s
+        with self._lock:
+            while self._samples and self._samples[0][0] < cutoff:
+                self._samples.popleft()
+            return list(self._samples)
+
+    def rate(self) -> float:
+        s = self._recent()
+        if len(s) < 2:
+            return 0.0
+        span = s[-1][0] - s[0][0]
+        return (len(s) - 1) / span if span > 0 else 0.0
+
+    def percentiles(self) -> dict | None:
+        s = self._recent()
+        if not s:
+            return None
+        v = np.array([x for _, x in s])
+        return {"p50": round(float(np.percentile(v, 50)), 2), "p99": round(float(np.percentile(v, 99)), 2)}
+
+
+def jpeg_within(image: np.ndarray, max_bytes: int) -> bytes:
+    """JPEG of `image` no larger than `max_bytes`: lower quality first, then smaller sizes."""
+    img = image
+    while True:
+        for quality in (85, 70, 50, 35):
+            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok and buf.nbytes <= max_bytes:
+                return buf.tobytes()
+        if min(img.shape[:2]) <= 32:
+            return buf.tobytes()
+        img = cv2.resize(img, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
+
+
+def _utc_stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3]
+
+
+class Runtime:
+    """One station: source, scorer, store, MQTT, local API, health. `start()`, then `stop()`."""
+
+    def __init__(self, config: StationConfig, config_path: str | Path | None = None, exit_at_end: bool = False):
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.exit_at_end = exit_at_end
+        self.station = config.station.name
+        self.pack = load_pack(config.pack)
+        self.state = load_state(config.state, self.pack)
+        self.scorer = Scorer.from_state(self.pack, self.state)
+        self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
+        self.publisher = None
+        self.explainer = None
+        self.api = None
+        self.notifier = SystemdNotifier()
+
+        self._stop = threading.Event()       # stop capturing
+        self._stopped = threading.Event()    # everything is down
+        self._source_done = threading.Event()
+        self._queue = PartQueue(config.pipeline.capture_queue)
+        self._output: queue.Queue[ScoredPart | None] = queue.Queue(config.pipeline.output_queue)
+        self._triggers: queue.Queue[tuple[str, str, str | None]] = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue()
+        self._queued_ids: set[str] = set()
+        self._ids_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # one enrollment or reload at a time
+        self._seq = 0
+        self._threads: list[threading.Thread] = []
+        self._heartbeat = {"score": time.monotonic(), "output": time.monotonic()}
+        self.started_at = time.time()
+        self.counts = collections.Counter()
+        self.captured = Rolling()
+        self.scored = Rolling()
+        self.score_ms = Rolling()
+        self.end_to_end_ms = Rolling()
+        self.queue_ms = Rolling()
+
+        source = make_source(config.source)
+        rc = config.source.reconnect
+        self.source = ReconnectingSource(source, rc.initial_delay_s, rc.max_delay_s, self._on_source_state, self._stop)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> "Runtime":
+        c = self.config
+        self.store.enforce_retention()
+        if c.mqtt.enabled:
+            from .publish import MqttPublisher
+
+            tls = c.mqtt.tls
+            self.publisher = MqttPublisher(
+                Path(c.storage.dir) / "outbox.sqlite", host=c.mqtt.host, port=c.mqtt.port,
+                topic_prefix=c.topic_prefix, client_id=c.mqtt.client_id or f"anomaly-edge-{c.station.line}-{self.station}",
+                username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
+                tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
+                reconnect_min_delay=1, reconnect_max_delay=10)
+            self.publisher.subscribe("cmd/+", self._on_command)
+            self._replay_unpublished()
+        self._start_explainer()
+        if c.api.enabled:
+            from .api import LocalApi
+
+            self.api = LocalApi(self, c.api_socket, mode=int(c.api.mode, 8), group=c.api.group,
+                                tcp=(c.api.tcp_host, c.api.tcp_port) if c.api.tcp_port else None).start()
+        for name, target in (("capture", self._capture_loop), ("score", self._score_loop),
+                             ("output", self._output_loop), ("maintenance", self._maintenance_loop),
+                             ("health", self._health_loop)):
+            t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.notifier.ready(self._status_line())
+        log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
+                 self.pack.model_id, self.source.name, c.trigger.mode, self.scorer.threshold)
+        return self
+
+    def _start_explainer(self) -> None:
+        """The LLM worker, when the pack has a language model and explanations are enabled."""
+        if not (self.config.explain.enabled and getattr(self.pack, "llm", None)):
+            return
+        try:
+            from .explain import start_worker
+        except ImportError as e:
+            log.warning("explanations off: %s", e)
+            return
+        self.explainer = start_worker(self)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop capturing, score and output what is queued, flush the outbox, close everything."""
+        if self._stopped.is_set():
+            return
+        self.notifier.stopping()
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        capture = self._threads[0] if self._threads else None
+        if capture:
+            capture.join(max(0.1, deadline - time.monotonic()))
+        while (len(self._queue) or not self._output.empty()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._output.put(None)
+        self._jobs.put(None)
+        for t in self._threads[1:]:
+            t.join(max(0.1, deadline - time.monotonic()))
+        if self.explainer is not None:
+            self.explainer.stop(timeout=2.0)
+        if self.api is not None:
+            self.api.stop()
+        if self.publisher is not None:
+            self.publisher.close(flush_timeout=max(0.5, deadline - time.monotonic()))
+        self.source.close()
+        self.store.close()
+        self.notifier.close()
+        self._stopped.set()
+        log.info("station %s stopped", self.station)
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT (or the end of a finite source with exit_at_end); SIGHUP reloads."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._jobs.put(("reload", None)))
+        self.start()
+        try:
+            while not self._stop.is_set():
+                if self.exit_at_end and self._source_done.is_set() and not len(self._queue) and self._output.empty():
+                    break
+                self._stop.wait(0.2)
+        finally:
+            self.stop()
+        return 0
+
+    # -- capture ------------------------------------------------------------------------------
+
+    def _next_id(self, t: float) -> str:
+        self._seq += 1
+        return f"{self.station}-{_utc_stamp(t)}-{self._seq:06d}"
+
+    def _capture_loop(self) -> None:
+        mode = self.config.trigger.mode
+        live = self.source.live
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            pending: list[tuple[str, str, str | None]] = []
+            if mode == "mqtt":
+                if live:
+                    pending = self._drain_triggers()
+                else:
+                    try:
+                        pending = [self._triggers.get(timeout=0.2)]
+                    except queue.Empty:
+                        continue
+            elif mode == "interval":
+                now = time.monotonic()
+                if now < next_due and not live:
+                    self._stop.wait(min(next_due - now, 0.2))
+                    continue
+                if now >= next_due:
+                    pending = [(None, "interval", None)]
+                    next_due = max(next_due + self.config.trigger.interval_s, now)
+            elif not live:
+                self._queue.wait_for_room(self._stop)
+            frame = self.source.read()
+            if frame is None:
+                for part_id, _, request_id in pending:
+                    self._reply("trigger", request_id, False, error=f"source {self.source.name} has ended; "
+                                f"part {part_id} was not inspected", part_id=part_id)
+                if self._stop.is_set():
+                    break
+                self._source_done.set()
+                log.info("source %s ended after %d frames", self.source.name, self.counts["captured"])
+                break
+            self.counts["captured"] += 1
+            self.captured.add()
+            if mode == "free_run":
+                self._queue.put(Part(self._next_id(frame.captured_at), frame, "free_run"), droppable=live)
+            for part_id, trigger, request_id in pending:
+                self._queue.put(Part(part_id or self._next_id(frame.captured_at), frame, trigger, request_id),
+                                droppable=False)
+            self.counts["dropped"] = self._queue.dropped
+
+    def _drain_triggers(self) -> list:
+        out = []
+        while True:
+            try:
+                out.append(self._triggers.get_nowait())
+            except queue.Empty:
+                return out
+
+    def trigger(self, part_id: str, request_id: str | None = None) -> None:
+        """Inspect the next frame as part `part_id` (trigger.mode mqtt)."""
+        if self.config.trigger.mode != "mqtt":
+            raise CommandError(f"trigger: this station runs trigger.mode {self.config.trigger.mode}; "
+                               "set trigger.mode: mqtt to inspect parts on command")
+        with self._ids_lock:
+            if part_id in self._queued_ids:
+                raise CommandError(f"trigger: part {part_id!r} is already waiting to be inspected")
+            try:
+                self.store.get(part_id)
+                known = True
+            except EdgeError:
+                known = False
+            if known:
+                raise CommandError(f"trigger: part {part_id!r} was already inspected; send a new part id")
+            self._queued_ids.add(part_id)
+        self._triggers.put((part_id, "mqtt", request_id))
+
+    # -- score --------------------------------------------------------------------------------
+
+    def _score_loop(self) -> None:
+        batch_size = self.config.pipeline.batch_size
+        while True:
+            self._heartbeat["score"] = time.monotonic()
+            batch = self._queue.get_batch(batch_size, timeout=0.2)
+            if not batch:
+                if self._stop.is_set() and not self._threads[0].is_alive():
+                    break
+                continue
+            scorer = self.scorer  # swapped whole by enrollments and reloads
+            t0 = time.perf_counter()
+            try:
+                results, error = scorer.score([p.frame.image for p in batch]), None
+            except Exception as e:  # a part that cannot be scored is still reported, as an error
+                log.exception("scoring failed for %s", [p.part_id for p in batch])
+                results, error = [None] * len(batch), f"scoring failed: {e}"
+            ms = (time.perf_counter() - t0) * 1000 / len(batch)
+            now = time.monotonic()
+            for p, r in zip(batch, results):
+                self.queue_ms.add((now - p.queued_at) * 1000 - ms)
+                self.score_ms.add(ms)
+                self.scored.add()
+                self._output.put(ScoredPart(p, r, error, ms, now))
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _output_loop(self) -> None:
+        while True:
+            self._heartbeat["output"] = time.monotonic()
+            try:
+                item = self._output.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            try:
+                self._emit(item)
+            except Exception:
+                self.counts["output_errors"] += 1
+                log.exception("could not record or publish part %s", item.part.part_id)
+            finally:
+                with self._ids_lock:
+                    self._queued_ids.discard(item.part.part_id)
+
+    def _emit(self, item: ScoredPart) -> None:
+        c = self.config
+        p, r = item.part, item.result
+        self.counts["parts"] += 1
+        if r is None:
+            self.counts["errors"] += 1
+            summary = {"verdict": "error", "score": float("nan"), "threshold": self.scorer.threshold, "regions": []}
+        else:
+            summary = r.summary()
+        flagged = r is not None and r.anomalous
+        findings = None
+        images = None
+        if flagged:
+            self.counts["flagged"] += 1
+            findings = describe(p.frame.image, r, c.station.mm_per_pixel).to_dict()
+        if r is not None and (c.storage.keep_images == "all" or (flagged and c.storage.keep_images == "flagged")):
+            overlay = visual.result_overlay(p.frame.image, r)
+            images = {"image": p.frame.image, "overlay": overlay, "mask": r.mask_at_frame().astype(np.uint8) * 255}
+        files = self.store.write_files(p.part_id, p.frame.captured_at, images) if images else (None, 0)
+        e2e_ms = (time.time() - p.frame.captured_at) * 1000
+        self.end_to_end_ms.add(e2e_ms)
+        result = {
+            "message_id": uuid.uuid4().hex, "part_id": p.part_id, "station": self.station, "line": c.station.line,
+            "timestamp": iso_time(p.frame.captured_at), "trigger": p.trigger,
+            "verdict": summary["verdict"], "score": summary["score"] if r is not None else None,
+            "threshold": summary["threshold"], "severity": round(r.severity, 4) if r is not None else None,
+            "regions": summary["regions"], "frame_size": list(r.frame_size) if r is not None else None,
+            "latency_ms": {"queue": round((item.scored_at - p.queued_at) * 1000 - item.score_ms, 2),
+                           "score": round(item.score_ms, 2), "capture_to_publish": round(e2e_ms, 2)},
+            "model_id": self.pack.model_id, "source": {"name": self.source.name, "index": p.frame.index,
+                                                       **p.frame.meta},
+        }
+        if p.request_id:
+            result["request_id"] = p.request_id
+        if item.error:
+            result["error"] = item.error
+        messages = [["result", result]]
+        if flagged:
+            paths = self.store.file_paths(files[0])
+            event = {"message_id": uuid.uuid4().hex, "part_id": p.part_id, "station": self.station,
+                     "timestamp": result["timestamp"], "score": result["score"], "threshold": result["threshold"],
+                     "severity": result["severity"], "regions": summary["regions"],
+                     "findings": findings["summary"], "files": paths}
+            mode = c.mqtt.heatmap.mode
+            if mode == "inline" and images is not None:
+                jpeg = jpeg_within(images["overlay"], c.mqtt.heatmap.max_bytes)
+                event["overlay_jpeg_base64"] = base64.b64encode(jpeg).decode()
+            elif mode == "path" and "overlay" in paths:
+                event["overlay_path"] = paths["overlay"]
+            messages.append(["flagged", event])
+        # Row (with its messages) first, then the outbox, then mark: a crash in between is replayed
+        # at the next start with the same message ids, so subscribers can drop the duplicate.
+        self.store.add_part(p.part_id, self.station, p.frame.captured_at, p.trigger, summary, self.pack.model_id,
+                            findings, files, messages if self.publisher is not None else None)
+        self._publish_part(p.part_id, messages)
+        if flagged and self.explainer is not None:
+            self.explainer.submit(p.part_id, findings)
+
+    def _publish_part(self, part_id: str, messages: list) -> None:
+        if self.publisher is None:
+            return
+        for topic, payload in messages:
+            self.publisher.publish(topic, payload, message_id=payload["message_id"])
+        self.store.mark_published(part_id)
+
+    def _replay_unpublished(self) -> int:
+        """Parts recorded but perhaps not handed to the outbox before a crash."""
+        pending = self.store.unpublished()
+        for part_id, messages in pending:
+            self._publish_part(part_id, messages)
+        if pending:
+            log.warning("re-queued the messages of %d part(s) recorded just before the last stop", len(pending))
+        return len(pending)
+
+    def _publish(self, topic: str, payload: dict) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(topic, payload)
+
+    def on_explanation(self, message: dict) -> None:
+        """Called by the explanation worker: store it with the part and publish it."""
+        try:
+            self.store.set_explanation(message["part_id"], message.get("answer"), message.get("status", "done"))
+        except EdgeError as e:
+            log.warning("explanation for %s not stored: %s", message.get("part_id"), e)
+        self._publish("explanation", {"station": self.station, **message})
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        name = topic.rsplit("/", 1)[-1]
+        try:
+            command = parse_command(name, payload)
+            if isinstance(command, TriggerCommand):
+                self.trigger(command.part_id, command.request_id)
+                self._reply(name, command.request_id, True, part_id=command.part_id, queued=True)
+            elif isinstance(command, EnrollGoodCommand):
+                self.store.get(command.part_id)  # unknown ids are answered now, not after a queue
+                self._jobs.put(("enroll-good", command))
+            elif isinstance(command, ReloadCommand):
+                self._jobs.put(("reload", command))
+        except EdgeError as e:
+            self.counts["bad_commands"] += 1
+            log.warning("command on %s refused: %s", topic, e)
+            self._reply(name, request_id_of(payload), False, error=str(e))
+
+    def _reply(self, command: str, request_id: str | None, ok: bool, **fields) -> None:
+        self._publish("reply", {"command": command, "request_id": request_id, "ok": ok, **fields,
+                                "time": iso_time(time.time())})
+
+    def _maintenance_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            kind, command = job
+            rid = getattr(command, "request_id", None)
+            try:
+                if kind == "reload":
+                    result = self.reload()
+                else:
+                    result = self.enroll_good(command.part_id, command.by)
+                self._reply(kind, rid, True, **result)
+            except Exception as e:
+                log.warning("%s failed: %s", kind, e)
+                self._reply(kind, rid, False, error=str(e))
+
+    def enroll_good(self, part_id: str, by: str) -> dict:
+        """A stored part is good: add its image to the station's references, rebuild the bank,
+        recalibrate, and score with the new state from the next frame on."""
+        row = self.store.get(part_id)
+        image = row["files"].get("image")
+        if not image:
+            raise CommandError(f"enroll-good: part {part_id!r} has no stored image (storage.keep_images is "
+                               f"{self.config.storage.keep_images!r}, or its files were removed by retention)")
+        if row["verdict"] == "anomalous" and row.get("feedback") is None:
+            self.store.set_feedback(part_id, "false_alarm", by, "enrolled as good")
+        old = self.scorer.threshold
+        with self._state_lock:
+            state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info)
+            self.state = state
+            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+        log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,
+                 len(state.references), old, state.calibration.threshold)
+        return {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
+                "threshold": round(state.calibration.threshold, 6)}
+
+    def reload(self) -> dict:
+        """Re-read the config file (applying what can be applied live) and the station state."""
+        applied, restart = [], []
+        if self.config_path is not None:
+            new = load_config(self.config_path)
+            keys = changed_keys(self.config, new)
+            restart = needs_restart(keys)
+            applied = [k for k in keys if k not in restart]
+            self.config = self.config.model_copy(update={
+                "trigger": self.config.trigger.model_copy(update={"interval_s": new.trigger.interval_s}),
+                "storage": new.storage, "mqtt": self.config.mqtt.model_copy(update={"heatmap": new.mqtt.heatmap}),
+                "explain": self.config.explain.model_copy(update={"max_tokens": new.explain.max_tokens,
+                                                                  "time_limit_s": new.explain.time_limit_s}),
+                "health": new.health, "log_level": new.log_level,
+                "station": self.config.station.model_copy(update={"mm_per_pixel": new.station.mm_per_pixel}),
+            })
+            self.store.retention_days = new.storage.retention_days
+            self.store.disk_budget_mb = new.storage.disk_budget_mb
+            logging.getLogger().setLevel(new.log_level.upper())
+            if restart:
+                log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
+        with self._state_lock:
+            state = load_state(self.config.state, self.pack)
+            self.state = state
+            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+        log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
+        return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
+
+    # -- health -------------------------------------------------------------------------------
+
+    def _on_source_state(self, state: str, detail: str) -> None:
+        self.counts[f"source_{state}"] += 1
+        if self.publisher is not None:
+            self.publisher.publish_now("source", {"source": self.source.name, "state": state, "detail": detail,
+                                                  "time": iso_time(time.time())}, retain=True)
+
+    def health(self) -> dict:
+        pub = self.publisher.stats() if self.publisher is not None else None
+        return {
+            "state": "online" if not self._stop.is_set() else "stopping",
+            "station": self.station, "line": self.config.station.line, "model_id": self.pack.model_id,
+            "time": iso_time(time.time()), "uptime_s": round(time.time() - self.started_at, 1),
+            "trigger": self.config.trigger.mode, "threshold": round(self.scorer.threshold, 6),
+            "references": len(self.state.references),
+            "fps": {"captured": round(self.captured.rate(), 2), "scored": round(self.scored.rate(), 2)},
+            "latency_ms": {"queue": self.queue_ms.percentiles(), "score": self.score_ms.percentiles(),
+                           "capture_to_publish": self.end_to_end_ms.percentiles()},
+            "queues": {"score": len(self._queue), "output": self._output.qsize(), "triggers": self._triggers.qsize(),
+                       "jobs": self._jobs.qsize()},
+            "counts": {k: int(self.counts[k]) for k in ("captured", "parts", "flagged", "errors", "bad_commands",
+                                                         "output_errors")}
+                      | {"dropped_frames": self._queue.dropped, "bad_frames": self.source.bad_frames,
+                         "reconnects": self.source.reconnects},
+            "source": {"name": self.source.name, "state": self.source.state, "detail": self.source.detail},
+            "broker": {"connected": pub["connected"], "outbox_size": pub["outbox_size"], "sent": pub["sent"]}
+                      if pub else None,
+            "storage": {"parts": self.store.count(), "files_mb": round(self.store.files_bytes / 1e6, 2),
+                        "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
+            "explain": self.explainer.stats() if self.explainer is not None else None,
+        }
+
+    def _status_line(self) -> str:
+        h = self.health()
+        return (f"{h['fps']['scored']:.1f} parts/s, {h['counts']['flagged']} flagged, source {h['source']['state']}, "
+                f"outbox {h['broker']['outbox_size'] if h['broker'] else '-'}")
+
+    def _health_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        next_status = next_retention = time.monotonic()
+        while not self._stopped.is_set() and not (self._stop.is_set() and not self._threads[1].is_alive()):
+            now = time.monotonic()
+            # Ping the watchdog only while the stages turn over: a hung stage gets us restarted.
+            if interval and all(now - t < 30 for t in self._heartbeat.values()):
+                self.notifier.watchdog()
+            if now >= next_status:
+                next_status = now + self.config.health.status_interval_s
+                h = self.health()
+                if self.publisher is not None:
+                    self.publisher.publish_now("status", h, retain=True)
+                self.notifier.status(self._status_line())
+            if now >= next_retention:
+                next_retention = now + 3600
+                try:
+                    self.store.enforce_retention()
+                except EdgeError as e:
+                    log.error("retention: %s", e)
+            self._stop.wait(min(interval or 1.0, 1.0))
+
+
+def run(config_path: str | Path, exit_at_end: bool = False) -> int:
+    config = load_config(config_path)
+    logging.getLogger().setLevel(config.log_level.upper())
+    runtime = Runtime(config, config_path, exit_at_end=exit_at_end)
+    return runtime.run_forever()
+

@@ -1,0 +1,252 @@
+"""Traceability: a SQLite row for every part and, for the parts that need them, image files.
+
+    <dir>/parts.sqlite                   one row per part: verdict, score, regions, findings,
+                                         explanation, technician feedback, file paths
+    <dir>/parts/<YYYY-MM-DD>/<part_id>/  image.png, overlay.jpg, mask.png
+
+Retention runs by age (rows and files older than `retention_days` go) and by disk budget (the
+oldest parts' files go first until the folder fits; their rows stay, marked `files_purged`). A
+file that cannot be written (disk full, permissions) is logged and the row still lands.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .db import Database
+from .errors import EdgeError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS parts (
+    part_id        TEXT PRIMARY KEY,
+    station        TEXT NOT NULL,
+    captured_at    REAL NOT NULL,
+    trigger        TEXT NOT NULL,
+    verdict        TEXT NOT NULL,
+    score          REAL NOT NULL,
+    threshold      REAL NOT NULL,
+    regions        TEXT NOT NULL,
+    findings       TEXT,
+    latency_ms     REAL,
+    model_id       TEXT,
+    files_dir      TEXT,
+    files_bytes    INTEGER NOT NULL DEFAULT 0,
+    files_purged   INTEGER NOT NULL DEFAULT 0,
+    explanation    TEXT,
+    explanation_status TEXT,
+    feedback       TEXT,
+    feedback_by    TEXT,
+    feedback_at    REAL,
+    feedback_note  TEXT,
+    messages       TEXT,            -- [[topic, payload], ...] to publish for this part
+    published      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS parts_time ON parts (captured_at);
+CREATE INDEX IF NOT EXISTS parts_verdict_time ON parts (verdict, captured_at);
+CREATE INDEX IF NOT EXISTS parts_unpublished ON parts (published) WHERE published = 0;
+"""
+
+FEEDBACK_LABELS = ("defect", "false_alarm")
+
+
+class StoreError(EdgeError):
+    """The traceability database cannot be opened or a request names a part it does not hold."""
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TraceStore:
+    """Part rows and files under one folder; one connection, shared by threads under a lock."""
+
+    def __init__(self, root: str | Path, retention_days: float = 30, disk_budget_mb: float = 2048):
+        self.root = Path(root)
+        self.retention_days, self.disk_budget_mb = retention_days, disk_budget_mb
+        self._lock = threading.Lock()  # guards the byte count
+        self.write_errors = 0
+        try:
+            (self.root / "parts").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create traceability store in {self.root}: {e}") from e
+        self._db = Database(self.root / "parts.sqlite", _SCHEMA, StoreError, "traceability database")
+        self._files_bytes = self._sql("SELECT COALESCE(SUM(files_bytes), 0) FROM parts WHERE files_purged = 0")[0][0]
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add_part(self, part_id: str, station: str, captured_at: float, trigger: str, summary: dict,
+                 model_id: str, findings: dict | None = None, files: tuple[str | None, int] = (None, 0),
+                 messages: list | None = None) -> None:
+        """Record a scored part. `files` is what `write_files` returned. `messages` ([topic, payload]
+        pairs) wait in the row until `mark_published`, so a crash between this row and the outbox is
+        repaired at the next start (`unpublished`)."""
+        files_dir, nbytes = files
+        self._sql(
+            "INSERT OR REPLACE INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, "
+            "regions, findings, latency_ms, model_id, files_dir, files_bytes, messages, published) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (part_id, station, captured_at, trigger, summary["verdict"], summary["score"], summary["threshold"],
+             json.dumps(summary.get("regions", [])), json.dumps(findings) if findings else None,
+             summary.get("latency_ms"), model_id, files_dir, nbytes, json.dumps(messages) if messages else None,
+             0 if messages else 1))
+        with self._lock:
+            self._files_bytes += nbytes
+        if self._files_bytes > self.disk_budget_mb * 1e6:
+            self.enforce_disk_budget()
+
+    def write_files(self, part_id: str, captured_at: float, images: dict[str, np.ndarray]) -> tuple[str | None, int]:
+        """Write a part's images ({"image": frame, "overlay": ..., "mask": ...}); returns (folder relative
+        to the store, bytes), or (None, 0) when they could not be written."""
+        day = datetime.fromtimestamp(captured_at, timezone.utc).strftime("%Y-%m-%d")
+        rel = Path("parts") / day / part_id
+        folder = self.root / rel
+        nbytes = 0
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, img in images.items():
+                ext = ".jpg" if name == "overlay" else ".png"
+                ok, buf = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
+                if not ok:
+                    raise OSError(f"could not encode {name}")
+                with open(folder / f"{name}{ext}", "wb") as f:
+                    f.write(buf.tobytes())
+                nbytes += buf.nbytes
+        except OSError as e:
+            # Losing a picture is bad; losing the part's row because of it would be worse.
+            self.write_errors += 1
+            log.error("traceability: could not write files of part %s to %s: %s", part_id, folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None, 0
+        return str(rel), nbytes
+
+    def file_paths(self, files_dir: str | None) -> dict[str, str]:
+        """{"image": path, "overlay": path, "mask": path} of what a part's folder holds."""
+        folder = self.root / files_dir if files_dir else None
+        return {p.stem: str(p) for p in sorted(folder.glob("*"))} if folder and folder.is_dir() else {}
+
+    def mark_published(self, part_id: str) -> None:
+        self._sql("UPDATE parts SET published = 1, messages = NULL WHERE part_id = ?", (part_id,))
+
+    def unpublished(self) -> list[tuple[str, list]]:
+        """(part_id, [[topic, payload], ...]) of parts whose messages may not have reached the outbox."""
+        rows = self._sql("SELECT part_id, messages FROM parts WHERE published = 0 ORDER BY captured_at")
+        return [(part_id, json.loads(m) if m else []) for part_id, m in rows]
+
+    def set_explanation(self, part_id: str, text: str | None, status: str) -> None:
+        self._sql("UPDATE parts SET explanation = COALESCE(?, explanation), explanation_status = ? WHERE part_id = ?",
+                  (text, status, part_id))
+
+    def set_feedback(self, part_id: str, label: str, by: str, note: str | None = None) -> dict:
+        if label not in FEEDBACK_LABELS:
+            raise StoreError(f"feedback label {label!r} is not one of {', '.join(FEEDBACK_LABELS)}")
+        if not by or not isinstance(by, str):
+            raise StoreError("feedback needs who gives it ('by')")
+        self.get(part_id)  # names the part when unknown
+        self._sql("UPDATE parts SET feedback = ?, feedback_by = ?, feedback_at = ?, feedback_note = ? "
+                  "WHERE part_id = ?", (label, by, time.time(), note, part_id))
+        return self.get(part_id)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    _COLUMNS = ("part_id", "station", "captured_at", "trigger", "verdict", "score", "threshold", "regions",
+                "findings", "latency_ms", "model_id", "files_dir", "files_bytes", "files_purged", "explanation",
+                "explanation_status", "feedback", "feedback_by", "feedback_at", "feedback_note", "published")
+
+    def _row(self, r: tuple) -> dict:
+        d = dict(zip(self._COLUMNS, r))
+        d["regions"] = json.loads(d["regions"])
+        d["findings"] = json.loads(d["findings"]) if d["findings"] else None
+        d["time"] = iso_time(d["captured_at"])
+        d["files_purged"] = bool(d["files_purged"])
+        d["published"] = bool(d["published"])
+        d["files"] = {} if d["files_purged"] else self.file_paths(d["files_dir"])
+        return d
+
+    def get(self, part_id: str) -> dict:
+        rows = self._sql(f"SELECT {', '.join(self._COLUMNS)} FROM parts WHERE part_id = ?", (part_id,))
+        if not rows:
+            raise StoreError(f"no part with id {part_id!r} in {self.root / 'parts.sqlite'}")
+        return self._row(rows[0])
+
+    def query(self, limit: int = 20, verdict: str | None = None, since: float | None = None,
+              until: float | None = None, station: str | None = None) -> list[dict]:
+        """Newest first."""
+        where, params = [], []
+        for clause, value in (("verdict = ?", verdict), ("captured_at >= ?", since), ("captured_at <= ?", until),
+                              ("station = ?", station)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {', '.join(self._COLUMNS)} FROM parts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY captured_at DESC LIMIT ?"
+        return [self._row(r) for r in self._sql(sql, (*params, int(limit)))]
+
+    def count(self) -> int:
+        return self._sql("SELECT COUNT(*) FROM parts")[0][0]
+
+    @property
+    def files_bytes(self) -> int:
+        return self._files_bytes
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def enforce_retention(self, now: float | None = None) -> int:
+        """Delete parts (rows and files) older than retention_days; returns how many."""
+        cutoff = (now or time.time()) - self.retention_days * 86400
+        old = self._sql("SELECT part_id, files_dir, files_bytes, files_purged FROM parts WHERE captured_at < ?",
+                        (cutoff,))
+        for part_id, files_dir, nbytes, purged in old:
+            if files_dir and not purged:
+                self._remove_files(files_dir, nbytes)
+        self._sql("DELETE FROM parts WHERE captured_at < ?", (cutoff,))
+        self._prune_empty_days()
+        return len(old)
+
+    def enforce_disk_budget(self) -> int:
+        """Remove the oldest parts' files until the files fit the budget; returns how many parts lost files."""
+        budget = self.disk_budget_mb * 1e6
+        removed = 0
+        while self._files_bytes > budget:
+            rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
+                             "AND files_purged = 0 ORDER BY captured_at LIMIT 64")
+            if not rows:
+                break
+            for part_id, files_dir, nbytes in rows:
+                self._remove_files(files_dir, nbytes)
+                self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
+                removed += 1
+                if self._files_bytes <= budget:
+                    break
+        if removed:
+            log.info("traceability: disk budget %.0f MB reached; removed the files of the %d oldest parts",
+                     self.disk_budget_mb, removed)
+            self._prune_empty_days()
+        return removed
+
+    def _remove_files(self, files_dir: str, nbytes: int) -> None:
+        shutil.rmtree(self.root / files_dir, ignore_errors=True)
+        with self._lock:
+            self._files_bytes = max(0, self._files_bytes - (nbytes or 0))
+
+    def _prune_empty_days(self) -> None:
+        for day in (self.root / "parts").glob("*"):
+            if day.is_dir() and not any(day.iterdir()):
+                day.rmdir()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _sql(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return self._db.execute(sql, params)

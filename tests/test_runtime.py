@@ -1,0 +1,373 @@
+"""The line runtime end to end: synthetic parts -> scorer -> SQLite store + outbox -> a real Mosquitto.
+
+Faults: the broker killed and restarted mid-stream, the runtime SIGKILLed and restarted, a source that
+dies and comes back, corrupt and empty frames, malformed commands, a full disk budget; and the service
+side: systemd notify messages, SIGTERM, the local API.
+"""
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+from edge.api import ApiClient, ApiError
+from edge.config import load_config
+from edge.runtime import Runtime
+from edge.store import TraceStore
+from edge.synthetic import SyntheticLine
+from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until
+
+pytestmark = needs_mosquitto
+
+
+@pytest.fixture(scope="session")
+def enrolled_state(default_pack, tmp_path_factory) -> Path:
+    from edge.state import enroll
+    from edge.synthetic import write_good_parts
+
+    root = tmp_path_factory.mktemp("station")
+    enroll(default_pack, write_good_parts(root / "good", 16), root / "state", quiet=True, log=lambda m: None)
+    return root / "state"
+
+
+def write_config(tmp_path: Path, pack_dir: Path, state: Path, port: int, source: dict, **sections) -> Path:
+    station_state = tmp_path / "state"
+    if not station_state.exists():
+        shutil.copytree(state, station_state)  # tests may enroll into it
+    raw = {"station": {"line": "l1", "name": "s1", "mm_per_pixel": 0.1}, "pack": str(pack_dir),
+           "state": str(station_state), "source": source,
+           "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "test/s1"},
+           "storage": {"dir": str(tmp_path / "var")}, "health": {"status_interval_s": 0.5}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = tmp_path / "station.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def synthetic(count: int | None = 30, **kw) -> dict:
+    return {"kind": "synthetic", "seed": 0, "defect_rate": 0.3, "count": count, **kw}
+
+
+def start(config_path: Path) -> Runtime:
+    return Runtime(load_config(config_path), config_path).start()
+
+
+def finish(rt: Runtime, timeout: float = 60) -> None:
+    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
+               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
+    rt.stop()
+
+
+def results(sub: Subscriber, n: int, timeout: float = 30) -> list[dict]:
+    return sub.wait_for_unique(n, timeout).get("test/s1/result", [])
+
+
+def wait_results(sub: Subscriber, n: int, timeout: float = 30) -> list[dict]:
+    wait_until(lambda: len(sub.unique_by_topic().get("test/s1/result", [])) >= n, timeout, f"{n} results")
+    return sub.unique_by_topic()["test/s1/result"]
+
+
+def send(port: int, topic: str, payload) -> None:
+    import paho.mqtt.publish as publish
+
+    publish.single(topic, payload if isinstance(payload, (str, bytes)) else json.dumps(payload), qos=1,
+                   hostname="127.0.0.1", port=port)
+
+
+@pytest.mark.timeout(120)
+def test_every_part_gets_a_result_in_order_and_flagged_parts_an_overlay(broker, tmp_path, default_pack_dir,
+                                                                       enrolled_state):
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(30),
+                       mqtt={"heatmap": {"mode": "inline", "max_bytes": 8000}})
+    rt = start(cfg)
+    finish(rt)
+    got = wait_results(sub, 30)
+    assert [r["source"]["index"] for r in got] == list(range(30))
+    truth = [SyntheticLine(seed=0, defect_rate=0.3).part(i).defect for i in range(30)]
+    assert [r["source"]["defect"] for r in got] == truth
+    flagged_ids = {r["part_id"] for r in got if r["verdict"] == "anomalous"}
+    defects = [r for r in got if r["source"]["defect"]]
+    assert sum(r["verdict"] == "anomalous" for r in defects) >= 0.8 * len(defects)
+    for r in got:
+        assert r["model_id"] == "efficientnet-lite0-bank-224" and r["station"] == "s1"
+        assert r["score"] > 0 and r["threshold"] > 0 and r["latency_ms"]["score"] > 0
+    events = sub.unique_by_topic()["test/s1/flagged"]
+    assert {e["part_id"] for e in events} == flagged_ids
+    for e in events:
+        jpeg = base64.b64decode(e["overlay_jpeg_base64"])
+        assert len(jpeg) <= 8000
+        assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) is not None
+        assert "mm" in e["findings"] and Path(e["files"]["image"]).is_file()
+    store = TraceStore(tmp_path / "var")
+    assert store.count() == 30
+    assert {p["part_id"] for p in store.query(limit=100, verdict="anomalous")} == flagged_ids
+    assert all(p["published"] for p in store.query(limit=100))
+    assert retained(broker.port, "test/s1/status")["state"] == "offline"
+
+
+@pytest.mark.timeout(120)
+def test_broker_killed_mid_stream_loses_no_result_and_keeps_order(broker, tmp_path, default_pack_dir,
+                                                                  enrolled_state):
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(80))
+    rt = start(cfg)
+    wait_results(sub, 5)
+    broker.process.kill()  # SIGKILL: no goodbye to anyone
+    broker.process.wait()
+    wait_until(lambda: rt.health()["broker"]["connected"] is False, 10, "the runtime to see the broker gone")
+    time.sleep(1.0)
+    assert rt.health()["broker"]["outbox_size"] > 0
+    broker.start()
+    finish(rt)
+    got = wait_results(sub, 80, timeout=40)
+    assert [r["source"]["index"] for r in got] == list(range(80))
+
+
+@pytest.mark.timeout(180)
+def test_runtime_killed_mid_stream_replays_its_outbox_after_restart(broker, tmp_path, default_pack_dir,
+                                                                    enrolled_state):
+    broker.stop()  # results pile up in the outbox
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=20))
+    exe = [sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)]
+    proc = subprocess.Popen(exe, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (tmp_path / "var" / "parts.sqlite").exists() and
+                   TraceStore(tmp_path / "var").count() >= 20, 60, "20 parts recorded")
+    finally:
+        proc.kill()
+        proc.wait()
+    recorded = {p["part_id"] for p in TraceStore(tmp_path / "var").query(limit=10000)}
+    broker.start()
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg2 = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(5))
+    rt = start(cfg2)
+    finish(rt)
+    got = {r["part_id"] for r in wait_results(sub, len(recorded) + 5, timeout=60)}
+    assert recorded <= got, f"{len(recorded - got)} recorded parts never published"
+
+
+@pytest.mark.timeout(120)
+def test_triggered_parts_and_malformed_commands(broker, tmp_path, default_pack_dir, enrolled_state):
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None),
+                       trigger={"mode": "mqtt"})
+    rt = start(cfg)
+    try:
+        wait_until(lambda: rt.health()["broker"]["connected"], 10, "connect")
+        time.sleep(0.3)  # the command subscription
+        for i in range(8):
+            send(broker.port, "test/s1/cmd/trigger", {"part_id": f"PLC-{i:04d}", "request_id": f"r{i}"})
+        bad = [("test/s1/cmd/trigger", b"not json", "payload is not JSON"),
+               ("test/s1/cmd/trigger", {"part_id": "PLC 1/../x"}, "part_id: must be 1-128 letters"),
+               ("test/s1/cmd/trigger", {"part_id": "P-9", "colour": "red", "request_id": "bad-key"}, "colour: unknown key"),
+               ("test/s1/cmd/trigger", [1, 2], "payload must be a JSON object"),
+               ("test/s1/cmd/selfdestruct", {}, "unknown command 'selfdestruct'"),
+               ("test/s1/cmd/enroll-good", {"part_id": "NEVER-SEEN"}, "no part with id 'NEVER-SEEN'")]
+        for topic, payload, _ in bad:
+            send(broker.port, topic, payload)
+        got = wait_results(sub, 8)
+        assert [r["part_id"] for r in got] == [f"PLC-{i:04d}" for i in range(8)]
+        assert [r["request_id"] for r in got] == [f"r{i}" for i in range(8)]
+        assert all(r["trigger"] == "mqtt" for r in got)
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "PLC-0003"})
+        wait_until(lambda: len([r for r in sub.unique_by_topic().get("test/s1/reply", []) if not r["ok"]]) >= 7,
+                   15, "error replies")
+        errors = [r["error"] for r in sub.unique_by_topic()["test/s1/reply"] if not r["ok"]]
+        for _, _, expected in bad:
+            assert any(expected in e for e in errors), (expected, errors)
+        assert any("PLC-0003" in e and "already inspected" in e for e in errors)
+        assert any(r.get("request_id") == "bad-key" for r in sub.unique_by_topic()["test/s1/reply"])
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "PLC-after"})  # still serving
+        assert wait_results(sub, 9)[-1]["part_id"] == "PLC-after"
+        assert rt.health()["counts"]["bad_commands"] == 7
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(180)
+def test_enroll_good_makes_the_same_part_pass(broker, tmp_path, default_pack_dir, enrolled_state):
+    line = SyntheticLine(seed=0, defect_rate=1.0)
+    stain = next(p for p in line.parts(20) if p.defect == "stain")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(folder / name), stain.image)
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "folder", "path": str(folder)}, trigger={"mode": "mqtt"})
+    rt = start(cfg)
+    try:
+        wait_until(lambda: rt.health()["broker"]["connected"], 10, "connect")
+        time.sleep(0.3)
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "first"})
+        first = wait_results(sub, 1)[0]
+        assert first["verdict"] == "anomalous"
+        send(broker.port, "test/s1/cmd/enroll-good", {"part_id": "first", "by": "shift-lead", "request_id": "e1"})
+        wait_until(lambda: any(r.get("request_id") == "e1" for r in sub.unique_by_topic().get("test/s1/reply", [])),
+                   120, "the enrollment reply")
+        reply = next(r for r in sub.unique_by_topic()["test/s1/reply"] if r.get("request_id") == "e1")
+        assert reply["ok"] and reply["references"] == 17, reply
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "second"})
+        second = wait_results(sub, 2)[1]
+        assert second["verdict"] == "normal" and second["threshold"] == reply["threshold"]
+        row = rt.store.get("first")
+        assert row["feedback"] == "false_alarm" and row["feedback_by"] == "shift-lead"
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_budget_drops_oldest_files_and_keeps_every_row(broker, tmp_path, default_pack_dir,
+                                                                 enrolled_state):
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(12),
+                       storage={"keep_images": "all", "disk_budget_mb": 0.4})
+    rt = start(cfg)
+    finish(rt)
+    store = TraceStore(tmp_path / "var")
+    rows = store.query(limit=100)
+    assert len(rows) == 12
+    assert store.files_bytes <= 0.4e6
+    kept = [r for r in rows if r["files"]]
+    purged = [r for r in rows if r["files_purged"]]
+    assert kept and purged and len(kept) + len(purged) == 12
+    assert min(r["captured_at"] for r in kept) > max(r["captured_at"] for r in purged)  # oldest go first
+    assert rows[0]["files"].keys() == {"image", "overlay", "mask"}
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_and_empty_frames_are_skipped_and_reported(broker, tmp_path, default_pack_dir, enrolled_state):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, p in enumerate(SyntheticLine(seed=2).parts(4)):
+        cv2.imwrite(str(folder / f"{i}.png"), p.image)
+    (folder / "1b.png").write_bytes(b"")
+    (folder / "2b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                            {"kind": "folder", "path": str(folder)}))
+    health = None
+    try:
+        got = wait_results(sub, 4)
+        health = rt.health()
+    finally:
+        finish(rt)
+    assert [r["source"]["file"] for r in got] == ["0.png", "1.png", "2.png", "3.png"]
+    assert health["counts"]["bad_frames"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_source_that_dies_and_comes_back_is_reported_and_resumes(broker, tmp_path, default_pack_dir,
+                                                                   enrolled_state):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, p in enumerate(SyntheticLine(seed=2).parts(3)):
+        cv2.imwrite(str(folder / f"{i}.png"), p.image)
+    sub = Subscriber(broker.port, "test/s1/#")
+    src = {"kind": "folder", "path": str(folder), "loop": True, "fps": 20,
+           "reconnect": {"initial_delay_s": 0.1, "max_delay_s": 0.5}}
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, src))
+    try:
+        wait_results(sub, 5)
+        shutil.move(str(folder), str(tmp_path / "unplugged"))
+        wait_until(lambda: retained(broker.port, "test/s1/source")["state"] in ("lost", "connecting"), 10,
+                   "source lost on MQTT")
+        assert rt.health()["source"]["state"] in ("lost", "connecting")
+        n = len(wait_results(sub, 1))
+        shutil.move(str(tmp_path / "unplugged"), str(folder))
+        wait_results(sub, n + 5)
+        assert retained(broker.port, "test/s1/source")["state"] == "streaming"
+        assert rt.health()["counts"]["reconnects"] >= 1
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(120)
+def test_local_api_lists_opens_and_takes_feedback(broker, tmp_path, default_pack_dir, enrolled_state):
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(20)))
+    try:
+        wait_until(lambda: rt._source_done.is_set() and rt.counts["parts"] == 20, 60, "20 parts")
+        api = ApiClient(tmp_path / "var" / "api.sock")
+        assert oct((tmp_path / "var" / "api.sock").stat().st_mode & 0o777) == "0o660"
+        health = api.get("/health")
+        assert health["station"] == "s1" and health["counts"]["parts"] == 20 and health["fps"]["scored"] > 0
+        assert health["latency_ms"]["score"]["p99"] > 0 and health["queues"]["score"] == 0
+        flagged = api.get("/parts?verdict=anomalous&limit=50")["parts"]
+        assert flagged and all(p["verdict"] == "anomalous" for p in flagged)
+        part = api.get(f"/parts/{flagged[0]['part_id']}")
+        assert part["findings"]["regions"] and Path(part["files"]["overlay"]).is_file()
+        fb = api.post(f"/parts/{part['part_id']}/feedback", {"label": "defect", "by": "jane"})
+        assert fb["part"]["feedback"] == "defect" and fb["part"]["feedback_by"] == "jane"
+        with pytest.raises(ApiError, match="no part with id 'nope'") as e:
+            api.get("/parts/nope")
+        assert e.value.status == 404
+        with pytest.raises(ApiError, match="label must be one of defect, false_alarm"):
+            api.post(f"/parts/{part['part_id']}/feedback", {"label": "meh", "by": "jane"})
+        with pytest.raises(ApiError, match="verdict='maybe'"):
+            api.get("/parts?verdict=maybe")
+        with pytest.raises(ApiError, match="no language model"):
+            api.post(f"/parts/{part['part_id']}/ask", {"question": "why?"})
+    finally:
+        rt.stop()
+    with pytest.raises(ApiError, match="not running"):
+        ApiClient(tmp_path / "var" / "api.sock").get("/health")
+
+
+@pytest.mark.timeout(120)
+def test_service_notifies_systemd_and_stops_cleanly_on_sigterm(broker, tmp_path, default_pack_dir, enrolled_state):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(60)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=10))
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while not ({"READY=1", "WATCHDOG=1"} <= set(seen) and any(s.startswith("STATUS=") for s in seen)):
+            seen += notify.recv(4096).decode().split("\n")
+        wait_until(lambda: TraceStore(tmp_path / "var").count() >= 5, 60, "5 parts")
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen += notify.recv(4096).decode().split("\n")
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    assert retained(broker.port, "test/s1/status")["state"] == "offline"
+    store = TraceStore(tmp_path / "var")
+    assert store.count() > 0 and not store.unpublished()
+
+
+@pytest.mark.timeout(120)
+def test_reload_applies_live_keys_and_names_the_ones_needing_a_restart(broker, tmp_path, default_pack_dir,
+                                                                       enrolled_state):
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(3))
+    rt = start(cfg)
+    try:
+        raw = yaml.safe_load(cfg.read_text())
+        raw["storage"]["retention_days"] = 7
+        raw["source"]["seed"] = 9
+        cfg.write_text(yaml.safe_dump(raw))
+        out = rt.reload()
+        assert out["applied"] == ["storage.retention_days"] and out["needs_restart"] == ["source.seed"]
+        assert rt.store.retention_days == 7
+        cfg.write_text("source: {kind: nonsense}")
+        with pytest.raises(Exception, match="unknown kind 'nonsense'"):
+            rt.reload()
+        assert rt.health()["state"] == "online"  # a bad file leaves the running config alone
+    finally:
+        rt.stop()

@@ -1,0 +1,100 @@
+"""Sources: folder replay, video files, the synthetic line, bad frames, and a source that dies and comes back."""
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.config import FileSource, FolderSource, SyntheticSource
+from edge.sources import CaptureSource, FolderReplay, ReconnectingSource, SourceLost, make_source
+from edge.synthetic import SyntheticLine
+
+
+def write_parts(folder: Path, n: int, start: int = 0) -> list[np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [p.image for p in SyntheticLine(seed=1).parts(n, start=start)]
+    for i, img in enumerate(images):
+        cv2.imwrite(str(folder / f"part-{start + i:03d}.png"), img)
+    return images
+
+
+def read_all(source, limit: int = 1000) -> list:
+    frames = []
+    while len(frames) < limit and (f := source.read()) is not None:
+        frames.append(f)
+    return frames
+
+
+def test_folder_replay_reads_every_image_in_name_order(tmp_path):
+    images = write_parts(tmp_path / "in", 5)
+    src = ReconnectingSource(make_source(FolderSource(kind="folder", path=tmp_path / "in")))
+    frames = read_all(src)
+    assert [f.meta["file"] for f in frames] == [f"part-{i:03d}.png" for i in range(5)]
+    assert all(np.array_equal(f.image, img) for f, img in zip(frames, images))
+    assert src.state == "ended" and not src.live
+
+
+def test_corrupt_and_empty_frames_are_counted_and_skipped(tmp_path):
+    write_parts(tmp_path / "in", 3)
+    (tmp_path / "in" / "part-000b.png").write_bytes(b"")
+    (tmp_path / "in" / "part-001b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    src = ReconnectingSource(FolderReplay(tmp_path / "in"))
+    frames = read_all(src)
+    assert [f.meta["file"] for f in frames] == ["part-000.png", "part-001.png", "part-002.png"]
+    assert src.bad_frames == 2
+
+
+def test_video_file_frames_and_loop(tmp_path):
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
+    for i in range(6):
+        writer.write(np.full((96, 128, 3), 40 * i, np.uint8))
+    writer.release()
+    once = read_all(ReconnectingSource(make_source(FileSource(kind="file", path=path))))
+    assert len(once) == 6
+    assert [round(f.image.mean() / 40) for f in once] == [0, 1, 2, 3, 4, 5]  # MJPG is lossy, order is not
+    looped = read_all(ReconnectingSource(make_source(FileSource(kind="file", path=path, loop=True))), limit=15)
+    assert len(looped) == 15 and round(looped[6].image.mean() / 40) == 0
+
+
+def test_missing_video_file_is_lost_not_fatal():
+    src = CaptureSource(Path("/nonexistent/line.avi"), "video", live=False)
+    with pytest.raises(SourceLost, match="does not exist"):
+        src.open()
+
+
+def test_synthetic_source_carries_the_truth_and_paces_like_a_camera():
+    spec = SyntheticSource(kind="synthetic", seed=0, defect_rate=0.5, count=6, fps=50)
+    src = ReconnectingSource(make_source(spec))
+    t0 = time.monotonic()
+    frames = read_all(src)
+    assert len(frames) == 6 and src.live
+    assert time.monotonic() - t0 >= 5 / 50 * 0.9
+    truth = [SyntheticLine(seed=0, defect_rate=0.5).part(i).defect for i in range(6)]
+    assert [f.meta["defect"] for f in frames] == truth
+
+
+@pytest.mark.timeout(30)
+def test_a_folder_that_disappears_and_comes_back_is_reopened_with_backoff(tmp_path):
+    folder = tmp_path / "in"
+    write_parts(folder, 3)
+    states = []
+    src = ReconnectingSource(FolderReplay(folder, loop=True), initial_delay_s=0.05, max_delay_s=0.2,
+                             on_state=lambda s, d: states.append(s))
+    assert src.read() is not None
+    shutil.move(str(folder), str(tmp_path / "away"))
+    got = []
+    reader = threading.Thread(target=lambda: got.append(src.read()))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while src.reconnects < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert src.state in ("lost", "connecting") and src.reconnects >= 3
+    shutil.move(str(tmp_path / "away"), str(folder))
+    reader.join(5)
+    assert got and got[0] is not None, "no frame after the folder came back"
+    assert states[:1] == ["streaming"] and "lost" in states and states[-1] == "streaming"
+    src.close()
