@@ -1,4 +1,4 @@
-"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo, run."""
+"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo, run, console."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +155,18 @@ def cmd_run(args) -> int:
     return run(args.config, exit_at_end=args.exit_at_end)
 
 
+def cmd_console(args) -> int:
+    from .console import main as console_main
+
+    if args.socket:
+        socket_path = args.socket
+    else:
+        from .config import load_config
+
+        socket_path = load_config(args.config).api_socket
+    return console_main(socket_path, args.user, False if args.no_colour else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -213,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-at-end", action="store_true",
                    help="stop once a finite source (file, folder, synthetic count) is done and flushed")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("console", help="technician console: flagged parts, heatmaps, questions, feedback")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the station's YAML (its API socket is used)")
+    where.add_argument("--socket", help="the station's API socket")
+    c.add_argument("--user", help="who gives feedback (default: $USER)")
+    c.add_argument("--no-colour", action="store_true", help="plain text (also with NO_COLOR set)")
+    c.set_defaults(func=cmd_console)
     return p
 
 

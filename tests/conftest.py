@@ -57,3 +57,14 @@ def broker(tmp_path):
     yield b
     b.stop()
     b.log.close()
+
+
+@pytest.fixture(scope="session")
+def enrolled_state(default_pack, tmp_path_factory) -> Path:
+    """A station state with 16 good synthetic parts (and their images, so it can be extended)."""
+    from edge.state import enroll
+    from edge.synthetic import write_good_parts
+
+    root = tmp_path_factory.mktemp("station")
+    enroll(default_pack, write_good_parts(root / "good", 16), root / "state", quiet=True, log=lambda m: None)
+    return root / "state"

@@ -27,33 +27,9 @@ from edge.runtime import Runtime
 from edge.store import TraceStore
 from edge.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until
+from station_helpers import write_config
 
 pytestmark = needs_mosquitto
-
-
-@pytest.fixture(scope="session")
-def enrolled_state(default_pack, tmp_path_factory) -> Path:
-    from edge.state import enroll
-    from edge.synthetic import write_good_parts
-
-    root = tmp_path_factory.mktemp("station")
-    enroll(default_pack, write_good_parts(root / "good", 16), root / "state", quiet=True, log=lambda m: None)
-    return root / "state"
-
-
-def write_config(tmp_path: Path, pack_dir: Path, state: Path, port: int, source: dict, **sections) -> Path:
-    station_state = tmp_path / "state"
-    if not station_state.exists():
-        shutil.copytree(state, station_state)  # tests may enroll into it
-    raw = {"station": {"line": "l1", "name": "s1", "mm_per_pixel": 0.1}, "pack": str(pack_dir),
-           "state": str(station_state), "source": source,
-           "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "test/s1"},
-           "storage": {"dir": str(tmp_path / "var")}, "health": {"status_interval_s": 0.5}}
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    path = tmp_path / "station.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def synthetic(count: int | None = 30, **kw) -> dict:

@@ -1,0 +1,113 @@
+"""The technician console in a real pseudo-terminal against a running station service.
+
+The service inspects parts on MQTT triggers from a folder of identical defective frames, so that a
+false alarm enrolled as good from the console makes the next identical part pass.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pexpect
+import pytest
+
+from conftest import ROOT
+from edge.api import ApiClient
+from edge.console import parse_when, part_line
+from edge.synthetic import SyntheticLine
+from mqtt_helpers import needs_mosquitto, wait_until
+from station_helpers import write_config
+
+
+def trigger(port: int, part_id: str) -> None:
+    import paho.mqtt.publish as publish
+
+    publish.single("test/s1/cmd/trigger", f'{{"part_id": "{part_id}"}}', qos=1, hostname="127.0.0.1", port=port)
+
+
+def spawn_console(socket_path: Path) -> pexpect.spawn:
+    exe = Path(sys.executable).parent / "anomaly-edge"
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",
+           "XDG_STATE_HOME": str(socket_path.parent / "console-state")}
+    child = pexpect.spawn(str(exe), ["console", "--socket", str(socket_path), "--user", "tester", "--no-colour"],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(24, 80))
+    child.expect("`help` for commands")
+    return child
+
+
+def command(child: pexpect.spawn, line: str, *expect: str) -> None:
+    child.sendline(line)
+    for pattern in expect:
+        child.expect(pattern)
+
+
+@needs_mosquitto
+@pytest.mark.timeout(300)
+def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker, tmp_path, default_pack_dir,
+                                                                          enrolled_state):
+    stain = next(p for p in SyntheticLine(seed=0, defect_rate=1.0).parts(20) if p.defect == "stain")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        cv2.imwrite(str(folder / name), stain.image)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, {"kind": "folder", "path": str(folder)},
+                       trigger={"mode": "mqtt"})
+    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = tmp_path / "var" / "api.sock"
+    api = ApiClient(sock)
+    child = None
+    try:
+        wait_until(lambda: sock.exists() and api.get("/health")["broker"]["connected"], 60, "the service")
+        time.sleep(0.3)
+        trigger(broker.port, "P-1")
+        wait_until(lambda: len(api.get("/parts?limit=5")["parts"]) == 1, 30, "part P-1 scored")
+        child = spawn_console(sock)
+        command(child, "ask", "error: ask: open a part first")
+        command(child, "list", r"P-1\s+\d\d:\d\d:\d\d\s+[\d.]+ FLAGGED\s+Anomalous")
+        command(child, "open P-1", "verdict anomalous", "Region 1: ", "#", "overlay: .*overlay.jpg")
+        command(child, "open NOPE-7", "error: no part with id 'NOPE-7'")
+        command(child, "ask   ", "type a question after ask")
+        command(child, "ask what is it?", "no language model")
+        command(child, "list --since yesterday", "cannot read the time 'yesterday'")
+        command(child, "frobnicate", "unknown command 'frobnicate'")
+        command(child, "false-alarm --enroll", "enrolling the part as good", "recorded: P-1 is a false alarm",
+                r"enrolled as good: 17 references, threshold [\d.]+ -> [\d.]+")
+        trigger(broker.port, "P-2")
+        wait_until(lambda: len(api.get("/parts?limit=5")["parts"]) == 2, 30, "part P-2 scored")
+        command(child, "list all", r"P-2\s+\d\d:\d\d:\d\d\s+[\d.]+ ok")
+        assert api.get("/parts/P-2")["verdict"] == "normal"
+        command(child, "open P-1", "feedback: false_alarm by tester")
+        command(child, "status", r"frames/s captured", r"broker: connected", r"camera: folder .* streaming")
+        service.send_signal(signal.SIGTERM)
+        service.wait(30)
+        command(child, "status", "the station service is not running")
+        command(child, "help", "list \\[anomalous")  # still usable
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child is not None and child.isalive():
+            child.terminate(force=True)
+        if service.poll() is None:
+            service.kill()
+
+
+def test_time_filters_read_relative_and_iso_times():
+    assert parse_when("2h", now=10_000) == 10_000 - 7200
+    assert parse_when("30m", now=10_000) == 10_000 - 1800
+    assert parse_when("2026-11-24T06:00") == parse_when("2026-11-24T06:00Z")
+    with pytest.raises(Exception, match="cannot read the time"):
+        parse_when("soon")
+
+
+def test_a_part_line_fits_80_columns():
+    long = {"part_id": "X" * 60, "time": "2026-11-24T14:22:42.388Z", "score": 12.3456, "verdict": "anomalous",
+            "explanation": "Yes. " + "a very long explanation " * 10, "findings": None}
+    line = part_line(long)
+    assert len(line) <= 80 and "FLAGGED" in line and line.endswith("…")
