@@ -194,7 +194,7 @@ class Console:
         self.say(f"queues: score {q['score']}  output {q['output']}  triggers {q['triggers']}")
         b = h.get("broker")
         self.say("broker: " + (f"{'connected' if b['connected'] else 'DISCONNECTED'}  outbox {b['outbox_size']}"
-                               if b else "MQTT off"))
+                               + (f"  ({b['last_error']})" if b.get("last_error") else "") if b else "MQTT off"))
         s = h["source"]
         self.say(f"camera: {s['name']} {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
         if h.get("explain"):

@@ -66,6 +66,7 @@ class MqttPublisher:
         self._ack_cond = threading.Condition()
         self._acked_mids: set[int] = set()
         self._sent = 0
+        self.last_error: str | None = None  # why the broker refused us, until we are in again
         self._subscriptions: dict[str, int] = {}  # full topic -> qos, (re)subscribed on every connect
 
         client = mqtt.Client(
@@ -135,8 +136,9 @@ class MqttPublisher:
         return topic
 
     def stats(self) -> dict:
-        """connected, outbox_size (messages waiting) and sent (acknowledged since start)."""
-        return {"connected": self._connected.is_set(), "outbox_size": self.outbox.size(), "sent": self._sent}
+        """connected, outbox_size (messages waiting), sent (acknowledged since start), last_error."""
+        return {"connected": self._connected.is_set(), "outbox_size": self.outbox.size(), "sent": self._sent,
+                "last_error": self.last_error}
 
     def close(self, flush_timeout: float = 5.0) -> None:
         """Send what can be sent within `flush_timeout`, announce "offline", disconnect, stop threads."""
@@ -171,7 +173,11 @@ class MqttPublisher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            if str(reason_code) != self.last_error:
+                log.warning("MQTT broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            self.last_error = str(reason_code)
             return
+        self.last_error = None
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         for topic, qos in list(self._subscriptions.items()):
             client.subscribe(topic, qos)
@@ -179,6 +185,9 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set() and not self._closing:
+            log.warning("lost the MQTT broker %s:%s (%s); messages wait in the outbox", self.host, self.port,
+                        reason_code)
         self._connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:

@@ -605,8 +605,7 @@ class Runtime:
                       | {"dropped_frames": self._queue.dropped, "bad_frames": self.source.bad_frames,
                          "reconnects": self.source.reconnects},
             "source": {"name": self.source.name, "state": self.source.state, "detail": self.source.detail},
-            "broker": {"connected": pub["connected"], "outbox_size": pub["outbox_size"], "sent": pub["sent"]}
-                      if pub else None,
+            "broker": pub,
             "storage": {"parts": self.store.count(), "files_mb": round(self.store.files_bytes / 1e6, 2),
                         "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
             "explain": self.explainer.stats() if self.explainer is not None else None,

@@ -38,11 +38,11 @@ def wait_until(condition, timeout: float, what: str) -> None:
 class Broker:
     """A Mosquitto subprocess on a fixed loopback port that can be stopped and started again."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, security: str = "allow_anonymous true\n"):
         self.port = free_port()
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"listener {self.port} 127.0.0.1\n{security}"
             f"persistence true\npersistence_location {workdir}/\n"
             # Run as root, mosquitto drops to user "mosquitto", which cannot write tmp_path.
             f"user {pwd.getpwuid(os.getuid()).pw_name}\n"

@@ -43,7 +43,7 @@ def test_every_message_arrives_in_order_with_qos1(broker, tmp_path):
         with subscriber.lock:
             assert all(m.qos == 1 for m in subscriber.messages if m.topic == f"{PREFIX}/parts")
         wait_until(lambda: publisher.stats()["outbox_size"] == 0, 5, "empty outbox")
-        assert publisher.stats() == {"connected": True, "outbox_size": 0, "sent": 50}
+        assert publisher.stats() == {"connected": True, "outbox_size": 0, "sent": 50, "last_error": None}
     finally:
         publisher.close()
         subscriber.close()
@@ -114,7 +114,7 @@ def test_broker_down_at_start_publish_returns_at_once_and_sends_later(broker, tm
         for n in range(10):
             assert_fast(lambda n=n: publisher.publish("parts", {"n": n}))
         time.sleep(0.3)
-        assert publisher.stats() == {"connected": False, "outbox_size": 10, "sent": 0}
+        assert publisher.stats() == {"connected": False, "outbox_size": 10, "sent": 0, "last_error": None}
         broker.start()
         by_topic = subscriber.wait_for_unique(10, timeout=15)
         assert_in_order(by_topic, {"parts": 10})
