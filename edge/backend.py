@@ -24,6 +24,10 @@ class Backend(Protocol):
         """N x C x H x W float32 -> N x C' x h x w float32 features."""
         ...
 
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The named outputs of one run, for packs whose encoder has more than the features."""
+        ...
+
 
 def _dim_matches(declared, expected: int) -> bool:
     # Symbolic (str) or unknown (None) dims accept anything; fixed ones must agree.
@@ -82,7 +86,10 @@ class OnnxRuntimeBackend:
             raise PackError(f"{path}: output '{out}' has shape {got_out}, pack.yaml encoder.feature_shape says N x {want_out}")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        return self.run_outputs(batch, [self.output_name])[0]
+
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        return self.session.run(names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
 
 
 def create_backend(pack: Pack, kind: str = "auto", threads: int | None = None) -> Backend:
