@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, dim_matches
 from .decide import Result
 from .errors import PackError
 from .pack import Pack
@@ -79,7 +79,7 @@ class AnomalyGptExtractor(FeatureExtractor):
                 if name not in outputs:
                     raise PackError(f"{path}: has no output '{name}' (outputs: {sorted(outputs)})")
                 got = outputs[name]
-                if len(got) != len(want) + 1 or any(isinstance(d, int) and d != w for d, w in zip(got[1:], want)):
+                if len(got) != len(want) + 1 or not all(dim_matches(d, w) for d, w in zip(got[1:], want)):
                     raise PackError(f"{path}: output '{name}' has shape {got}, pack.yaml says N x {want}")
 
     def run(self, images: Sequence[np.ndarray]) -> VisionOutputs:
@@ -156,8 +156,9 @@ class Projector:
                             f"{PROJECTOR_OUTPUTS}")
         want = {PROJECTOR_OUTPUTS[0]: (1, llm.n_embd), PROJECTOR_OUTPUTS[1]: (llm.n_prompt_embeddings, llm.n_embd)}
         for name, shape in want.items():
-            if tuple(outputs[name][1:]) != shape:
-                raise PackError(f"{path}: output '{name}' is N x {tuple(outputs[name][1:])}, pack.yaml llm says N x {shape}")
+            got = outputs[name]
+            if len(got) != 3 or not all(dim_matches(d, w) for d, w in zip(got[1:], shape)):
+                raise PackError(f"{path}: output '{name}' has shape {got}, pack.yaml llm says N x {shape}")
 
     def run(self, image_embeddings: np.ndarray, anomaly_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """N x embedding_dim and N x H x W -> (N x 1 x n_embd, N x n_prompt_embeddings x n_embd)."""

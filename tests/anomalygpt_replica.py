@@ -107,7 +107,10 @@ def write_delta(path: Path, seed: int = 1, drop: tuple[str, ...] = (), **sizes) 
         if key in drop:
             continue
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        state[key] = torch.randn(shape, generator=g) * (fan_in ** -0.5 if len(shape) > 1 else 0.1)
+        scale = fan_in ** -0.5 if len(shape) > 1 else 0.1
+        if ".lora_B" in key:
+            scale *= 0.1  # an adapter nudges the base weights (alpha/r = 8 here), it does not replace them
+        state[key] = torch.randn(shape, generator=g) * scale
     torch.save(state, path)
     return state
 
