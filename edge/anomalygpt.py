@@ -174,15 +174,21 @@ class Projector:
                                                              PROJECTOR_INPUTS[1]: anomaly_maps[:, None]})
         return image, prompts
 
-    def segments(self, result: AnomalyGptResult, question: str) -> list[str | np.ndarray]:
+    def prompt_segments(self, image_embedding: np.ndarray, anomaly_map: np.ndarray,
+                        question: str) -> list[str | np.ndarray]:
         """AnomalyGPT's prompt as alternating text and embedding rows (n x n_embd float32): text goes
-        through the LLM's tokenizer (BOS before the first), rows are fed as input embeddings. The map
-        given to the prompt learner is the result's decision map (few-shot with references)."""
-        if result.image_embedding is None:
-            raise ValueError("the result carries no image embedding (score it with AnomalyGptScorer)")
-        image, prompts = self.run(result.image_embedding[None], result.anomaly_map[None])
+        through the LLM's tokenizer (BOS before the first), rows are fed as input embeddings."""
+        image, prompts = self.run(image_embedding[None], anomaly_map[None])
         c = self.conversation
         return [c.system + c.human + c.image_open, image[0], c.image_close, prompts[0], question + c.assistant]
+
+    def segments(self, result: AnomalyGptResult, question: str) -> list[str | np.ndarray]:
+        """`prompt_segments` for a scored frame: the prompt learner reads the result's decision map
+        (the few-shot map, as AnomalyGPT does when given references). Zero-shot use passes the
+        class's zero-shot map to `prompt_segments` instead."""
+        if result.image_embedding is None:
+            raise ValueError("the result carries no image embedding (score it with AnomalyGptScorer)")
+        return self.prompt_segments(result.image_embedding, result.anomaly_map, question)
 
 
 def tokenized(segments: list[str | np.ndarray], tokenize: Callable[[str, bool], list[int]]) -> list:

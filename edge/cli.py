@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
     a = e.add_argument_group("anomalygpt")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
-    a.add_argument("--delta", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, llama_proj, LoRA)")
+    a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "
+                   "llama_proj, LoRA); repeat to load several in order, later keys winning")
     a.add_argument("--vicuna", help="Vicuna-7B v0 Hugging Face folder (config.json, weights, tokenizer.model)")
     a.add_argument("--classes", help="comma-separated object classes for the zero-shot maps, e.g. bottle,screw")
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.pack import PackManifest, load_pack, write_manifest
 
 OPSET = 17
 
@@ -66,13 +67,16 @@ def prepare_out(out: Path, force: bool) -> None:
         raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
 
 
-def build_pack(out: Path, build: Callable[[Path], object]):
-    """Run `build(tmp)` in a fresh folder beside `out`, then swap it in: a crash leaves either the old
-    pack or the new one in place, never half of one. Returns what `build` returned."""
+def build_pack(out: Path, build: Callable[[Path], PackManifest]) -> PackManifest:
+    """Run `build(tmp)` in a fresh folder beside `out` (it writes the files and returns the manifest),
+    write pack.yaml, check that the runtime loads the result, then swap it in: a crash leaves either
+    the old pack or the new one in place, never half of one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        result = build(tmp)
+        manifest = build(tmp)
+        write_manifest(tmp, manifest)
+        load_pack(tmp)  # the runtime must accept what we wrote
         tmp.chmod(0o755)
         backup = out.with_name(f".{out.name}.old")
         if out.exists():
@@ -83,4 +87,5 @@ def build_pack(out: Path, build: Callable[[Path], object]):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return result
+    print(f"pack {manifest.model_id} written to {out}", file=sys.stderr)
+    return manifest

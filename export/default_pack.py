@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization,
-                       PackManifest, ScorerSpec, load_pack, sha256_file, write_manifest)
+                       PackManifest, ScorerSpec, sha256_file)
 
 from . import assets
 from .common import ExportError, build_pack, onnx_max_abs_error, prepare_out
@@ -71,12 +71,12 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
     if not taps or any(not 0 <= t < N_BLOCKS for t in taps) or list(taps) != sorted(set(taps)):
         raise ExportError(f"--taps must be increasing block indices in 0..{N_BLOCKS - 1}, got {taps}")
     n = 5
-    t = _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
+    _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
     if weights is None:
         weights_path = assets.fetch(assets.EFFICIENTNET_LITE0, log=lambda m: print("      " + m, file=sys.stderr))
     else:
         weights_path = assets.verify_file(Path(weights), assets.EFFICIENTNET_LITE0.member_sha256)
-    t = _step(2, n, f"building the patch-feature encoder (taps {taps})")
+    _step(2, n, f"building the patch-feature encoder (taps {taps})")
     model, strides = build_encoder(weights_path, taps)
     layers = [FeatureLayer(name=f"blocks.{i}", stride=strides[i], channels=model.backbone._blocks[i]._bn2.num_features)
               for i in taps]
@@ -116,10 +116,7 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
                 "exporter": "anomaly-edge export default",
             },
         )
-        write_manifest(tmp, manifest)
-        load_pack(tmp)  # the runtime must accept what we wrote
         return manifest
 
-    manifest = build_pack(out, build)
-    print(f"pack {manifest.model_id} written to {out}", file=sys.stderr)
+    build_pack(out, build)
     return out

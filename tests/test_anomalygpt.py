@@ -215,6 +215,12 @@ def test_external_onnx_data_is_listed_hashed_and_loads(f16_pack_dir, pack):
     a = _onnx(f16.file("vision"), {"image": image}, ["anomaly_maps"])[0]
     b = _onnx(pack.file("vision"), {"image": image}, ["anomaly_maps"])[0]
     np.testing.assert_allclose(a, b, atol=1e-6)
+    import onnx
+
+    # The graph names its weights' digest (so the encoder sha256 follows the weights), whatever the layout.
+    props = [{p.key: p.value for p in onnx.load(str(x.file("vision")), load_external_data=False).metadata_props}
+             for x in (f16, pack)]
+    assert len(props[0]["weights_sha256"]) == 64 and props[0] == props[1]
 
 
 def test_grouped_bank_averages_each_layers_nearest_distance():
@@ -352,3 +358,34 @@ def test_tensorrt_step_runs_trtexec_with_the_batch_profile_and_records_it(tmp_pa
     assert info["precision"] == "fp16" and info["batch"] == [1, 2, 8] and (tmp_path / "vision.plan").is_file()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "trtexec is not on PATH" in build_engine(tmp_path / "vision.onnx", tmp_path / "x.plan", {"image": (3, 8, 8)})["skipped"]
+
+
+def test_several_delta_files_load_in_order_like_pandagpt_then_anomalygpt(ckpts, tmp_path):
+    heads_only = [k for k in replica.delta_shapes() if k.startswith(("image_decoder.", "prompt_learner."))]
+    panda = replica.write_delta(tmp_path / "pandagpt.pt", seed=7, drop=tuple(heads_only))
+    replica.write_delta(tmp_path / "anomalygpt.pt", seed=1, drop=("llama_proj.weight", "llama_proj.bias"))
+    out = export_anomalygpt(tmp_path / "p", ckpts["imagebind"], [tmp_path / "pandagpt.pt", tmp_path / "anomalygpt.pt"],
+                            ckpts["vicuna"], "bottle", quant="F16")
+    emb = np.random.default_rng(0).standard_normal((1, replica.EMBED_DIM)).astype(np.float32)
+    image = _onnx(out / "projector.onnx", {"image_embedding": emb, "anomaly_map": np.zeros((1, 1, 224, 224), np.float32)},
+                  ["image_prompt"])[0]
+    want = emb @ panda["llama_proj.weight"].numpy().T + panda["llama_proj.bias"].numpy()
+    np.testing.assert_allclose(image[:, 0], want, atol=1e-5)
+    assert [d["file"] for d in load_pack(out).manifest.provenance["delta"]] == ["pandagpt.pt", "anomalygpt.pt"]
+
+
+def test_default_q4_k_m_quantization_loads(f16_pack_dir, tmp_path):
+    from llama_cpp import Llama
+
+    from export.anomalygpt.vicuna import quantize_gguf
+
+    out = tmp_path / "q4.gguf"
+    quantize_gguf(f16_pack_dir / "llm.gguf", out, "Q4_K_M")
+    assert out.stat().st_size < (f16_pack_dir / "llm.gguf").stat().st_size
+    llm = Llama(str(out), n_ctx=32, verbose=False, n_threads=1)
+    try:
+        assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        llm.eval([1, 5, 9])
+        assert np.isfinite(np.asarray(llm.scores[:3])).all()
+    finally:
+        llm.close()

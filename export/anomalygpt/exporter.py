@@ -12,8 +12,8 @@ compared with the PyTorch forward it came from; the pack folder appears only whe
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.anomalygpt import PROJECTOR_INPUTS, PROJECTOR_OUTPUTS, VISION_EMBEDDING, VISION_MAPS, VISION_TOKENS
 from edge.pack import (SCHEMA_VERSION, ConversationSpec, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec,
-                       Normalization, PackManifest, ScorerSpec, ZeroShotSpec, load_pack, sha256_file, write_manifest)
+                       Normalization, PackManifest, ScorerSpec, ZeroShotSpec, sha256_file)
 
 from .. import assets
 from ..common import ExportError, build_pack, export_onnx, note, onnx_max_abs_error, prepare_out, step
@@ -95,6 +95,12 @@ def _export_and_consolidate(model, args: tuple, dst: Path, inputs: list[str], ou
         export_onnx(model, args, raw_dir / dst.name, inputs, outputs)
         proto = onnx.load(str(raw_dir / dst.name))
         size = sum(t.ByteSize() for t in proto.graph.initializer)
+        # The graph file names its weights' digest, so its sha256 (the pack's encoder identity, which
+        # station states are checked against) changes with the weights even when they live in .data.
+        digest = hashlib.sha256()
+        for t in proto.graph.initializer:
+            digest.update(t.SerializeToString())
+        onnx.helper.set_model_props(proto, {"weights_sha256": digest.hexdigest()})
         if size > single_file_limit:
             onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=dst.name + ".data", size_threshold=1024)
@@ -117,20 +123,25 @@ def _file_entries(key: str, files: list[Path]) -> dict[str, FileEntry]:
     return entries
 
 
-def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path, vicuna: str | Path,
+def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path | list, vicuna: str | Path,
                       classes: list[str] | str, quant: str = "Q4_K_M", lora_alpha: float = LORA_ALPHA,
                       bpe: str | Path | None = None, force: bool = False,
                       onnx_single_file_limit: int = ONNX_SINGLE_FILE_LIMIT) -> Path:
+    """`delta`: AnomalyGPT's pytorch_model.pt, or several delta files loaded in order, later keys
+    replacing earlier ones (as AnomalyGPT's test scripts load PandaGPT's delta, then AnomalyGPT's)."""
     import torch
 
-    out, imagebind, delta, vicuna = Path(out), Path(imagebind), Path(delta), Path(vicuna)
+    deltas = [Path(d) for d in (delta if isinstance(delta, (list, tuple)) else [delta])]
+    out, imagebind, vicuna = Path(out), Path(imagebind), Path(vicuna)
     prepare_out(out, force)
     classes = parse_classes(classes) if isinstance(classes, str) else parse_classes(",".join(classes))
     if quant not in QUANT_TYPES:
         raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANT_TYPES)}")
     if not lora_alpha > 0:
         raise ExportError(f"--lora-alpha must be > 0, got {lora_alpha}")
-    for path, what in ((imagebind, "ImageBind checkpoint"), (delta, "AnomalyGPT delta checkpoint")):
+    if not deltas:
+        raise ExportError("no AnomalyGPT delta checkpoint given")
+    for path, what in ((imagebind, "ImageBind checkpoint"), *((d, "AnomalyGPT delta checkpoint") for d in deltas)):
         if not path.is_file():
             raise ExportError(f"{path}: {what} not found")
     n = 10
@@ -155,10 +166,13 @@ def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path,
     note(f"vision {cfg.vision_blocks} blocks x {cfg.vision_width}, taps {list(taps)}; text {cfg.text_blocks} blocks "
          f"x {cfg.text_width}; embedding {cfg.embed_dim}; {cfg.image_size}px, patch {cfg.patch}")
 
-    step(4, n, f"loading AnomalyGPT's decoder, prompt learner, llama_proj and LoRA from {delta.name}")
-    delta_state = load_torch_file(delta, "AnomalyGPT delta checkpoint")
-    heads = _checked(agpt.load_heads, delta_state, str(delta), cfg.vision_width, cfg.embed_dim, n_embd, len(taps))
-    pairs = lora_pairs(delta_state, str(delta), n_layers)
+    where = " + ".join(map(str, deltas))
+    step(4, n, f"loading AnomalyGPT's decoder, prompt learner, llama_proj and LoRA from {where}")
+    delta_state = {}
+    for d in deltas:
+        delta_state.update(load_torch_file(d, "AnomalyGPT delta checkpoint"))
+    heads = _checked(agpt.load_heads, delta_state, where, cfg.vision_width, cfg.embed_dim, n_embd, len(taps))
+    pairs = lora_pairs(delta_state, where, n_layers)
     del delta_state
 
     step(5, n, f"text features of {len(classes)} class(es) through ImageBind's text tower (prompt ensemble)")
@@ -240,7 +254,7 @@ def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path,
                 "exporter": "anomaly-edge export anomalygpt",
                 "imagebind": {"file": imagebind.name, "sha256": sha256_file(imagebind), "vision_blocks": cfg.vision_blocks,
                               "vision_width": cfg.vision_width, "taps": list(taps)},
-                "delta": {"file": delta.name, "sha256": sha256_file(delta)},
+                "delta": [{"file": d.name, "sha256": sha256_file(d)} for d in deltas],
                 "vicuna": {"folder": vicuna.name, "files": {f.name: sha256_file(f) for f in
                                                             [vicuna / "config.json", tokenizer_model, *weight_files]}},
                 "lora": {"rank": rank, "alpha": lora_alpha, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -252,10 +266,7 @@ def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path,
                 "tensorrt": trt,
             },
         )
-        write_manifest(tmp, manifest)
-        load_pack(tmp)  # the runtime must accept what we wrote
         return manifest
 
-    manifest = build_pack(out, build)
-    print(f"pack {manifest.model_id} written to {out}", file=sys.stderr)
+    build_pack(out, build)
     return out
