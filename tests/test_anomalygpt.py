@@ -389,3 +389,17 @@ def test_default_q4_k_m_quantization_loads(f16_pack_dir, tmp_path):
         assert np.isfinite(np.asarray(llm.scores[:3])).all()
     finally:
         llm.close()
+
+
+def test_vicuna_folder_in_safetensors_reads_like_the_bin_shards(ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    config, tensors, _, files = read_hf_llama(ckpts["vicuna"])
+    folder = tmp_path / "vicuna-st"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (folder / name).write_bytes((ckpts["vicuna"] / name).read_bytes())
+    save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config2, tensors2, _, files2 = read_hf_llama(folder)
+    assert config2 == config and [f.name for f in files2] == ["model.safetensors"] and len(files) == 2
+    assert tensors2.keys() == tensors.keys() and all(np.array_equal(tensors2[k], tensors[k]) for k in tensors)

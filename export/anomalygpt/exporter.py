@@ -228,6 +228,7 @@ def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path 
         if engine.is_file():
             files["vision_engine"] = FileEntry(path=engine.name, sha256=sha256_file(engine))
             trt["file"] = "vision_engine"
+        note("sha256 of the pack files and of every input checkpoint file (provenance)")
         g = cfg.grid
         manifest = PackManifest(
             schema_version=SCHEMA_VERSION,
