@@ -1,5 +1,6 @@
 """`anomaly-edge export anomalygpt` on tiny random replicas of the three checkpoints (real key names and
 file layouts), and the AnomalyGPT pack at run time: enrollment, calibration, scoring, the projector."""
+import importlib.util
 import json
 import os
 import stat
@@ -202,7 +203,7 @@ def test_quantized_gguf_loads_with_the_vicuna_vocabulary(pack):
     try:
         assert llm.n_vocab() == 401 and llm.n_embd() == replica.N_EMBD  # 400 pieces + Vicuna's [PAD]
         assert llm.metadata["general.file_type"] == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
-        assert llm.detokenize(llm.tokenize(b"### Human: <Img>", add_bos=False)) .strip() == b"### Human: <Img>"
+        assert llm.detokenize(llm.tokenize(b"### Human: <Img>", add_bos=False)).strip() == b"### Human: <Img>"
     finally:
         llm.close()
 
@@ -343,7 +344,7 @@ def test_cli_refuses_a_vicuna_folder_without_tokenizer_model(ckpts, tmp_path):
 
 
 def test_tensorrt_step_runs_trtexec_with_the_batch_profile_and_records_it(tmp_path, monkeypatch):
-    if __import__("importlib.util").util.find_spec("tensorrt"):
+    if importlib.util.find_spec("tensorrt"):
         pytest.skip("the tensorrt package is installed: the Python API path runs instead of trtexec")
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
