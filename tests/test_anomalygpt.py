@@ -324,6 +324,15 @@ def test_bad_checkpoints_are_refused_naming_the_file_and_key(ckpts, tmp_path):
     msg = _export_error(ckpts, tmp_path, delta=tmp_path / "no_lora.pt")
     assert "no_lora.pt" in msg and "lora_A.default.weight' has no matching lora_B" in msg
 
+    import shutil
+
+    vicuna = tmp_path / "vicuna"
+    shutil.copytree(ckpts["vicuna"], vicuna)
+    config = json.loads((vicuna / "config.json").read_text())
+    del config["hidden_size"]
+    (vicuna / "config.json").write_text(json.dumps(config))
+    assert f"{vicuna / 'config.json'}: hidden_size missing" in _export_error(ckpts, tmp_path, vicuna=vicuna)
+
     msg = _export_error(ckpts, tmp_path, delta=tmp_path / "absent.pt")
     assert "absent.pt: AnomalyGPT delta checkpoint not found" in msg
     assert "--classes: 'bottle;drop' is not a class name" in _export_error(ckpts, tmp_path, classes="bottle;drop,x")

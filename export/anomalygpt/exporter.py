@@ -134,7 +134,7 @@ def export_anomalygpt(out: str | Path, imagebind: str | Path, delta: str | Path 
     deltas = [Path(d) for d in (delta if isinstance(delta, (list, tuple)) else [delta])]
     out, imagebind, vicuna = Path(out), Path(imagebind), Path(vicuna)
     prepare_out(out, force)
-    classes = parse_classes(classes) if isinstance(classes, str) else parse_classes(",".join(classes))
+    classes = parse_classes(classes if isinstance(classes, str) else ",".join(classes))
     if quant not in QUANT_TYPES:
         raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANT_TYPES)}")
     if not lora_alpha > 0:

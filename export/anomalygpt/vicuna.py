@@ -84,6 +84,10 @@ def read_hf_llama(folder: str | Path) -> tuple[dict, dict[str, np.ndarray], Path
         raise ExportError(f"{config_path}: not valid JSON: {e}") from None
     if config.get("model_type", "llama") != "llama":
         raise ExportError(f"{config_path}: model_type {config.get('model_type')!r}, expected 'llama'")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+               if not isinstance(config.get(k), int)]
+    if missing:
+        raise ExportError(f"{config_path}: {', '.join(missing)} missing or not integers (a LlamaConfig has them)")
     tokenizer = folder / "tokenizer.model"
     if not tokenizer.is_file():
         raise ExportError(f"{tokenizer}: missing (the SentencePiece vocabulary the GGUF needs)")
