@@ -142,12 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
     e.add_argument("what", choices=["default", "anomalygpt"], help="which pack to build")
-    e.add_argument("--out", required=True, help="pack folder to write")
-    e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
-    e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
-    e.add_argument("--force", action="store_true", help="replace an existing pack folder")
-    e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
-    a = e.add_argument_group("anomalygpt")
+    a = e.add_argument_group("anomalygpt (export anomalygpt)")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
     a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "
                    "llama_proj, LoRA); repeat to load several in order, later keys winning")
@@ -156,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
     a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
     a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
+    e.add_argument("--out", required=True, help="pack folder to write")
+    e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
+    e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
+    e.add_argument("--force", action="store_true", help="replace an existing pack folder")
+    e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
     e.set_defaults(func=cmd_export)
 
     n = sub.add_parser("enroll", help="build or extend a station's memory bank and threshold from good images")

@@ -36,10 +36,8 @@ def run_cli(*args, check=True, timeout=300):
     """Run the installed console script as a user would; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "anomaly-edge"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge.cli"]), *map(str, args)]
-    # The checkout under test first on the path: an editable install may point at another worktree.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
