@@ -10,15 +10,17 @@ zero-shot one (its average of the two is commented out there); the zero-shot map
 class still comes with every result, and is what zero-shot use (no references) reads.
 
 `Projector` runs projector.onnx on a result: llama_proj turns the image embedding into one LLM input
-embedding, the prompt learner turns the anomaly map into 9 learned + 9 map-derived embeddings, and
-`segments` lays them out in AnomalyGPT's conversation:
+embedding, the prompt learner turns the anomaly map into 9 learned + 9 map-derived embeddings. The LLM
+reads them as raw input embeddings in AnomalyGPT's conversation (the pack's `llm.conversation`):
 
-    <s>### Human: <Img>[image]</Img> [18 prompts]{question}\\n### Assistant:
+    <s>### Human: <Img>[image row]</Img> [18 prompt rows]{question}\\n### Assistant:
+
+The explanation worker lays that out; it takes `Projector.embeddings(result)` as `embeddings=`.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -140,7 +142,6 @@ class Projector:
         if llm is None or llm.kind != "anomalygpt":
             raise PackError(f"{pack.root}: pack.yaml has no llm section of kind anomalygpt (needed for the projector)")
         self.pack = pack
-        self.conversation = llm.conversation
         path = pack.file(llm.projector)
         opts = ort.SessionOptions()
         if threads:
@@ -174,24 +175,12 @@ class Projector:
                                                              PROJECTOR_INPUTS[1]: anomaly_maps[:, None]})
         return image, prompts
 
-    def prompt_segments(self, image_embedding: np.ndarray, anomaly_map: np.ndarray,
-                        question: str) -> list[str | np.ndarray]:
-        """AnomalyGPT's prompt as alternating text and embedding rows (n x n_embd float32): text goes
-        through the LLM's tokenizer (BOS before the first), rows are fed as input embeddings."""
-        image, prompts = self.run(image_embedding[None], anomaly_map[None])
-        c = self.conversation
-        return [c.system + c.human + c.image_open, image[0], c.image_close, prompts[0], question + c.assistant]
-
-    def segments(self, result: AnomalyGptResult, question: str) -> list[str | np.ndarray]:
-        """`prompt_segments` for a scored frame: the prompt learner reads the result's decision map
-        (the few-shot map, as AnomalyGPT does when given references). Zero-shot use passes the
-        class's zero-shot map to `prompt_segments` instead."""
+    def embeddings(self, result: AnomalyGptResult) -> tuple[np.ndarray, np.ndarray]:
+        """(1 x n_embd image row, n_prompt_embeddings x n_embd prompt rows) for one scored frame: what
+        the LLM takes as raw input embeddings between `<Img>` and `</Img> ` and after it. The prompt
+        learner reads the result's decision map (the few-shot map, as AnomalyGPT does when given
+        references); zero-shot use calls `run` with the class's zero-shot map instead."""
         if result.image_embedding is None:
             raise ValueError("the result carries no image embedding (score it with AnomalyGptScorer)")
-        return self.prompt_segments(result.image_embedding, result.anomaly_map, question)
-
-
-def tokenized(segments: list[str | np.ndarray], tokenize: Callable[[str, bool], list[int]]) -> list:
-    """`segments` with the text parts turned into token ids (`tokenize(text, add_bos)`), ready for an
-    engine that takes token-id and embedding segments."""
-    return [tokenize(s, i == 0) if isinstance(s, str) else s for i, s in enumerate(segments)]
+        image, prompts = self.run(result.image_embedding[None], result.anomaly_map[None])
+        return image[0], prompts[0]

@@ -18,7 +18,7 @@ import anomalygpt_replica as replica  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from llama_reference import hf_llama_forward  # noqa: E402
 
-from edge.anomalygpt import AnomalyGptExtractor, AnomalyGptScorer, Projector, tokenized  # noqa: E402
+from edge.anomalygpt import AnomalyGptExtractor, AnomalyGptScorer, Projector  # noqa: E402
 from edge.bank import MemoryBank  # noqa: E402
 from edge.errors import PackError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
@@ -267,7 +267,7 @@ def test_cli_enroll_then_score_on_the_anomalygpt_pack(cli_export, synthetic_data
     assert len(rows) == 4 and all(r["threshold"] == pytest.approx(state.calibration.threshold, abs=1e-6) for r in rows)
 
 
-def test_scorer_keeps_the_chosen_class_zero_shot_map_and_feeds_the_projector(pack, synthetic_dataset, tmp_path):
+def test_scorer_keeps_the_chosen_class_zero_shot_map_and_the_projector_reads_the_decision_map(pack, synthetic_dataset, tmp_path):
     good = [read_image(p) for p in sorted((synthetic_dataset / "train" / "good").iterdir())[:2]]
     state = build_state(pack, good, AnomalyGptExtractor(pack), quiet=True)
     state.save(tmp_path / "s")
@@ -281,19 +281,14 @@ def test_scorer_keeps_the_chosen_class_zero_shot_map_and_feeds_the_projector(pac
     with pytest.raises(PackError, match="class 'screw' was not exported into this pack .*bottle, metal_nut"):
         AnomalyGptScorer(pack, state.bank, 0.5, class_name="screw")
 
-    projector = Projector(pack)
-    segments = projector.segments(nut, "Is there any anomaly in the image?")
-    assert segments[0] == "### Human: <Img>" and segments[2] == "</Img> "
-    assert segments[4] == "Is there any anomaly in the image?\n### Assistant:"
-    assert segments[1].shape == (1, replica.N_EMBD) and segments[3].shape == (18, replica.N_EMBD)
+    image_row, prompt_rows = Projector(pack).embeddings(nut)
+    assert image_row.shape == (1, replica.N_EMBD) and prompt_rows.shape == (18, replica.N_EMBD)
     image, prompts = _onnx(pack.file("projector"), {"image_embedding": nut.image_embedding[None],
                                                     "anomaly_map": nut.anomaly_map[None, None]},
                            ["image_prompt", "anomaly_prompts"])
-    np.testing.assert_allclose(segments[3], prompts[0], atol=1e-6)
-    calls = []
-    ids = tokenized(segments, lambda text, bos: calls.append((text, bos)) or [len(calls)])
-    assert calls[0] == ("### Human: <Img>", True) and calls[1][1] is False and ids[1] is segments[1]
-
+    np.testing.assert_allclose(image_row, image[0], atol=1e-6)
+    np.testing.assert_allclose(prompt_rows, prompts[0], atol=1e-6)
+    assert not np.allclose(prompt_rows[9:], Projector(pack).run(nut.image_embedding[None], nut.zero_shot_map[None])[1][0][9:])
 
 def _export_error(ckpts, tmp_path, **change):
     args = {"imagebind": ckpts["imagebind"], "delta": ckpts["delta"], "vicuna": ckpts["vicuna"], "classes": CLASSES}
