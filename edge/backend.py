@@ -24,8 +24,12 @@ class Backend(Protocol):
         """N x C x H x W float32 -> N x C' x h x w float32 features."""
         ...
 
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The named outputs of one run, for packs whose encoder has more than the features."""
+        ...
 
-def _dim_matches(declared, expected: int) -> bool:
+
+def dim_matches(declared, expected: int) -> bool:
     # Symbolic (str) or unknown (None) dims accept anything; fixed ones must agree.
     return not isinstance(declared, int) or declared == expected
 
@@ -71,18 +75,21 @@ class OnnxRuntimeBackend:
             raise PackError(f"{path}: has no input '{spec.name}' (inputs: {sorted(inputs)})")
         want_in = (spec.channels, spec.height, spec.width)
         got_in = inputs[spec.name]
-        if len(got_in) != 4 or not all(_dim_matches(d, w) for d, w in zip(got_in[1:], want_in)):
+        if len(got_in) != 4 or not all(dim_matches(d, w) for d, w in zip(got_in[1:], want_in)):
             raise PackError(f"{path}: input '{spec.name}' has shape {got_in}, pack.yaml says N x {want_in}")
         out = pack.encoder.output
         if out not in outputs:
             raise PackError(f"{path}: has no output '{out}' (outputs: {sorted(outputs)})")
         got_out = outputs[out]
         want_out = tuple(pack.encoder.feature_shape)
-        if len(got_out) != 4 or not all(_dim_matches(d, w) for d, w in zip(got_out[1:], want_out)):
+        if len(got_out) != 4 or not all(dim_matches(d, w) for d, w in zip(got_out[1:], want_out)):
             raise PackError(f"{path}: output '{out}' has shape {got_out}, pack.yaml encoder.feature_shape says N x {want_out}")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        return self.run_outputs(batch, [self.output_name])[0]
+
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        return self.session.run(names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
 
 
 def create_backend(pack: Pack, kind: str = "auto", threads: int | None = None) -> Backend:

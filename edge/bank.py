@@ -14,15 +14,21 @@ import numpy as np
 class MemoryBank:
     """Normal patch features, optionally stored in a PCA projection (`mean`, `components`: C x k).
 
-    Queries arrive with the encoder's C channels and are projected the same way before search.
+    Queries arrive with the encoder's C channels and are projected the same way before search. With
+    `groups` > 1 the channels are that many equal blocks (one per encoder layer) searched separately:
+    a query's distance is the mean over blocks of its nearest squared distance within each block.
     """
 
-    def __init__(self, features: np.ndarray, mean: np.ndarray | None = None, components: np.ndarray | None = None):
+    def __init__(self, features: np.ndarray, mean: np.ndarray | None = None, components: np.ndarray | None = None,
+                 groups: int = 1):
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] == 0:
             raise ValueError(f"memory bank needs a non-empty M x C array, got shape {features.shape}")
         if (mean is None) != (components is None):
             raise ValueError("a projected bank needs both mean and components")
+        if groups < 1 or features.shape[1] % groups or (groups > 1 and components is not None):
+            raise ValueError(f"{groups} groups do not split {features.shape[1]} bank dims (or the bank is projected)")
+        self.groups = groups
         if components is not None:
             components = np.ascontiguousarray(components, dtype=np.float32)
             mean = np.ascontiguousarray(mean, dtype=np.float32)
@@ -32,10 +38,12 @@ class MemoryBank:
         self.mean = mean
         self.components = components
         self.features = features
-        self.sq_norms = np.einsum("ij,ij->i", features, features)
         # One GEMM gives ||b||^2 - 2 q.b directly: queries get a trailing 1, the bank is stored as
-        # [-2 b, ||b||^2], transposed so the GEMM reads it contiguously.
-        self._augmented_t = np.ascontiguousarray(np.concatenate([-2.0 * features, self.sq_norms[:, None]], axis=1).T)
+        # [-2 b, ||b||^2] per group, transposed so the GEMM reads it contiguously.
+        blocks = []
+        for g in np.split(features, groups, axis=1):
+            blocks += [-2.0 * g, np.einsum("ij,ij->i", g, g)[:, None]]
+        self._augmented_t = np.ascontiguousarray(np.concatenate(blocks, axis=1).T)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -62,29 +70,37 @@ class MemoryBank:
         return (queries - self.mean) @ self.components
 
     def nearest_sqdist(self, queries: np.ndarray, block_elements: int = 1 << 20) -> np.ndarray:
-        """Squared L2 distance of each query row to its nearest bank row (N,), float32, >= 0."""
+        """Squared L2 distance of each query row to its nearest bank row (N,), float32, >= 0 (with
+        groups: the mean over groups of the per-group nearest squared distance)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.channels:
             raise ValueError(f"queries must be N x {self.channels}, got {queries.shape}")
         queries = self.project(queries)
         n, m = queries.shape[0], len(self)
-        dims = self.features.shape[1]
-        augmented = np.empty((n, dims + 1), np.float32)
-        augmented[:, :-1] = queries
-        augmented[:, -1] = 1.0
-        best = np.full(n, np.inf, np.float32)
+        dims = self.features.shape[1] // self.groups
+        total = np.zeros(n, np.float32)
         # Blocks of about `block_elements` distances (4 MB by default) stay in cache between the GEMM
         # and the min that consumes them.
         cols = min(m, 4096)
         rows = max(1, min(n, block_elements // cols))
-        for r0 in range(0, n, rows):
-            q = augmented[r0:r0 + rows]
-            out = best[r0:r0 + rows]
-            for c0 in range(0, m, cols):
-                np.minimum(out, (q @ self._augmented_t[:, c0:c0 + cols]).min(axis=1), out=out)
-        best += np.einsum("ij,ij->i", queries, queries)
-        np.maximum(best, 0.0, out=best)
-        return best
+        for g in range(self.groups):
+            part = queries[:, g * dims:(g + 1) * dims]
+            bank_t = self._augmented_t[g * (dims + 1):(g + 1) * (dims + 1)]
+            augmented = np.empty((n, dims + 1), np.float32)
+            augmented[:, :-1] = part
+            augmented[:, -1] = 1.0
+            best = np.full(n, np.inf, np.float32)
+            for r0 in range(0, n, rows):
+                q = augmented[r0:r0 + rows]
+                out = best[r0:r0 + rows]
+                for c0 in range(0, m, cols):
+                    np.minimum(out, (q @ bank_t[:, c0:c0 + cols]).min(axis=1), out=out)
+            best += np.einsum("ij,ij->i", part, part)
+            np.maximum(best, 0.0, out=best)
+            total += best
+        if self.groups > 1:
+            total /= self.groups
+        return total
 
 
 def greedy_coreset(features: np.ndarray, size: int, seed: int = 0, projection_dim: int = 32,

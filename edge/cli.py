@@ -34,11 +34,17 @@ def _shots(value: str) -> int | None:
 
 def cmd_export(args) -> int:
     try:
+        from export.anomalygpt import export_anomalygpt
         from export.default_pack import export_default
     except ImportError as e:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
-    if args.what != "default":
-        raise EdgeError(f"unknown export target {args.what!r} (available: default)")
+    if args.what == "anomalygpt":
+        missing = [f"--{k}" for k in ("imagebind", "delta", "vicuna", "classes") if not getattr(args, k)]
+        if missing:
+            raise EdgeError(f"export anomalygpt needs {', '.join(missing)}")
+        export_anomalygpt(args.out, args.imagebind, args.delta, args.vicuna, args.classes, quant=args.quant,
+                          lora_alpha=args.lora_alpha, bpe=args.bpe, force=args.force)
+        return 0
     try:
         taps = tuple(int(t) for t in args.taps.split(","))
     except ValueError:
@@ -173,7 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
-    e.add_argument("what", choices=["default"], help="which pack to build")
+    e.add_argument("what", choices=["default", "anomalygpt"], help="which pack to build")
+    a = e.add_argument_group("anomalygpt (export anomalygpt)")
+    a.add_argument("--imagebind", help="imagebind_huge.pth")
+    a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "
+                   "llama_proj, LoRA); repeat to load several in order, later keys winning")
+    a.add_argument("--vicuna", help="Vicuna-7B v0 Hugging Face folder (config.json, weights, tokenizer.model)")
+    a.add_argument("--classes", help="comma-separated object classes for the zero-shot maps, e.g. bottle,screw")
+    a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
+    a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
+    a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
     e.add_argument("--out", required=True, help="pack folder to write")
     e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")

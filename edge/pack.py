@@ -87,9 +87,36 @@ class EncoderSpec(_Strict):
         return self
 
 
+class ZeroShotSpec(_Strict):
+    """AnomalyGPT's text-matched maps: the encoder file's output `output` is N x len(classes) x H x W,
+    one anomaly probability map per class exported; `embedding_output` is the N x embedding_dim
+    image embedding the LLM projector reads."""
+
+    output: str = "anomaly_maps"
+    classes: list[str] = Field(min_length=1)
+    embedding_output: str = "image_embedding"
+    embedding_dim: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {self.classes}")
+        return self
+
+
 class ScorerSpec(_Strict):
-    kind: Literal["memory_bank"] = "memory_bank"
-    metric: Literal["l2"] = "l2"
+    # memory_bank: nearest-neighbour distances to enrolled patches. anomalygpt: the same bank search
+    # per encoder layer (few-shot branch), plus the zero-shot maps of `zero_shot`.
+    kind: Literal["memory_bank", "anomalygpt"] = "memory_bank"
+    # l2: patch score = L2 distance. cosine: features are unit vectors (per bank group) and the patch
+    # score is 1 - cosine similarity = squared distance / 2.
+    metric: Literal["l2", "cosine"] = "l2"
+    # Bank channels split into this many equal groups (one per encoder layer), each searched on its
+    # own; the patch score is the mean over groups.
+    bank_groups: int = Field(default=1, ge=1)
+    # Patch grid -> input size: bilinear with half-pixel centres (OpenCV), or with corner pixels
+    # aligned (PyTorch's align_corners=True, as AnomalyGPT upsamples).
+    upsample: Literal["linear", "linear_align_corners"] = "linear"
     # Gaussian sigma, in input pixels, applied to the upsampled map.
     smoothing_sigma: float = Field(default=8.0, ge=0)
     # Image score = mean of the highest `top_fraction` of map pixels (1 pixel when tiny).
@@ -99,6 +126,16 @@ class ScorerSpec(_Strict):
     # Bank and queries are compared in the bank's top principal components (search cost is linear
     # in this); null keeps all channels.
     projection_dim: int | None = Field(default=128, gt=0)
+    zero_shot: ZeroShotSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.kind == "anomalygpt") != (self.zero_shot is not None):
+            raise ValueError("zero_shot is required for kind anomalygpt and only for it")
+        if self.projection_dim is not None and (self.bank_groups > 1 or self.metric == "cosine"):
+            raise ValueError("projection_dim must be null with bank_groups > 1 or metric cosine "
+                             "(a PCA projection mixes the groups and changes cosines)")
+        return self
 
 
 class ConversationSpec(_Strict):
@@ -161,6 +198,9 @@ class PackManifest(_Strict):
         grid = (self.input.height // s, self.input.width // s)
         if tuple(self.encoder.feature_shape[1:]) != grid:
             raise ValueError(f"encoder.feature_shape grid {self.encoder.feature_shape[1:]} != input/stride {grid}")
+        if self.encoder.feature_shape[0] % self.scorer.bank_groups:
+            raise ValueError(f"scorer.bank_groups {self.scorer.bank_groups} does not divide the "
+                             f"{self.encoder.feature_shape[0]} feature channels")
         return self
 
 

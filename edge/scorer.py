@@ -43,24 +43,48 @@ class FeatureExtractor:
         return out
 
 
+def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """n_out x n_in linear interpolation weights with the end samples on the end pixels."""
+    pos = np.linspace(0, n_in - 1, n_out) if n_in > 1 else np.zeros(n_out)
+    lo = np.minimum(np.floor(pos).astype(int), max(n_in - 2, 0))
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1 - frac
+    if n_in > 1:
+        m[np.arange(n_out), lo + 1] = frac
+    return m
+
+
 def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: tuple[int, int],
-                      sigma: float) -> np.ndarray:
-    """Flat squared distances of n images' patches -> n x H x W smoothed anomaly maps (L2 distances)."""
-    patch = np.sqrt(sqdist).reshape(n, *grid)
+                      sigma: float, metric: str = "l2", upsample: str = "linear") -> np.ndarray:
+    """Flat squared distances of n images' patches -> n x H x W smoothed anomaly maps: L2 distances, or
+    1 - cosine similarity for unit features (`metric` and `upsample` as in ScorerSpec)."""
+    patch = (np.sqrt(sqdist) if metric == "l2" else 0.5 * sqdist).reshape(n, *grid)
     maps = np.empty((n, *size), np.float32)
+    if upsample == "linear_align_corners":
+        rows, cols = _align_corners_matrix(size[0], grid[0]), _align_corners_matrix(size[1], grid[1])
     for i in range(n):
-        m = cv2.resize(patch[i], (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        if upsample == "linear_align_corners":
+            m = rows @ patch[i].astype(np.float32) @ cols.T
+        else:
+            m = cv2.resize(patch[i], (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         if sigma > 0:
             m = cv2.GaussianBlur(m, (0, 0), sigma)
         maps[i] = m
     return maps
 
 
+def pack_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], pack: Pack) -> np.ndarray:
+    """`distances_to_maps` at the pack's input size with its scorer's metric, upsampling and smoothing."""
+    s = pack.scorer
+    return distances_to_maps(sqdist, n, grid, (pack.input.height, pack.input.width), s.smoothing_sigma, s.metric,
+                             s.upsample)
+
+
 def anomaly_maps(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
     """N x h x w x C patch features -> N x H x W anomaly maps at the pack's input size."""
     n, h, w, c = features.shape
-    sqdist = bank.nearest_sqdist(features.reshape(-1, c))
-    return distances_to_maps(sqdist, n, (h, w), (pack.input.height, pack.input.width), pack.scorer.smoothing_sigma)
+    return pack_maps(bank.nearest_sqdist(features.reshape(-1, c)), n, (h, w), pack)
 
 
 def image_scores(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
@@ -78,6 +102,10 @@ class Scorer:
 
     @classmethod
     def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
+        if cls is Scorer and pack.scorer.kind == "anomalygpt":
+            from .anomalygpt import AnomalyGptScorer
+
+            return AnomalyGptScorer.from_state(pack, state, backend)
         return cls(pack, state.bank, state.calibration.threshold, FeatureExtractor(pack, backend))
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:

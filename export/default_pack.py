@@ -9,33 +9,23 @@ when everything succeeded.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from edge.errors import EdgeError
 from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization,
-                       PackManifest, ScorerSpec, load_pack, sha256_file, write_manifest)
+                       PackManifest, ScorerSpec, sha256_file)
 
 from . import assets
+from .common import ExportError, build_pack, onnx_max_abs_error, prepare_out
+from .common import export_onnx as _export_onnx
+from .common import step as _step
 
 TAPS = (4, 10, 14)
 N_BLOCKS = 16  # MBConv blocks in EfficientNet-Lite0
 MAX_ABS_ERROR = 1e-4
-
-
-class ExportError(EdgeError):
-    pass
-
-
-def _step(i: int, n: int, text: str) -> float:
-    print(f"[{i}/{n}] {text}", file=sys.stderr, flush=True)
-    return time.perf_counter()
 
 
 def build_encoder(weights: Path, taps=TAPS):
@@ -55,62 +45,45 @@ def build_encoder(weights: Path, taps=TAPS):
 def export_onnx(model, path: Path, size: int) -> None:
     import torch
 
-    dummy = torch.zeros(2, 3, size, size)
     # The TorchScript exporter: no extra dependency, and this graph (convs, pads, pools, resize)
     # is well inside what it handles.
-    with warnings.catch_warnings():
-        # Tracer notes about constant-folded shapes: expected, the spatial size is fixed per pack.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["features"],
-                          dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+    _export_onnx(model, (torch.zeros(2, 3, size, size),), path, ["image"], ["features"])
 
 
 def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:
     """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs."""
-    import onnxruntime as ort
-    import torch
+    import cv2
 
     rng = np.random.default_rng(seed)
     # Uniform noise over the whole normalized range, and a blurred (image-like) texture.
-    import cv2
-
     noise = rng.uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
     texture = cv2.GaussianBlur(rng.uniform(-1, 1, (size, size, 3)).astype(np.float32), (0, 0), 3) * 4
     batch = np.concatenate([noise, np.clip(texture, -1, 1).transpose(2, 0, 1)[None]])
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["features"], {"image": batch})[0]
-    with torch.no_grad():
-        want = model(torch.from_numpy(batch)).numpy()
-    if got.shape != want.shape:
-        raise ExportError(f"{path}: ONNX output shape {got.shape} != PyTorch {want.shape}")
-    return float(np.abs(got - want).max())
+    return onnx_max_abs_error(model, path, {"image": batch}, ["features"])["features"]
 
 
 def export_default(out: str | Path, size: int = 224, weights: str | Path | None = None, force: bool = False,
                    taps: tuple[int, ...] = TAPS) -> Path:
     out = Path(out)
-    if out.exists() and not force and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
+    prepare_out(out, force)
     if size < 32 or size % 32:
         raise ExportError(f"--size {size}: must be a multiple of 32 (the network's total stride)")
     if not taps or any(not 0 <= t < N_BLOCKS for t in taps) or list(taps) != sorted(set(taps)):
         raise ExportError(f"--taps must be increasing block indices in 0..{N_BLOCKS - 1}, got {taps}")
     n = 5
-    t = _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
+    _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
     if weights is None:
         weights_path = assets.fetch(assets.EFFICIENTNET_LITE0, log=lambda m: print("      " + m, file=sys.stderr))
     else:
         weights_path = assets.verify_file(Path(weights), assets.EFFICIENTNET_LITE0.member_sha256)
-    t = _step(2, n, f"building the patch-feature encoder (taps {taps})")
+    _step(2, n, f"building the patch-feature encoder (taps {taps})")
     model, strides = build_encoder(weights_path, taps)
     layers = [FeatureLayer(name=f"blocks.{i}", stride=strides[i], channels=model.backbone._blocks[i]._bn2.num_features)
               for i in taps]
     stride = min(layer.stride for layer in layers)
     channels = sum(layer.channels for layer in layers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> PackManifest:
         t = _step(3, n, f"exporting ONNX ({size}x{size}, dynamic batch)")
         onnx_path = tmp / "encoder.onnx"
         export_onnx(model, onnx_path, size)
@@ -143,18 +116,7 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
                 "exporter": "anomaly-edge export default",
             },
         )
-        write_manifest(tmp, manifest)
-        load_pack(tmp)  # the runtime must accept what we wrote
-        tmp.chmod(0o755)
-        # Swap in the new pack so that a crash leaves either the old one or the new one in place.
-        backup = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"pack {manifest.model_id} written to {out}", file=sys.stderr)
+        return manifest
+
+    build_pack(out, build)
     return out
