@@ -11,7 +11,7 @@ PACK ?= packs/default
 $(BIN)/anomaly-edge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,dev]'
+	$(BIN)/pip install --quiet -e '.[export,dev,llm]'
 	touch $@
 
 install: $(BIN)/anomaly-edge
