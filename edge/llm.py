@@ -180,6 +180,11 @@ class LlamaModel:
             n = lib.llama_token_to_piece(self._vocab, int(token), buf, len(buf), 0, False)
         return buf.raw[:max(n, 0)]
 
+    def token_text(self, token: int) -> str:
+        """A token as the vocabulary spells it, control tokens included ('<|im_end|>', '</s>')."""
+        text = _lib().llama_vocab_get_text(self._vocab, int(token))
+        return (text or b"").decode("utf-8", "replace")
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
@@ -217,6 +222,7 @@ class Generation:
     ttft_s: float            # request to first generated token
     total_s: float
     stop_reason: str         # one of STOP_REASONS
+    stop_string: str | None = None  # which stop string ended it
 
     @property
     def tokens_per_s(self) -> float:
@@ -356,10 +362,6 @@ class LlamaEngine:
             self._prefill(items)
             return self._logits().copy()
 
-    def count(self, segments: Sequence[Segment]) -> int:
-        """Prompt positions the segments take."""
-        return sum(len(s) for s in segments)
-
     def _check_fits(self, n: int) -> None:
         if n >= self.n_ctx:
             raise ContextOverflow(f"{self.model.path.name}: prompt of {n} tokens does not fit the context of "
@@ -382,6 +384,7 @@ class LlamaEngine:
             self._deadline = t0 + time_limit_s if time_limit_s else float("inf")
             self._cancel = cancel
             out: list[int] = []
+            stop_string = None
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             text, emitted = "", 0
             ttft = float("nan")
@@ -404,7 +407,7 @@ class LlamaEngine:
                         break
                     out.append(token)
                     text += decoder.decode(self.model.piece(token))
-                    cut = _find_stop(text, stop)
+                    cut, stop_string = _find_stop(text, stop)
                     if cut is not None:
                         text = text[:cut]
                         reason = "stop"
@@ -425,12 +428,14 @@ class LlamaEngine:
                 self._deadline, self._cancel = float("inf"), None
             text += decoder.decode(b"", final=True)
             if reason != "stop":
-                cut = _find_stop(text, stop)
-                text = text if cut is None else text[:cut]
+                cut, stop_string = _find_stop(text, stop)
+                if cut is not None:
+                    text, reason = text[:cut], "stop"
             if on_token and len(text) > emitted:
                 on_token(text[emitted:])
             return Generation(text=text, tokens=out, n_prompt=len(items), n_decoded=n_decoded,
-                              ttft_s=ttft, total_s=time.monotonic() - t0, stop_reason=reason)
+                              ttft_s=ttft, total_s=time.monotonic() - t0, stop_reason=reason,
+                              stop_string=stop_string)
 
     @staticmethod
     def _pick(logits: np.ndarray, generated: list[int], penalty: float) -> int:
@@ -466,9 +471,10 @@ class _Aborted(Exception):
     pass
 
 
-def _find_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+def _find_stop(text: str, stop: Sequence[str]) -> tuple[int | None, str | None]:
+    """Where the first stop string starts in `text`, and which one it is."""
+    hits = [(text.find(s), s) for s in stop if s and s in text]
+    return min(hits) if hits else (None, None)
 
 
 def _partial_stop(text: str, stop: Sequence[str]) -> int:
