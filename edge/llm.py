@@ -271,7 +271,8 @@ class LlamaEngine:
     # -- prompt ----------------------------------------------------------------------------------------
 
     def _items(self, segments: Sequence[Segment]) -> list[tuple]:
-        """Flatten segments into (key, kind, payload) per position; keys compare what the context holds."""
+        """Flatten segments into (key, kind, payload, segment) per position; keys compare what the context
+        holds."""
         items = []
         for i, seg in enumerate(segments):
             if isinstance(seg, np.ndarray) and seg.ndim == 2 and seg.dtype.kind == "f":
@@ -282,24 +283,27 @@ class LlamaEngine:
                 if not np.isfinite(rows).all():
                     raise LlmError(f"segment {i}: embeddings contain NaN or infinity")
                 for row in rows:
-                    items.append((("e", hashlib.blake2b(row.tobytes(), digest_size=16).digest()), "e", row))
+                    items.append((("e", hashlib.blake2b(row.tobytes(), digest_size=16).digest()), "e", row, i))
             else:
                 ids = np.asarray(seg).ravel()
                 if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.model.n_vocab):
                     raise LlmError(f"segment {i}: token ids must be integers in 0..{self.model.n_vocab - 1}")
-                items += [(int(t), "t", int(t)) for t in ids]
+                items += [(int(t), "t", int(t), i) for t in ids]
         if not items:
             raise LlmError("empty prompt")
         return items
 
     def _decode(self, items: list[tuple], start: int, want_logits: bool) -> None:
-        """Decode items (positions start, start+1, ...) in batches of one kind; logits for the last one."""
+        """Decode items (positions start, start+1, ...) in batches within one segment; logits for the last.
+
+        Batches never span segments, so the same segments give the same batches whether a segment holds
+        token ids or their embedding rows (and so bit-identical results)."""
         lib = _lib()
         i = 0
         while i < len(items):
-            kind = items[i][1]
+            kind, segment = items[i][1], items[i][3]
             j = i
-            while j < len(items) and j - i < self.n_batch and items[j][1] == kind:
+            while j < len(items) and j - i < self.n_batch and items[j][3] == segment:
                 j += 1
             batch = self._embeds if kind == "e" else self._tokens
             n = j - i
@@ -421,7 +425,7 @@ class LlamaEngine:
                     if len(self._held) + 1 >= self.n_ctx:
                         reason = "context"
                         break
-                    self._decode([(token, "t", token)], len(self._held), want_logits=True)
+                    self._decode([(token, "t", token, -1)], len(self._held), want_logits=True)
             except _Aborted:
                 reason = "cancelled" if cancel is not None and cancel.is_set() else "time"
             finally:

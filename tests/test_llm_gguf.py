@@ -164,3 +164,25 @@ def test_sentencepiece_vocabulary_tokenizes_in_llama_cpp_as_in_sentencepiece(tmp
     with LlamaModel(path) as model:
         for text in ["### Human: <Img> Is there an anomaly?", "A dent, 2.5 mm wide — Ünïcode too", "</Img> "]:
             assert model.tokenize(text, add_bos=True) == [1] + sp.encode(text), text
+
+
+def test_anomalygpt_prompt_with_token_rows_as_embeddings_is_the_token_prompt(tiny):
+    from edge.pack import ConversationSpec
+    from edge.prompts import AnomalyGptPrompt
+
+    model, engine, tensors, _, vocab = tiny
+    table = tensors["model.embed_tokens.weight"]
+    image_ids, prompt_ids = _ids(5, vocab, 10)[1:], _ids(19, vocab, 11)[1:]
+    prompt = AnomalyGptPrompt(model, ConversationSpec(), n_prompt_embeddings=18)
+    turns = [("Is there an anomaly in the image?", "Yes, a scratch.")]
+    segs = prompt.segments(table[image_ids], table[prompt_ids], turns, "How big is it?")
+    assert segs[0] == [model.bos] and segs[2].shape == (4, 64) and segs[4].shape == (18, 64)
+    text = model.detokenize(segs[5])
+    assert text.endswith("\n### Human: How big is it?\n### Assistant:") and "Yes, a scratch." in text
+    as_tokens = [segs[0], segs[1], image_ids, segs[3], prompt_ids, segs[5]]
+    engine.reset()
+    by_embeddings = engine.evaluate(segs)
+    engine.reset()
+    np.testing.assert_array_equal(by_embeddings, engine.evaluate(as_tokens))
+    with pytest.raises(LlmError, match=r"prompt embeddings have shape \(17, 64\); the pack says \(18, 64\)"):
+        prompt.segments(table[image_ids], table[prompt_ids[:17]], [], "Is there an anomaly?")
