@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import queue
 import threading
 import time
@@ -206,6 +207,17 @@ class _SentenceGate:
         return " ".join(self.kept)
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread, inherited by llama.cpp's compute threads it
+    starts), so that on a busy CPU the frame loop wins the cores and the LLM takes what is left."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or not permitted: run at normal priority
+        log.info("explain worker keeps its priority (%s)", e)
+
+
 def _ms(t0: float) -> float:
     return round((time.monotonic() - t0) * 1000, 1)
 
@@ -228,7 +240,7 @@ class ExplainWorker:
 
     def __init__(self, pack: Pack, store: DialogueStore, on_explanation: Callable[[dict], None],
                  queue_size: int = 4, n_threads: int = 1, max_tokens: int = 48, time_limit_s: float = 20.0,
-                 question: str = FIRST_QUESTION):
+                 question: str = FIRST_QUESTION, nice: int = 10):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if pack.llm is None:
@@ -237,6 +249,7 @@ class ExplainWorker:
         self.store = store
         self.on_explanation = on_explanation
         self.question = clean_question(question)
+        self.nice = int(nice)
         self._settings = dict(n_threads=n_threads, max_tokens=max_tokens, time_limit_s=time_limit_s)
         self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._asks: queue.Queue[tuple] = queue.Queue()
@@ -329,6 +342,7 @@ class ExplainWorker:
     # -- the thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        _lower_priority(self.nice)
         while not self._stop.is_set():
             try:
                 job = self._asks.get_nowait()
