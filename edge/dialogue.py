@@ -2,14 +2,12 @@
 
 One session per part id: the part's findings (JSON, the facts every answer is grounded in), optional
 AnomalyGPT embeddings, a status (pending until the first explanation is written, then done or failed)
-and the turns, in order. One connection, WAL mode, shared between threads under a lock.
+and the turns, in order. One connection, WAL mode, shared between threads under a lock (edge.sqlite).
 """
 from __future__ import annotations
 
 import io
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeError
+from .sqlite import SqliteStore
 
 STATUSES = ("pending", "done", "failed")
 
@@ -78,22 +77,14 @@ class Session:
         return out
 
 
-class DialogueStore:
+class DialogueStore(SqliteStore):
     """SQLite sessions keyed by part id; safe to share between threads."""
 
+    error = DialogueError
+    label = "dialogue"
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise DialogueError(f"cannot open dialogue database {self.path}: {exc}") from exc
+        super().__init__(path, _SCHEMA)
 
     def open_session(self, part_id: str, findings: dict, embeddings: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> None:
@@ -106,17 +97,10 @@ class DialogueStore:
             raise DialogueError(f"dialogue {self.path}: findings of part {part_id} are not JSON-ready: {e}") from None
         blob = _pack_embeddings(embeddings) if embeddings is not None else None
         now = time.time()
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN")
-                conn.execute("DELETE FROM turns WHERE part_id = ?", (part_id,))
-                conn.execute("INSERT OR REPLACE INTO sessions (part_id, findings, embeddings, status, error, created, "
-                             "updated) VALUES (?, ?, ?, 'pending', NULL, ?, ?)", (part_id, doc, blob, now, now))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise DialogueError(f"dialogue database {self.path}: {exc}") from exc
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM turns WHERE part_id = ?", (part_id,))
+            conn.execute("INSERT OR REPLACE INTO sessions (part_id, findings, embeddings, status, error, created, "
+                         "updated) VALUES (?, ?, ?, 'pending', NULL, ?, ?)", (part_id, doc, blob, now, now))
 
     def get(self, part_id: str) -> Session | None:
         rows = self._execute("SELECT part_id, findings, embeddings, status, error, created, updated FROM sessions "
@@ -166,30 +150,6 @@ class DialogueStore:
         out.update({s: n for s, n in self._execute("SELECT status, COUNT(*) FROM sessions GROUP BY status", ())})
         return out
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> "DialogueStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise DialogueError(f"dialogue database {self.path} is closed")
-        return self._conn
-
-    def _execute(self, sql: str, params: tuple) -> list[tuple]:
-        with self._lock:
-            conn = self._connection()
-            try:
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise DialogueError(f"dialogue database {self.path}: {exc}") from exc
 
 
 def _pack_embeddings(embeddings) -> bytes:

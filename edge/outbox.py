@@ -1,6 +1,6 @@
 """Durable outbox: outgoing messages wait in SQLite until the broker acknowledges them.
 
-One connection, owned by the `Outbox`, in WAL mode. Rows keep an autoincrement sequence so
+One connection, owned by the `Outbox`, in WAL mode (edge.sqlite). Rows keep an autoincrement sequence so
 the sender replays them in the order they were put, also after a process restart. Each message
 carries a uuid4 `message_id`; dict payloads get it injected so subscribers can de-duplicate
 the redeliveries a reconnect may cause (delivery is at least once).
@@ -8,14 +8,13 @@ the redeliveries a reconnect may cause (delivery is at least once).
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.sqlite import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -47,22 +46,14 @@ class Message:
     created: float
 
 
-class Outbox:
+class Outbox(SqliteStore):
     """SQLite-backed FIFO of outgoing MQTT messages; safe to share between threads."""
 
+    error = OutboxError
+    label = "outbox"
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise OutboxError(f"cannot open outbox database {self.path}: {exc}") from exc
+        super().__init__(path, _SCHEMA)
 
     def put(self, topic: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False) -> str:
         """Store a message and return its message id."""
@@ -102,25 +93,3 @@ class Outbox:
     def size(self) -> int:
         """Number of messages still waiting."""
         return self._execute("SELECT COUNT(*) FROM outbox", ())[0][0]
-
-    def close(self) -> None:
-        """Close the database connection; further use raises `OutboxError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> "Outbox":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _execute(self, sql: str, params: tuple) -> list[tuple]:
-        with self._lock:
-            if self._conn is None:
-                raise OutboxError(f"outbox {self.path} is closed")
-            try:
-                return self._conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise OutboxError(f"outbox database {self.path}: {exc}") from exc
