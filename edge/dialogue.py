@@ -151,7 +151,6 @@ class DialogueStore(SqliteStore):
         return out
 
 
-
 def _pack_embeddings(embeddings) -> bytes:
     try:
         image, prompts = embeddings

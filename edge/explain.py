@@ -92,7 +92,7 @@ class Explainer:
         f = Findings.from_dict(session.findings)
         emit = on_token or (lambda _: None)
         kind = intent(q)
-        facts = fact_answer(f, kind) if kind != "verdict" else None
+        facts = fact_answer(f, kind)
         if facts is not None:
             emit(facts)
             return Answer(facts, "findings", compute_ms=_ms(t0))

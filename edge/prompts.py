@@ -101,11 +101,8 @@ def region_description(r: RegionFinding, f: Findings) -> str:
 
 
 def fact_answer(f: Findings, kind: str) -> str | None:
-    """Answers that come from the findings, never from the model: size, where, the verdict again.
-    None: let the model describe."""
-    if kind == "verdict":
-        return opening(f) + ("" if f.verdict != "anomalous" or not f.regions else
-                             " " + region_description(f.regions[0], f))
+    """Answers that come from the findings, never from the model: size and where. None: not such a
+    question."""
     if kind not in ("size", "where"):
         return None
     if f.verdict != "anomalous":
