@@ -198,9 +198,9 @@ def check_claims(text: str, f: Findings, regions: Sequence[RegionFinding] | None
         if w in _TONE_WORDS and _TONE_WORDS[w] not in tones:
             problems.append(f"'{w}' but the region is {'/'.join(sorted(tones)) or 'absent'}")
     shapes = {r.shape for r in regions}
-    if "elongated" not in shapes and any(w.startswith(_ELONGATED_WORDS) for w in words):
+    if shapes and "elongated" not in shapes and any(w.startswith(_ELONGATED_WORDS) for w in words):
         problems.append("calls a compact region scratch-like")
-    if "compact" not in shapes and any(w.startswith(_COMPACT_WORDS) for w in words):
+    if shapes and "compact" not in shapes and any(w.startswith(_COMPACT_WORDS) for w in words):
         problems.append("calls an elongated region spot-like")
     known = _known_numbers(f)
     for m in _NUMBER.finditer(text):
