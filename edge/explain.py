@@ -207,7 +207,7 @@ class _SentenceGate:
         return " ".join(self.kept)
 
 
-def _lower_priority(nice: int) -> None:
+def lower_thread_priority(nice: int) -> None:
     """Raise this thread's nice value (Linux: per thread, inherited by llama.cpp's compute threads it
     starts), so that on a busy CPU the frame loop wins the cores and the LLM takes what is left."""
     if nice <= 0:
@@ -342,7 +342,7 @@ class ExplainWorker:
     # -- the thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        _lower_priority(self.nice)
+        lower_thread_priority(self.nice)
         while not self._stop.is_set():
             try:
                 job = self._asks.get_nowait()
