@@ -32,12 +32,13 @@ def synthetic_dataset(tmp_path_factory) -> Path:
                                n_test_per_defect=4, seed=3)
 
 
-def run_cli(*args, check=True, timeout=300):
+def run_cli(*args, check=True, timeout=300, input=None):
     """Run the installed console script as a user would; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "anomaly-edge"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge.cli"]), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=input,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1",  # this checkout's code, whatever is installed
+                               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

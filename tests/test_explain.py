@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)")
 
-from conftest import TINY_CHAT_TEMPLATE, llm_pack  # noqa: E402
+from conftest import TINY_CHAT_TEMPLATE, llm_pack, run_cli  # noqa: E402
 
 from edge.dialogue import DialogueStore  # noqa: E402
 from edge.explain import ExplainWorker  # noqa: E402
@@ -34,7 +34,7 @@ def wait_for(worker: ExplainWorker, done: int, timeout: float = 120.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def line(default_pack):
+def line(default_pack, tmp_path_factory):
     """Synthetic parts scored by the default pack: defective ones it flagged, good ones it passed."""
     from edge.scorer import Scorer
     from edge.state import build_state
@@ -44,6 +44,7 @@ def line(default_pack):
         pytest.skip("the default pack was exported without its LLM")
     synthetic = SyntheticLine(seed=0, defect_rate=0.5)
     state = build_state(default_pack, synthetic.good(8), seed=0, quiet=True)
+    state_dir = state.save(tmp_path_factory.mktemp("station") / "state")
     scorer = Scorer(default_pack, state.bank, state.calibration.threshold)
     flagged, normal = [], []
     for part in synthetic.parts(40):
@@ -56,7 +57,7 @@ def line(default_pack):
         if len(flagged) >= 5 and len(normal) >= 2:
             break
     assert len(flagged) >= 5 and len(normal) >= 2, "the default pack should flag synthetic defects"
-    return SimpleNamespace(pack=default_pack, flagged=flagged, normal=normal)
+    return SimpleNamespace(pack=default_pack, flagged=flagged, normal=normal, state_dir=state_dir)
 
 
 def test_flagged_part_gets_yes_naming_its_region_normal_part_gets_no(line, tmp_path):
@@ -129,6 +130,27 @@ def test_parts_left_pending_by_a_stopped_worker_are_explained_after_a_restart(li
     with DialogueStore(db) as store, ExplainWorker(line.pack, store, messages.append) as worker:
         wait_for(worker, 1)
     assert [m["part_id"] for m in messages] == [part.part_id]
+
+
+def test_cli_ask_answers_then_resumes_the_session_in_a_new_process(line, tmp_path):
+    import cv2
+
+    part, f = line.flagged[0]
+    image = tmp_path / "part.png"
+    cv2.imwrite(str(image), part.image)
+    args = ("ask", "--pack", line.pack.root, "--state", line.state_dir, "--image", image,
+            "--mm-per-pixel", MM_PER_PIXEL, "--db", tmp_path / "d.sqlite")
+    first = run_cli(*args, "--question", "How big is it?")
+    assert f"> {FIRST_QUESTION}\nYes, there is an anomaly {place_words(f.regions[0].place)}" in first.stdout
+    assert f"> How big is it?\nThe anomaly is {f.regions[0].size_words()}." in first.stdout
+    second = run_cli(*args, "--question", "Where exactly?")
+    assert second.stdout.count(f"> {FIRST_QUESTION}") == 1 and "> How big is it?" in second.stdout
+    assert f.regions[0].box_words() in second.stdout
+    interactive = run_cli(*args, input="How large is it?\n\n")
+    assert interactive.stdout.count(f.regions[0].size_words()) == 2
+    bad = run_cli("ask", "--pack", line.pack.root, "--state", line.state_dir, "--image", image,
+                  "--mm-per-pixel", "-1", check=False)
+    assert bad.returncode == 2 and "expected a positive number, got '-1'" in bad.stderr
 
 
 # --- bad input, on a tiny random GGUF ---------------------------------------------------------------------
