@@ -54,7 +54,8 @@ def clean_question(question) -> str:
     return q.replace("<|", "<").replace("|>", ">").replace("</s>", "").replace("<s>", "").replace("###", "#")
 
 
-_SIZE = re.compile(r"\b(how (big|large|long|wide|small)|size|sized|dimensions?|area|length|width|measure\w*|mm)\b", re.I)
+_SIZE = re.compile(r"\b(how (big|large|long|wide|small)|size|sized|dimensions?|area|length|width|measure\w*|mm)\b",
+                   re.I)
 _WHERE = re.compile(r"\b(where|location|located|locate|position|which (side|corner|part|region))\b", re.I)
 _IS_THERE = re.compile(r"\b(is|are|any)\b.*\b(anomal\w*|defect\w*|fault\w*|flaw\w*|problem\w*|wrong)\b", re.I)
 
@@ -72,8 +73,9 @@ def intent(question: str) -> str:
 
 # --- what the runtime says itself ---------------------------------------------------------------------
 
-_PLACE_PHRASES = {"upper-left": "in the upper-left corner", "upper": "at the top", "upper-right": "in the upper-right corner",
-                  "left": "on the left side", "centre": "in the centre", "right": "on the right side",
+_PLACE_PHRASES = {"upper-left": "in the upper-left corner", "upper": "at the top",
+                  "upper-right": "in the upper-right corner", "left": "on the left side",
+                  "centre": "in the centre", "right": "on the right side",
                   "lower-left": "in the lower-left corner", "lower": "at the bottom",
                   "lower-right": "in the lower-right corner"}
 

@@ -68,7 +68,8 @@ def llm_pack(root: Path, gguf: Path, **llm):
     target = root / "llm.gguf"
     if not target.exists():
         target.symlink_to(Path(gguf).resolve())
-    files = {"encoder": FileEntry(path="encoder.onnx", sha256="0" * 64), "llm": FileEntry(path="llm.gguf", sha256="0" * 64)}
+    files = {"encoder": FileEntry(path="encoder.onnx", sha256="0" * 64),
+             "llm": FileEntry(path="llm.gguf", sha256="0" * 64)}
     if llm.get("kind") == "anomalygpt":
         files["projector"] = FileEntry(path="projector.onnx", sha256="0" * 64)
         llm.setdefault("projector", "projector")
