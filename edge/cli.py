@@ -165,8 +165,9 @@ def cmd_ask(args) -> int:
             session = store.session(part_id)
         print(f"part {part_id}: {findings['summary']}", file=sys.stderr)
 
-        def say(question: str) -> None:
-            print(f"> {question}")
+        def say(question: str, echo: bool = True) -> None:
+            if echo:
+                print(f"> {question}")
             explainer.respond(store, part_id, question, on_token=lambda t: print(t, end="", flush=True))
             print()
 
@@ -185,7 +186,7 @@ def cmd_ask(args) -> int:
             if not question or question.lower() in ("quit", "exit"):
                 break
             try:
-                say(question)
+                say(question, echo=not sys.stdin.isatty())  # a terminal shows what was typed
             except EdgeError as e:
                 print(f"error: {e}", file=sys.stderr)
     return 0
