@@ -1,4 +1,4 @@
-"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo, run, console."""
+"""`anomaly-edge`: the one command. Subcommands: export, enroll, score, eval, demo, ask, run, console."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,16 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
 
 
 def _shots(value: str) -> int | None:
@@ -49,7 +59,7 @@ def cmd_export(args) -> int:
         taps = tuple(int(t) for t in args.taps.split(","))
     except ValueError:
         raise EdgeError(f"--taps must be comma-separated block indices, e.g. 4,10,14; got {args.taps!r}") from None
-    export_default(args.out, size=args.size, weights=args.weights, force=args.force, taps=taps)
+    export_default(args.out, size=args.size, weights=args.weights, force=args.force, taps=taps, llm=not args.no_llm)
     return 0
 
 
@@ -173,6 +183,59 @@ def cmd_console(args) -> int:
     return console_main(socket_path, args.user, False if args.no_colour else None)
 
 
+def cmd_ask(args) -> int:
+    import hashlib
+    from contextlib import closing
+
+    from .dialogue import DialogueStore
+    from .explain import Explainer
+    from .findings import describe
+    from .pack import load_pack
+    from .preprocess import read_image
+    from .prompts import FIRST_QUESTION
+    from .scorer import Scorer
+    from .state import load_state
+
+    pack = load_pack(args.pack)
+    scorer = Scorer.from_state(pack, load_state(args.state, pack))
+    image = read_image(args.image)
+    findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
+    part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"
+    explainer = Explainer(pack, n_threads=args.threads)
+    with closing(explainer), DialogueStore(args.db or Path(args.state) / "dialogue.sqlite") as store:
+        session = store.get(part_id)
+        if session is None or session.findings != findings:
+            store.open_session(part_id, findings)
+            session = store.session(part_id)
+        print(f"part {part_id}: {findings['summary']}", file=sys.stderr)
+
+        def say(question: str, echo: bool = True) -> None:
+            if echo:
+                print(f"> {question}")
+            explainer.respond(store, part_id, question, on_token=lambda t: print(t, end="", flush=True))
+            print()
+
+        for q, a in session.exchanges():
+            print(f"> {q}\n{a}")
+        if not session.turns:
+            say(FIRST_QUESTION)
+        if args.question is not None:
+            say(args.question)
+            return 0
+        while True:  # interactive: one question per line, until an empty line or end of input
+            try:
+                question = input("? ").strip()
+            except EOFError:
+                break
+            if not question or question.lower() in ("quit", "exit"):
+                break
+            try:
+                say(question, echo=not sys.stdin.isatty())  # a terminal shows what was typed
+            except EdgeError as e:
+                print(f"error: {e}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -194,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
     e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
+    e.add_argument("--no-llm", action="store_true", help="leave out the explanation LLM (scoring only)")
     e.set_defaults(func=cmd_export)
 
     n = sub.add_parser("enroll", help="build or extend a station's memory bank and threshold from good images")
@@ -233,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shots", type=_positive, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("ask", help="score one image and talk about it with the pack's LLM (session kept in SQLite)")
+    a.add_argument("--pack", required=True)
+    a.add_argument("--state", required=True)
+    a.add_argument("--image", required=True)
+    a.add_argument("--question", help="one follow-up question (default: interactive, one question per line)")
+    a.add_argument("--mm-per-pixel", type=_positive_float, help="the station's scale, for sizes in mm")
+    a.add_argument("--part-id", help="session key (default: image name and content hash)")
+    a.add_argument("--db", help="dialogue database (default: STATE/dialogue.sqlite)")
+    a.add_argument("--threads", type=_positive, default=1, help="LLM threads")
+    a.set_defaults(func=cmd_ask)
 
     r = sub.add_parser("run", help="the line service: capture, score every frame, MQTT, store, local API")
     r.add_argument("--config", required=True, help="station YAML (see configs/)")

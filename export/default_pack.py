@@ -9,13 +9,14 @@ when everything succeeded.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization,
+from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec, Normalization,
                        PackManifest, ScorerSpec, sha256_file)
 
 from . import assets
@@ -26,6 +27,7 @@ from .common import step as _step
 TAPS = (4, 10, 14)
 N_BLOCKS = 16  # MBConv blocks in EfficientNet-Lite0
 MAX_ABS_ERROR = 1e-4
+LLM_CONTEXT = 2048
 
 
 def build_encoder(weights: Path, taps=TAPS):
@@ -62,15 +64,24 @@ def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:
     return onnx_max_abs_error(model, path, {"image": batch}, ["features"])["features"]
 
 
+def fetch_llm(log) -> Path:
+    """The pinned explanation GGUF, or an ExportError that says how to export without it."""
+    try:
+        return assets.fetch(assets.SMOLLM2_135M, log=log)
+    except assets.AssetError as e:
+        raise ExportError(f"could not fetch the explanation model {assets.SMOLLM2_135M.requirement}: {e}\n"
+                          "export without it with --no-llm (the pack then scores but does not explain)") from None
+
+
 def export_default(out: str | Path, size: int = 224, weights: str | Path | None = None, force: bool = False,
-                   taps: tuple[int, ...] = TAPS) -> Path:
+                   taps: tuple[int, ...] = TAPS, llm: bool = True) -> Path:
     out = Path(out)
     prepare_out(out, force)
     if size < 32 or size % 32:
         raise ExportError(f"--size {size}: must be a multiple of 32 (the network's total stride)")
     if not taps or any(not 0 <= t < N_BLOCKS for t in taps) or list(taps) != sorted(set(taps)):
         raise ExportError(f"--taps must be increasing block indices in 0..{N_BLOCKS - 1}, got {taps}")
-    n = 5
+    n = 6 if llm else 5
     _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
     if weights is None:
         weights_path = assets.fetch(assets.EFFICIENTNET_LITE0, log=lambda m: print("      " + m, file=sys.stderr))
@@ -93,7 +104,17 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
         print(f"      max abs error {err:.2e} (limit {MAX_ABS_ERROR:.0e})", file=sys.stderr)
         if not err <= MAX_ABS_ERROR:
             raise ExportError(f"ONNX export differs from PyTorch by {err:.2e} > {MAX_ABS_ERROR:.0e}")
-        _step(5, n, f"writing the pack to {out}")
+        files = {"encoder": FileEntry(path="encoder.onnx", sha256=sha256_file(onnx_path))}
+        llm_spec, llm_provenance = None, {}
+        if llm:
+            _step(5, n, "fetching the explanation LLM, SmolLM2-135M-Instruct GGUF (pinned sha256)")
+            gguf = fetch_llm(lambda m: print("      " + m, file=sys.stderr))
+            shutil.copyfile(gguf, tmp / "llm.gguf")
+            files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
+            llm_spec = LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT)
+            llm_provenance = {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256,
+                              "llm_license": "Apache-2.0 (SmolLM2-135M-Instruct)"}
+        _step(n, n, f"writing the pack to {out}")
         for extra in tmp.glob("*.data"):
             extra.unlink()
         manifest = PackManifest(
@@ -104,16 +125,18 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             input=InputSpec(height=size, width=size, colour="rgb", channels=3,
                             normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3)),
-            files={"encoder": FileEntry(path="encoder.onnx", sha256=sha256_file(onnx_path))},
+            files=files,
             encoder=EncoderSpec(file="encoder", output="features", feature_shape=(channels, size // stride, size // stride),
                                 stride=stride, layers=layers, aggregation="avg3x3"),
             scorer=ScorerSpec(),
+            llm=llm_spec,
             provenance={
                 "weights": assets.EFFICIENTNET_LITE0.requirement,
                 "weights_sha256": assets.EFFICIENTNET_LITE0.member_sha256,
                 "weights_license": "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints)",
                 "export_max_abs_error": err,
                 "exporter": "anomaly-edge export default",
+                **llm_provenance,
             },
         )
         return manifest

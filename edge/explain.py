@@ -1,0 +1,416 @@
+"""Explanations of flagged parts: `Explainer` answers one question in a part's session; `ExplainWorker`
+serves flagged parts from a bounded queue on its own thread and llama context, off the frame path.
+
+    store = DialogueStore(state_dir / "dialogue.sqlite")
+    worker = ExplainWorker(pack, store, on_explanation=outbox_sink, queue_size=4, n_threads=1)
+    worker.start()
+    ...
+    if result.anomalous:
+        if not worker.submit(part_id, findings):     # never blocks
+            mark_part(part_id, "explanation pending") # kept in the store, explained when the queue drains
+    ...
+    worker.ask(part_id, "How big is it?")             # a technician's follow-up, same session
+    worker.stop()
+
+An answer = the runtime's own opening (yes/no from the verdict) + facts from the findings (size, place)
++ the model's description, each sentence checked against the findings (edge.prompts).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dialogue import DialogueStore, Session
+from .errors import EdgeError
+from .findings import Findings
+from .llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError
+from .pack import Pack
+from .prompts import (FIRST_QUESTION, AnomalyGptPrompt, ChatPrompt, checked_description, clean_question,
+                      fact_answer, fallback_description, intent, opening, region_description, sentences)
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION_START = " It looks like a"  # the model continues the runtime's opening from here
+FOLLOW_UP_SENTENCES = 2
+
+
+@dataclass
+class Answer:
+    text: str
+    source: str                   # "findings" (runtime only) or "findings+model"
+    n_tokens: int = 0             # tokens the model generated
+    compute_ms: float = 0.0
+    ttft_ms: float | None = None  # first model token
+    stop_reason: str | None = None
+    rejected: list[str] = field(default_factory=list)  # model sentences dropped by the check, and why
+
+
+class Explainer:
+    """Answers questions about a part from its session. Owns one llama context: use from one thread."""
+
+    def __init__(self, pack: Pack, n_threads: int = 1, max_tokens: int = 48, time_limit_s: float = 20.0,
+                 repeat_penalty: float = 1.1):
+        spec = pack.llm
+        if spec is None:
+            raise LlmError(f"pack {pack.model_id} ({pack.root}) has no llm section: it cannot explain parts")
+        self.pack = pack
+        self.max_tokens = int(max_tokens)
+        self.time_limit_s = float(time_limit_s)
+        self.repeat_penalty = repeat_penalty
+        self.model = LlamaModel(pack.file(spec.file))
+        try:
+            self.engine = LlamaEngine(self.model, n_ctx=spec.context_length, n_threads=n_threads)
+            if spec.kind == "chat":
+                self.prompt = ChatPrompt(self.model)
+            else:
+                if self.model.n_embd != spec.n_embd:
+                    raise LlmError(f"{self.model.path}: n_embd {self.model.n_embd}, but the pack's llm.n_embd is "
+                                   f"{spec.n_embd}")
+                self.prompt = AnomalyGptPrompt(self.model, spec.conversation, spec.n_prompt_embeddings)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def kind(self) -> str:
+        return self.pack.llm.kind
+
+    def answer(self, session: Session, question: str, on_token: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None) -> Answer:
+        """The answer to `question` in the session (not stored: the caller records the turn)."""
+        t0 = time.monotonic()
+        q = clean_question(question)
+        f = Findings.from_dict(session.findings)
+        emit = on_token or (lambda _: None)
+        kind = intent(q)
+        facts = fact_answer(f, kind)
+        if facts is not None:
+            emit(facts)
+            return Answer(facts, "findings", compute_ms=_ms(t0))
+        if f.verdict != "anomalous" or not f.regions:
+            text = opening(f)
+            emit(text)
+            return Answer(text, "findings", compute_ms=_ms(t0))
+        if kind == "verdict":
+            start, focus, n_sentences = opening(f), f.regions[:1], 1
+            fallback = region_description(f.regions[0], f)
+            emit(start)
+        else:
+            start, focus, n_sentences = "", f.regions, FOLLOW_UP_SENTENCES
+            fallback = fallback_description(f)
+        model_start = (start + DESCRIPTION_START) if kind == "verdict" else ""
+        gate = _SentenceGate(f, focus, n_sentences, emit, lead=" " if start else "",
+                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "")
+        g = self.engine.generate(self._segments(session, q, model_start), max_tokens=self.max_tokens,
+                                 time_limit_s=self.time_limit_s, cancel=cancel, on_token=gate.feed,
+                                 stop=self.prompt.stop, repeat_penalty=self.repeat_penalty)
+        described = gate.close()
+        if g.stop_reason == "cancelled":
+            raise Cancelled(f"part {session.part_id}: explanation cancelled")
+        source = "findings+model" if described else "findings"
+        if not described:
+            gate.emit_text(fallback)
+            described = fallback
+        text = " ".join(s for s in (start, described) if s)
+        return Answer(text, source, n_tokens=len(g.tokens), compute_ms=_ms(t0),
+                      ttft_ms=None if np.isnan(g.ttft_s) else g.ttft_s * 1000, stop_reason=g.stop_reason,
+                      rejected=gate.problems)
+
+    def respond(self, store: DialogueStore, part_id: str, question: str,
+                on_token: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
+        """Answer in the part's stored session and record the exchange (a pending session becomes done)."""
+        session = store.session(part_id)
+        answer = self.answer(session, question, on_token, cancel)
+        store.add_turn(part_id, "user", clean_question(question))
+        store.add_turn(part_id, "assistant", answer.text, {"source": answer.source, "n_tokens": answer.n_tokens,
+                                                           "compute_ms": answer.compute_ms,
+                                                           "rejected": answer.rejected})
+        if session.status != "done":
+            store.set_status(part_id, "done")
+        return answer
+
+    def _segments(self, session: Session, question: str, answer_start: str):
+        f = Findings.from_dict(session.findings)
+        turns = session.exchanges()
+        while True:
+            if self.kind == "chat":
+                segs = [self.prompt.tokens(f, turns, question, answer_start)]
+            else:
+                if session.embeddings is None:
+                    raise LlmError(f"part {session.part_id}: no image and prompt embeddings were submitted, "
+                                   "and this AnomalyGPT pack needs them")
+                segs = self.prompt.segments(*session.embeddings, turns, question, answer_start)
+            n = sum(len(s) for s in segs)
+            if n + self.max_tokens <= self.engine.n_ctx or not turns:
+                break
+            turns = turns[1:]  # the oldest exchange goes first; the findings always stay
+        if n + self.max_tokens > self.engine.n_ctx:
+            raise ContextOverflow(f"part {session.part_id}: the prompt takes {n} tokens and the answer up to "
+                                  f"{self.max_tokens}, more than the {self.engine.n_ctx}-token context of "
+                                  f"{self.model.path.name}")
+        return segs
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+        self.model.close()
+
+
+class Cancelled(EdgeError):
+    """An explanation was interrupted (the worker is stopping); the part stays pending."""
+
+
+class _SentenceGate:
+    """Passes the model's text on sentence by sentence, only sentences that hold up against the findings."""
+
+    def __init__(self, f: Findings, regions, max_sentences: int, emit, lead: str, prefix: str):
+        self.f, self.regions, self.max, self.emit = f, regions, max_sentences, emit
+        self.lead, self.buffer = lead, prefix
+        self.kept: list[str] = []
+        self.problems: list[str] = []
+
+    def feed(self, piece: str) -> None:
+        self.buffer += piece
+        done = sentences(self.buffer)
+        if len(done) > 1:  # all but the last are complete
+            for s in done[:-1]:
+                self._judge(s)
+            self.buffer = done[-1]
+
+    def _judge(self, sentence: str) -> None:
+        if len(self.kept) >= self.max:
+            return
+        kept, problems = checked_description(sentence, self.f, 1, self.regions)
+        self.problems += problems
+        if kept:
+            self.emit_text(kept)
+            self.kept.append(kept)
+
+    def emit_text(self, text: str) -> None:
+        self.emit(self.lead + text)
+        self.lead = " "
+
+    def close(self) -> str:
+        if self.buffer.strip():
+            self._judge(self.buffer.strip())
+        self.buffer = ""
+        return " ".join(self.kept)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread, inherited by llama.cpp's compute threads it
+    starts), so that on a busy CPU the frame loop wins the cores and the LLM takes what is left."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or not permitted: run at normal priority
+        log.info("explain worker keeps its priority (%s)", e)
+
+
+def _ms(t0: float) -> float:
+    return round((time.monotonic() - t0) * 1000, 1)
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- the worker ----------------------------------------------------------------------------------------
+
+class ExplainWorker:
+    """Explains flagged parts on its own thread and llama context, from a bounded queue.
+
+    `submit` never waits: the part's session is written to the store (status pending) and its id put on
+    the queue; when the queue is full it returns False and the part stays pending in the store, to be
+    explained when the queue drains (or after a restart). `ask` puts a technician's follow-up ahead of
+    the queue and waits for the answer."""
+
+    IDLE_POLL_S = 0.2
+
+    def __init__(self, pack: Pack, store: DialogueStore, on_explanation: Callable[[dict], None],
+                 queue_size: int = 4, n_threads: int = 1, max_tokens: int = 48, time_limit_s: float = 20.0,
+                 question: str = FIRST_QUESTION, nice: int = 10):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if pack.llm is None:
+            raise LlmError(f"pack {pack.model_id} ({pack.root}) has no llm section: it cannot explain parts")
+        self.pack = pack
+        self.store = store
+        self.on_explanation = on_explanation
+        self.question = clean_question(question)
+        self.nice = int(nice)
+        self._settings = dict(n_threads=n_threads, max_tokens=max_tokens, time_limit_s=time_limit_s)
+        self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
+        self._asks: queue.Queue[tuple] = queue.Queue()
+        self._stop = threading.Event()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._explainer: Explainer | None = None
+        self._check_store = threading.Event()
+        self._lock = threading.Lock()
+        self._submitted_at: dict[str, float] = {}
+        self._stats = {"overflowed": 0, "explained": 0, "failed": 0, "last_latency_ms": None,
+                       "last_compute_ms": None, "busy": False}
+
+    # -- life cycle --------------------------------------------------------------------------------------
+
+    def start(self) -> "ExplainWorker":
+        """Load the model (errors surface here) and start the thread; pending parts from before are served."""
+        if self._thread is not None:
+            raise EdgeError("ExplainWorker already started")
+        self._explainer = Explainer(self.pack, **self._settings)
+        self._stop.clear()
+        self._cancel.clear()
+        self._check_store.set()
+        self._thread = threading.Thread(target=self._run, name="explain-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after cancelling the explanation in progress (its part stays pending); close the model."""
+        self._stop.set()
+        self._cancel.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("explain worker did not stop within %.1f s", timeout)
+                return  # it still holds the llama context: leave it to the interpreter's exit
+        if self._explainer is not None:
+            self._explainer.close()
+            self._explainer = None
+
+    def __enter__(self) -> "ExplainWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- frame side -----------------------------------------------------------------------------------------
+
+    def submit(self, part_id: str, findings: Findings | dict,
+               embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """Queue a flagged part for explanation. Never waits for the LLM: returns False when the queue is
+        full, and the part is then pending in the store and explained later."""
+        doc = findings.to_dict() if isinstance(findings, Findings) else dict(findings)
+        if self.pack.llm.kind == "anomalygpt" and embeddings is None:
+            raise LlmError(f"part {part_id}: this AnomalyGPT pack needs the image and prompt embeddings "
+                           "(submit(..., embeddings=(image_rows, prompt_rows)))")
+        self.store.open_session(part_id, doc, embeddings)
+        with self._lock:
+            self._submitted_at[part_id] = time.time()
+        try:
+            self._queue.put_nowait(part_id)
+            return True
+        except queue.Full:
+            with self._lock:
+                self._stats["overflowed"] += 1
+            self._check_store.set()
+            return False
+
+    # -- console side ---------------------------------------------------------------------------------------
+
+    def ask(self, part_id: str, question: str, on_token: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> str:
+        """A follow-up in the part's session (recorded in the store); waits for the worker's answer."""
+        clean_question(question)  # refuse bad questions here, not on the worker
+        self.store.session(part_id)
+        if self._thread is None or not self._thread.is_alive():
+            raise EdgeError("ExplainWorker is not running: start() it first")
+        future: Future = Future()
+        self._asks.put((part_id, question, on_token, future))
+        return future.result(timeout)
+
+    def stats(self) -> dict:
+        counts = self.store.counts()
+        with self._lock:
+            s = dict(self._stats)
+        return {"queue_depth": self._queue.qsize(), "queue_size": self._queue.maxsize, "pending": counts["pending"],
+                "done": counts["done"], "failed": counts["failed"], **s}
+
+    # -- the thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        lower_thread_priority(self.nice)
+        while not self._stop.is_set():
+            try:
+                job = self._asks.get_nowait()
+            except queue.Empty:
+                job = None
+            if job is not None:
+                self._serve_ask(*job)
+                continue
+            part_id = self._next_part()
+            if part_id is not None:
+                self._explain(part_id)
+
+    def _next_part(self) -> str | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        if self._check_store.is_set():
+            waiting = self.store.pending(limit=1)
+            if waiting:
+                return waiting[0]
+            self._check_store.clear()
+        try:
+            return self._queue.get(timeout=self.IDLE_POLL_S)
+        except queue.Empty:
+            return None
+
+    def _explain(self, part_id: str) -> None:
+        session = self.store.get(part_id)
+        if session is None or session.status != "pending":
+            return  # served already (it was both queued and found pending in the store)
+        with self._lock:
+            self._stats["busy"] = True
+            submitted = self._submitted_at.pop(part_id, session.created)
+        try:
+            answer = self._explainer.respond(self.store, part_id, self.question, cancel=self._cancel)
+        except Cancelled:
+            return
+        except Exception as e:  # a bad part must not stop the worker
+            log.warning("explanation of part %s failed: %s", part_id, e)
+            self.store.set_status(part_id, "failed", f"{type(e).__name__}: {e}")
+            with self._lock:
+                self._stats["failed"] += 1
+            return
+        finally:
+            with self._lock:
+                self._stats["busy"] = False
+        latency = round((time.time() - submitted) * 1000, 1)
+        with self._lock:
+            self._stats.update(explained=self._stats["explained"] + 1, last_latency_ms=latency,
+                               last_compute_ms=answer.compute_ms)
+        message = {"part_id": part_id, "question": self.question, "answer": answer.text,
+                   "verdict": session.findings.get("verdict"), "model_id": self.pack.model_id,
+                   "llm": self.pack.manifest.files[self.pack.llm.file].path, "source": answer.source,
+                   "n_tokens": answer.n_tokens, "latency_ms": latency, "compute_ms": answer.compute_ms,
+                   "time": _now_iso()}
+        try:
+            self.on_explanation(message)
+        except Exception:
+            log.exception("on_explanation failed for part %s", part_id)
+
+    def _serve_ask(self, part_id: str, question: str, on_token, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            if self.store.session(part_id).status == "pending":
+                self._explain(part_id)  # the first explanation comes first, and is published
+            answer = self._explainer.respond(self.store, part_id, question, on_token, self._cancel)
+            future.set_result(answer.text)
+        except Exception as e:
+            future.set_exception(e)
