@@ -6,7 +6,9 @@ on a TCP port. The technician console and scripts use it; it never blocks the fr
     GET  /parts/<id>                           one part: findings, explanation, files, feedback
     POST /parts/<id>/feedback  {"label": "defect"|"false_alarm", "by": "jane", "note": "...",
                                 "enroll": true}  (enroll: add the image to the good references now)
-    POST /parts/<id>/ask       {"question": "How big is it?"}   (when the pack has a language model)
+    POST /parts/<id>/ask       {"question": "How big is it?", "stream": false}   (when the pack has a
+                               language model; with "stream": true the answer comes as NDJSON lines
+                               {"token": "..."} ... then {"done": true, "answer": "..."} or {"error": ...})
     POST /reload                               re-read the config and station state
 
 Errors come back as {"error": "..."} with 400 (bad request), 404 (unknown part or path) or 503.
@@ -76,12 +78,36 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError("request body must be a JSON object", 400)
         return body
 
+    def _stream(self, stream: "Stream") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def emit(event: dict) -> None:
+            line = (json.dumps(event, default=str) + "\n").encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+
+        try:
+            emit({"done": True, **stream.run(emit)})
+        except EdgeError as e:
+            emit({"error": str(e)})
+        except Exception as e:
+            log.exception("api: stream %s failed", self.path)
+            emit({"error": f"internal error: {e}"})
+        self.wfile.write(b"0\r\n\r\n")
+
     def _dispatch(self, method: str) -> None:
         url = urlparse(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
         try:
             body = self._body() if method == "POST" else {}
-            self._send(200, route(self.runtime, method, parts, parse_qs(url.query), body))
+            out = route(self.runtime, method, parts, parse_qs(url.query), body)
+            if isinstance(out, Stream):
+                self._stream(out)
+                return
+            self._send(200, out)
         except ApiError as e:
             self._send(e.status or 400, {"error": str(e)})
         except StoreError as e:
@@ -97,6 +123,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+
+class Stream:
+    """A response sent as NDJSON while it is produced: `run(emit)` calls emit(event) and returns the
+    final event's fields."""
+
+    def __init__(self, run):
+        self.run = run
 
 
 def _number(query: dict, key: str, kind=float):
@@ -130,16 +164,36 @@ def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> di
             return feedback(runtime, part_id, body)
         if method == "POST" and parts[2:] == ["ask"]:
             if runtime.explainer is None:
-                raise ApiError("this station has no language model (the pack has no llm section or "
-                               "explain.enabled is false)", 503)
-            question = body.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise ApiError("ask: give a non-empty 'question'", 400)
-            runtime.store.get(part_id)
-            return {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(part_id, question)}
+                why = (f"its language model could not be started: {runtime.explain_error}" if runtime.explain_error
+                       else "the pack has no llm section or explain.enabled is false")
+                raise ApiError(f"this station has no language model ({why})", 503)
+            return ask(runtime, part_id, body)
     if method == "POST" and parts == ["reload"]:
         return runtime.reload()
     raise ApiError(f"no such endpoint: {method} /{'/'.join(parts)}", 404)
+
+
+def ask(runtime, part_id: str, body: dict):
+    from .dialogue import DialogueError
+    from .prompts import clean_question
+
+    unknown = set(body) - {"question", "stream"}
+    if unknown:
+        raise ApiError(f"ask: unknown keys {sorted(unknown)} (question, stream)", 400)
+    question = body.get("question")
+    if not isinstance(question, str):
+        raise ApiError("ask: give a 'question'", 400)
+    clean_question(question)  # empty or over-long questions are refused here, with the reason
+    row = runtime.store.get(part_id)
+    try:
+        runtime.explainer.store.session(part_id)
+    except DialogueError:
+        raise ApiError(f"part {part_id!r} has no explanation session: only flagged parts are explained "
+                       f"(this one is {row['verdict']})", 400) from None
+    if body.get("stream"):
+        return Stream(lambda emit: {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(
+            part_id, question, on_token=lambda t: emit({"token": t}), timeout=120)})
+    return {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(part_id, question, timeout=120)}
 
 
 def feedback(runtime, part_id: str, body: dict) -> dict:
@@ -237,6 +291,30 @@ class ApiClient:
         if response.status != 200:
             raise ApiError(payload.get("error", f"HTTP {response.status}"), response.status)
         return payload
+
+    def stream(self, path: str, body: dict, on_event) -> dict:
+        """POST and read an NDJSON stream: on_event(event) for each line; returns the final event."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                payload = json.loads(response.read() or b"{}")
+                raise ApiError(payload.get("error", f"HTTP {response.status}"), response.status)
+            while line := response.readline():
+                event = json.loads(line)
+                if "error" in event:
+                    raise ApiError(event["error"], 400)
+                if event.get("done"):
+                    return event
+                on_event(event)
+            raise ApiError(f"station API at {self.socket_path}: the answer stopped before it was complete")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ApiError(f"the station service is not running (no API at {self.socket_path})") from None
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
+            raise ApiError(f"station API at {self.socket_path}: {e}") from None
+        finally:
+            conn.close()
 
     def get(self, path: str) -> dict:
         return self.request("GET", path)

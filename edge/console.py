@@ -162,8 +162,17 @@ class Console:
         p = self._open_part("ask")
         if not question.strip():
             raise EdgeError("ask: type a question after ask, e.g. ask How big is it?")
-        answer = self.api.post(f"/parts/{p['part_id']}/ask", {"question": question})
-        self.say(answer["answer"])
+        streamed = []
+
+        def show(event: dict) -> None:
+            streamed.append(event["token"])
+            print(event["token"], end="", file=self.out, flush=True)
+
+        final = self.api.stream(f"/parts/{p['part_id']}/ask", {"question": question, "stream": True}, show)
+        if not streamed:
+            self.say(final["answer"])
+        else:
+            self.say()
 
     def do_feedback(self, label: str, args: list[str]) -> None:
         p = self._open_part(label.replace("_", "-"))

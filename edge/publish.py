@@ -146,7 +146,8 @@ class MqttPublisher:
             return
         self._closing = True
         deadline = time.monotonic() + flush_timeout
-        while self._connected.is_set() and self.outbox.size() > 0 and time.monotonic() < deadline:
+        # Also while (re)connecting: the broker may be back and paho between two reconnect attempts.
+        while self.outbox.size() > 0 and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.02)
         self._stop.set()

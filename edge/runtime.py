@@ -168,6 +168,8 @@ class Runtime:
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
+        self.explain_error: str | None = None
+        self._projector = None
         self.api = None
         self.notifier = SystemdNotifier()
 
@@ -231,15 +233,26 @@ class Runtime:
         return self
 
     def _start_explainer(self) -> None:
-        """The LLM worker, when the pack has a language model and explanations are enabled."""
-        if not (self.config.explain.enabled and getattr(self.pack, "llm", None)):
+        """The LLM worker, when the pack has a language model and explanations are enabled. A model
+        that cannot be loaded turns explanations off (logged, in health); the line keeps running."""
+        spec = self.config.explain
+        if not (spec.enabled and self.pack.llm is not None):
             return
         try:
-            from .explain import start_worker
-        except ImportError as e:
-            log.warning("explanations off: %s", e)
-            return
-        self.explainer = start_worker(self)
+            from .dialogue import DialogueStore
+            from .explain import ExplainWorker
+
+            if self.pack.llm.kind == "anomalygpt":
+                from .anomalygpt import Projector
+
+                self._projector = Projector(self.pack, threads=1)
+            store = DialogueStore(Path(self.config.storage.dir) / "dialogue.sqlite")
+            self.explainer = ExplainWorker(self.pack, store, self.on_explanation, queue_size=spec.queue_size,
+                                           n_threads=spec.threads, max_tokens=spec.max_tokens,
+                                           time_limit_s=spec.time_limit_s).start()
+        except (ImportError, EdgeError) as e:
+            self.explain_error = str(e)
+            log.error("explanations off: %s", e)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop capturing, score and output what is queued, flush the outbox, close everything."""
@@ -259,6 +272,7 @@ class Runtime:
             t.join(max(0.1, deadline - time.monotonic()))
         if self.explainer is not None:
             self.explainer.stop(timeout=2.0)
+            self.explainer.store.close()
         if self.api is not None:
             self.api.stop()
         if self.publisher is not None:
@@ -461,7 +475,18 @@ class Runtime:
                             findings, files, messages if self.publisher is not None else None)
         self._publish_part(p.part_id, messages)
         if flagged and self.explainer is not None:
-            self.explainer.submit(p.part_id, findings)
+            self._submit_explanation(p.part_id, findings, r)
+
+    def _submit_explanation(self, part_id: str, findings: dict, result) -> None:
+        try:
+            embeddings = self._projector.embeddings(result) if self._projector is not None else None
+            queued = self.explainer.submit(part_id, findings, embeddings)
+        except EdgeError as e:
+            log.warning("part %s not explained: %s", part_id, e)
+            self.store.set_explanation_waiting(part_id, "failed")
+            return
+        # A full queue keeps the part pending in the dialogue store; the worker comes back to it.
+        self.store.set_explanation_waiting(part_id, "queued" if queued else "pending")
 
     def _publish_part(self, part_id: str, messages: list) -> None:
         if self.publisher is None:
@@ -608,7 +633,8 @@ class Runtime:
             "broker": pub,
             "storage": {"parts": self.store.count(), "files_mb": round(self.store.files_bytes / 1e6, 2),
                         "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
-            "explain": self.explainer.stats() if self.explainer is not None else None,
+            "explain": self.explainer.stats() if self.explainer is not None else (
+                {"error": self.explain_error} if self.explain_error else None),
         }
 
     def _status_line(self) -> str:

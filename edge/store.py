@@ -149,6 +149,11 @@ class TraceStore(SqliteStore):
         self._sql("UPDATE parts SET explanation = COALESCE(?, explanation), explanation_status = ? WHERE part_id = ?",
                   (text, status, part_id))
 
+    def set_explanation_waiting(self, part_id: str, status: str) -> None:
+        """queued / pending / failed, unless the explanation has already arrived."""
+        self._sql("UPDATE parts SET explanation_status = ? WHERE part_id = ? AND explanation IS NULL",
+                  (status, part_id))
+
     def set_feedback(self, part_id: str, label: str, by: str, note: str | None = None) -> dict:
         if label not in FEEDBACK_LABELS:
             raise StoreError(f"feedback label {label!r} is not one of {', '.join(FEEDBACK_LABELS)}")

@@ -65,13 +65,15 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         time.sleep(0.3)
         trigger(broker.port, "P-1")
         wait_until(lambda: len(api.get("/parts?limit=5")["parts"]) == 1, 30, "part P-1 scored")
+        wait_until(lambda: api.get("/parts/P-1")["explanation"], 60, "P-1's explanation")
         child = spawn_console(sock)
         command(child, "ask", "error: ask: open a part first")
-        command(child, "list", r"P-1\s+\d\d:\d\d:\d\d\s+[\d.]+ FLAGGED\s+Anomalous")
-        command(child, "open P-1", "verdict anomalous", "Region 1: ", "#", "overlay: .*overlay.jpg")
+        command(child, "list", r"P-1\s+\d\d:\d\d:\d\d\s+[\d.]+ FLAGGED\s+Yes")
+        command(child, "open P-1", "verdict anomalous", "Region 1: ", "explanation: Yes", "#", "overlay: .*overlay.jpg")
         command(child, "open NOPE-7", "error: no part with id 'NOPE-7'")
         command(child, "ask   ", "type a question after ask")
-        command(child, "ask what is it?", "no language model")
+        command(child, "ask How big is it?", r"\d mm")
+        command(child, "ask Where exactly?", r"(upper|lower|left|right|centre)")
         command(child, "list --since yesterday", "cannot read the time 'yesterday'")
         command(child, "frobnicate", "unknown command 'frobnicate'")
         command(child, "false-alarm --enroll", "enrolling the part as good", "recorded: P-1 is a false alarm",
@@ -85,6 +87,16 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         service.send_signal(signal.SIGTERM)
         service.wait(30)
         command(child, "status", "the station service is not running")
+        service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: sock.exists() and api.get("/health")["state"] == "online", 60, "the restarted service")
+        command(child, "ask Is it a defect?", "Yes")  # the part and its dialogue survive the restart
+        child.expect(r"\[P-1\]>")  # the answer is complete (and recorded) when the prompt is back
+        turns = _turns(tmp_path, "P-1")
+        assert [q for role, q in turns if role == "user"] == [
+            "Is there an anomaly in the image?", "How big is it?", "Where exactly?", "Is it a defect?"]
+        service.send_signal(signal.SIGTERM)
+        service.wait(30)
         command(child, "help", "list \\[anomalous")  # still usable
         child.sendline("quit")
         child.expect(pexpect.EOF)
@@ -95,6 +107,13 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
             child.terminate(force=True)
         if service.poll() is None:
             service.kill()
+
+
+def _turns(tmp_path: Path, part_id: str) -> list[str]:
+    from edge.dialogue import DialogueStore
+
+    with DialogueStore(tmp_path / "var" / "dialogue.sqlite") as store:
+        return [(t.role, t.text) for t in store.session(part_id).turns]
 
 
 def test_time_filters_read_relative_and_iso_times():

@@ -107,6 +107,7 @@ def test_broker_killed_mid_stream_loses_no_result_and_keeps_order(broker, tmp_pa
     time.sleep(1.0)
     assert rt.health()["broker"]["outbox_size"] > 0
     broker.start()
+    wait_until(lambda: rt.health()["broker"]["outbox_size"] == 0, 60, "the outbox to drain")
     finish(rt)
     got = wait_results(sub, 80, timeout=40)
     assert [r["source"]["index"] for r in got] == list(range(80))
@@ -272,7 +273,8 @@ def test_a_source_that_dies_and_comes_back_is_reported_and_resumes(broker, tmp_p
 
 @pytest.mark.timeout(120)
 def test_local_api_lists_opens_and_takes_feedback(broker, tmp_path, default_pack_dir, enrolled_state):
-    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(20)))
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(20),
+                            explain={"enabled": False}))
     try:
         wait_until(lambda: rt._source_done.is_set() and rt.counts["parts"] == 20, 60, "20 parts")
         api = ApiClient(tmp_path / "var" / "api.sock")
@@ -345,5 +347,67 @@ def test_reload_applies_live_keys_and_names_the_ones_needing_a_restart(broker, t
         with pytest.raises(Exception, match="unknown kind 'nonsense'"):
             rt.reload()
         assert rt.health()["state"] == "online"  # a bad file leaves the running config alone
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(240)
+def test_flagged_parts_are_explained_stored_and_published_and_a_full_queue_only_delays(
+        broker, tmp_path, default_pack_dir, enrolled_state):
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(40),
+                            explain={"queue_size": 1, "max_tokens": 32}))
+    try:
+        got = wait_results(sub, 40, timeout=90)
+        flagged = [r for r in got if r["verdict"] == "anomalous"]
+        normal = [r for r in got if r["verdict"] == "normal"]
+        assert len(flagged) >= 3
+        statuses = {p["part_id"]: p["explanation_status"] for p in rt.store.query(limit=100)}
+        assert "pending" in statuses.values(), "a burst into a queue of 1 should leave parts pending"
+        wait_until(lambda: len(sub.unique_by_topic().get("test/s1/explanation", [])) >= len(flagged), 150,
+                   "an explanation for every flagged part")
+        explanations = {e["part_id"]: e for e in sub.unique_by_topic()["test/s1/explanation"]}
+        assert set(explanations) == {r["part_id"] for r in flagged}
+        for e in explanations.values():
+            assert e["answer"].startswith("Yes") and e["question"] == "Is there an anomaly in the image?"
+            assert rt.store.get(e["part_id"])["explanation"] == e["answer"]
+        assert all(rt.store.get(r["part_id"])["explanation"] is None for r in normal)
+        part = flagged[0]["part_id"]
+        api = ApiClient(tmp_path / "var" / "api.sock")
+        size = api.post(f"/parts/{part}/ask", {"question": "How big is it?"})["answer"]
+        assert "mm" in size
+        with pytest.raises(ApiError, match="only flagged parts are explained"):
+            api.post(f"/parts/{normal[0]['part_id']}/ask", {"question": "Is it ok?"})
+        with pytest.raises(ApiError, match="question is empty"):
+            api.post(f"/parts/{part}/ask", {"question": "   "})
+        with pytest.raises(ApiError, match="characters long"):
+            api.post(f"/parts/{part}/ask", {"question": "why " * 2500})
+        tokens = []
+        final = api.stream(f"/parts/{part}/ask", {"question": "Where exactly?", "stream": True}, tokens.append)
+        assert "".join(t["token"] for t in tokens).strip() == final["answer"].strip()
+        assert rt.health()["explain"]["done"] >= len(flagged)
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_gguf_that_does_not_load_turns_explanations_off_and_the_line_keeps_running(
+        broker, tmp_path, default_pack_dir, enrolled_state):
+    pack = tmp_path / "pack"
+    shutil.copytree(default_pack_dir, pack, symlinks=True)
+    manifest = yaml.safe_load((pack / "pack.yaml").read_text())
+    gguf = pack / manifest["files"]["llm"]["path"]
+    gguf.unlink()
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)  # truncated
+    from edge.pack import sha256_file
+
+    manifest["files"]["llm"]["sha256"] = sha256_file(gguf)
+    (pack / "pack.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, pack, enrolled_state, broker.port, synthetic(10)))
+    try:
+        assert len(wait_results(sub, 10)) == 10
+        h = rt.health()
+        assert rt.explainer is None and str(gguf) in h["explain"]["error"]
     finally:
         rt.stop()
