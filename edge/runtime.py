@@ -328,7 +328,11 @@ class Runtime:
                     next_due = max(next_due + self.config.trigger.interval_s, now)
             elif not live:
                 self._queue.wait_for_room(self._stop)
-            frame = self.source.read()
+            try:
+                frame = self.source.read()
+            except EdgeError as e:  # SourceError: misconfigured, retrying will not help
+                log.error("source %s failed: %s", self.source.name, e)
+                frame = None
             if frame is None:
                 for part_id, _, request_id in pending:
                     self._reply("trigger", request_id, False, error=f"source {self.source.name} has ended; "

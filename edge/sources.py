@@ -30,6 +30,17 @@ class SourceLost(EdgeError):
     """The camera, stream or folder cannot be read now; it may come back."""
 
 
+class SourceError(EdgeError):
+    """The source cannot work as configured (retrying will not help)."""
+
+
+def gstreamer_available() -> bool:
+    import re
+
+    found = re.search(r"GStreamer:\s*(\S+)", cv2.getBuildInformation())
+    return bool(found and found.group(1).upper() != "NO")
+
+
 @dataclass
 class Frame:
     image: np.ndarray
@@ -66,6 +77,10 @@ class CaptureSource:
         self._index = 0
 
     def open(self) -> None:
+        if self.api == cv2.CAP_GSTREAMER and not gstreamer_available():
+            # Retrying would never help: say so once, as a configuration error.
+            raise SourceError(f"{self.name}: this OpenCV ({cv2.__version__}) was built without GStreamer; use a build "
+                              "with it (e.g. JetPack's python3-opencv) or another source kind")
         if isinstance(self.target, Path) and not self.target.is_file():
             raise SourceLost(f"{self.name}: {self.target} does not exist")
         cap = cv2.VideoCapture(self.target if not isinstance(self.target, Path) else str(self.target), self.api)
@@ -190,7 +205,8 @@ def make_source(spec):
 class ReconnectingSource:
     """Wraps a source: opens it, reopens it with exponential backoff when lost, reports its state.
 
-    States: connecting, streaming, lost (waiting to retry), ended (a finite stream is done), stopped.
+    States: connecting, streaming, lost (waiting to retry), ended (a finite stream is done), failed (a
+    configuration that cannot work: `read` raises SourceError), stopped.
     `on_state(state, detail)` is called on every change (from the capture thread).
     """
 
@@ -230,6 +246,9 @@ class ReconnectingSource:
                 except SourceLost as e:
                     self._lost(str(e))
                     continue
+                except SourceError as e:
+                    self._set("failed", str(e))
+                    raise
             try:
                 frame = self.source.read()
             except SourceLost as e:

@@ -309,6 +309,7 @@ def test_service_notifies_systemd_and_stops_cleanly_on_sigterm(broker, tmp_path,
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(60)
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=10))
+    sub = Subscriber(broker.port, "test/s1/#")
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -317,6 +318,9 @@ def test_service_notifies_systemd_and_stops_cleanly_on_sigterm(broker, tmp_path,
         while not ({"READY=1", "WATCHDOG=1"} <= set(seen) and any(s.startswith("STATUS=") for s in seen)):
             seen += notify.recv(4096).decode().split("\n")
         wait_until(lambda: TraceStore(tmp_path / "var").count() >= 5, 60, "5 parts")
+        proc.send_signal(signal.SIGHUP)  # systemctl reload
+        wait_until(lambda: any(r["command"] == "reload" and r["ok"]
+                               for r in sub.unique_by_topic().get("test/s1/reply", [])), 30, "the reload's reply")
         proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in seen:
             seen += notify.recv(4096).decode().split("\n")

@@ -98,3 +98,43 @@ def test_a_folder_that_disappears_and_comes_back_is_reopened_with_backoff(tmp_pa
     assert got and got[0] is not None, "no frame after the folder came back"
     assert states[:1] == ["streaming"] and "lost" in states and states[-1] == "streaming"
     src.close()
+
+
+def test_gstreamer_without_gstreamer_in_opencv_fails_once_with_the_reason():
+    from edge.config import GstreamerSource
+    from edge.sources import SourceError, gstreamer_available
+
+    if gstreamer_available():
+        pytest.skip("this OpenCV has GStreamer")
+    states = []
+    src = ReconnectingSource(make_source(GstreamerSource(kind="gstreamer", pipeline="videotestsrc ! appsink")),
+                             on_state=lambda s, d: states.append(s))
+    with pytest.raises(SourceError, match="built without GStreamer"):
+        src.read()
+    assert states == ["failed"]
+
+
+@pytest.mark.timeout(60)
+def test_an_http_stream_is_read_as_a_live_source(tmp_path):
+    import functools
+    import http.server
+
+    from edge.config import StreamSource
+
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(5):
+        writer.write(np.full((48, 64, 3), 50 * i, np.uint8))
+    writer.release()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/line.avi"
+    src = ReconnectingSource(make_source(StreamSource(kind="rtsp", url=url)), initial_delay_s=0.05)
+    try:
+        frames = [src.read() for _ in range(5)]
+        assert [round(f.image.mean() / 50) for f in frames] == [0, 1, 2, 3, 4] and src.live
+    finally:
+        server.shutdown()
+        server.server_close()
