@@ -21,6 +21,15 @@ def write_parts(folder: Path, n: int, start: int = 0) -> list[np.ndarray]:
     return images
 
 
+def write_video(path: Path, n: int, step: int) -> Path:
+    """An MJPG video of n flat frames of grey i * step (MJPG is lossy: compare rounded means)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(n):
+        writer.write(np.full((48, 64, 3), step * i, np.uint8))
+    writer.release()
+    return path
+
+
 def read_all(source, limit: int = 1000) -> list:
     frames = []
     while len(frames) < limit and (f := source.read()) is not None:
@@ -48,11 +57,7 @@ def test_corrupt_and_empty_frames_are_counted_and_skipped(tmp_path):
 
 
 def test_video_file_frames_and_loop(tmp_path):
-    path = tmp_path / "line.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
-    for i in range(6):
-        writer.write(np.full((96, 128, 3), 40 * i, np.uint8))
-    writer.release()
+    path = write_video(tmp_path / "line.avi", 6, 40)
     once = read_all(ReconnectingSource(make_source(FileSource(kind="file", path=path))))
     assert len(once) == 6
     assert [round(f.image.mean() / 40) for f in once] == [0, 1, 2, 3, 4, 5]  # MJPG is lossy, order is not
@@ -121,11 +126,7 @@ def test_an_http_stream_is_read_as_a_live_source(tmp_path):
 
     from edge.config import StreamSource
 
-    path = tmp_path / "line.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for i in range(5):
-        writer.write(np.full((48, 64, 3), 50 * i, np.uint8))
-    writer.release()
+    write_video(tmp_path / "line.avi", 5, 50)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
