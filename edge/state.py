@@ -27,6 +27,7 @@ from .errors import StateError
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, image_scores, pack_maps
+from .student import StudentSpec
 
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
@@ -43,6 +44,8 @@ class StationState:
     calibration: Calibration
     references: list[str] = field(default_factory=list)  # file names under good/ (may be empty in memory)
     info: dict = field(default_factory=dict)
+    student: StudentSpec | None = None  # the learned scorer, when trained (enroll --scorer student)
+    root: Path | None = None  # the folder it was loaded from or saved to
 
     def save(self, root: str | Path) -> Path:
         """Write the bank under a content-addressed name, then point state.yaml at it (replaced last),
@@ -62,10 +65,15 @@ class StationState:
             "references": self.references,
             "info": self.info,
         }
+        if self.student is not None:
+            self.student.check_file(root)
+            doc["student"] = self.student.to_dict()
         _atomic_write(root / STATE_FILE, lambda f: f.write(yaml.safe_dump(doc, sort_keys=False).encode()))
-        for old in root.glob("bank-*.npz"):
-            if old.name != bank_name:
+        keep = {bank_name, self.student.file if self.student else None}
+        for old in [*root.glob("bank-*.npz"), *root.glob("student-*.onnx")]:
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
+        self.root = root
         return root
 
 
@@ -116,7 +124,10 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
             raise StateError(f"{bank_path}: memory bank does not match the sha256 in {path}")
         state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
                              Calibration.from_dict(doc["calibration"]), list(doc.get("references") or []),
-                             dict(doc.get("info") or {}))
+                             dict(doc.get("info") or {}), root=root)
+        if doc.get("student") is not None:
+            state.student = StudentSpec.from_dict(doc["student"])
+            state.student.check_file(root)
     except StateError:
         raise
     except Exception as e:
@@ -258,14 +269,18 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
 
 
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
-           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print) -> StationState:
+           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print,
+           train_student=None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
     `out/good/` so later enrollments (and audits) see every image the bank was built from.
+    `train_student(images, out)`, when given (export.student: needs torch), trains the learned
+    scorer on all references, writes its graph into `out` and returns its StudentSpec.
     """
     out = Path(out)
     existing: list[str] = []
+    previous = None
     if (out / STATE_FILE).is_file():
         previous = load_state(out)
         existing = previous.references
@@ -297,6 +312,13 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
         state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
         state.info["skipped"] = skipped
+        out.mkdir(parents=True, exist_ok=True)
+        if train_student is not None:
+            state.student = train_student(all_images, out)
+        elif previous is not None and previous.student is not None:
+            state.student = previous.student
+            log(f"{out}: kept the student trained on {previous.student.info.get('shots')} references; "
+                "train again with --scorer student to include the new ones")
         (out / GOOD_DIR).mkdir(parents=True, exist_ok=True)
         for n in names:
             shutil.move(str(staging / n), out / GOOD_DIR / n)
