@@ -176,6 +176,9 @@ class StationConfig(_Strict):
     station: StationSpec = StationSpec()
     pack: Path
     state: Path
+    # Which of the state's scorers runs: auto = the learned student when the state holds one
+    # (chosen by measurement, docs/evaluation.md), else the memory bank.
+    scorer: Literal["auto", "bank", "student"] = "auto"
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()

@@ -164,7 +164,7 @@ class Runtime:
         self.station = config.station.name
         self.pack = load_pack(config.pack)
         self.state = load_state(config.state, self.pack)
-        self.scorer = Scorer.from_state(self.pack, self.state)
+        self.scorer = Scorer.from_state(self.pack, self.state, kind=config.scorer)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -574,11 +574,16 @@ class Runtime:
         with self._state_lock:
             state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info)
             self.state = state
-            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+            self.scorer = self._scorer_for(state)
         log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,
                  len(state.references), old, state.calibration.threshold)
         return {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
                 "threshold": round(state.calibration.threshold, 6)}
+
+    def _scorer_for(self, state) -> Scorer:
+        # The bank scorer keeps the encoder session it has; a student graph gets a new one.
+        backend = self.scorer.extractor.backend if self.scorer.bank is not None else None
+        return Scorer.from_state(self.pack, state, backend, kind=self.config.scorer)
 
     def reload(self) -> dict:
         """Re-read the config file (applying what can be applied live) and the station state."""
@@ -604,7 +609,7 @@ class Runtime:
         with self._state_lock:
             state = load_state(self.config.state, self.pack)
             self.state = state
-            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+            self.scorer = self._scorer_for(state)
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
         return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
 
