@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlays", help="write heatmap overlays to this folder")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.add_argument("--scorer", choices=["auto", "bank", "student"], default="auto",
-                   help="auto: the student when the state has one (docs/evaluation.md), else the bank")
+                   help="auto: the measured default (docs/evaluation.md, now the bank)")
     s.set_defaults(func=cmd_score)
 
     v = sub.add_parser("eval", help="evaluate on an MVTec-layout folder")

@@ -49,15 +49,12 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
             calibration, info = student.calibration, {"student": student.info}
             scorer = StudentScorer.from_spec(pack, work, student)
         enroll_s = time.perf_counter() - t0
-        result = _score_test(pack, data, category, scorer, calibration, ref_images, seed, enroll_s, skipped_refs,
-                             report_dir, n_overlays, quiet, log)
-    result.update(info)
-    return result
+        return _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s,
+                           skipped_refs, report_dir, n_overlays, quiet, log)
 
 
-def _score_test(pack, data, category, scorer, calibration, ref_images, seed, enroll_s, skipped_refs, report_dir,
+def _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s, skipped_refs, report_dir,
                 n_overlays, quiet, log) -> dict:
-
     scores, labels, kinds, paths = [], [], [], []
     maps, masks, skipped = [], [], []
     keep_for_overlay = []
@@ -129,6 +126,7 @@ def _score_test(pack, data, category, scorer, calibration, ref_images, seed, enr
         "calibration": {k: v for k, v in calibration.to_dict().items() if k != "normal_scores"},
         "per_kind_detection": {k: float(np.mean(scores_a[np.asarray(kinds) == k] >= th)) for k in sorted(set(kinds))},
         "skipped": skipped_refs + skipped,
+        **info,
     }
     if report_dir is not None:
         _write_report(Path(report_dir), result, (fpr, tpr), scores_a, labels_a, keep_for_overlay, scorer, n_overlays)

@@ -14,7 +14,7 @@ from edge.errors import StateError  # noqa: E402
 from edge.metrics import auroc  # noqa: E402
 from edge.scorer import Scorer  # noqa: E402
 from edge.state import enroll, load_state  # noqa: E402
-from edge.student import StudentScorer  # noqa: E402
+from edge.student import DEFAULT_SCORER, StudentScorer  # noqa: E402
 from edge.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
 from export.student import (TrainConfig, TrainError, _Teacher, export_student, position_statistics,  # noqa: E402
                             raw_maps, train, train_student)
@@ -129,7 +129,8 @@ def test_station_state_holds_the_student(default_pack, good, trained, tmp_path):
                                                               log=lambda m: None))
     state = load_state(state_dir, default_pack)
     assert state.student is not None and (state_dir / state.student.file).is_file()
-    assert isinstance(Scorer.from_state(default_pack, state, kind="auto"), StudentScorer)
+    auto = Scorer.from_state(default_pack, state, kind="auto")
+    assert isinstance(auto, StudentScorer) == (DEFAULT_SCORER == "student")
     bank = Scorer.from_state(default_pack, state, kind="bank")
     assert not isinstance(bank, StudentScorer) and bank.threshold == state.calibration.threshold
     student = Scorer.from_state(default_pack, state, kind="student")
