@@ -131,7 +131,8 @@ def main() -> int:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runtime_rss_mb = scoring_process_rss(pack, state, frames[:50], graph_dir)
     print(f"command: python bench/bench_scoring.py --pack {args.pack} --references {args.references} "
-          f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else ""))
+          f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else "")
+          + (f" --scorer student --student-steps {args.student_steps}" if args.scorer == "student" else ""))
     print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}, "
           f"load average (1 min) at the end {os.getloadavg()[0]:.2f}, scorer {args.scorer}")
     print(f"pack {pack.model_id}, input {pack.input.height}x{pack.input.width}, bank {len(state.bank)} patches "
