@@ -48,6 +48,16 @@ def cmd_export(args) -> int:
         from export.default_pack import export_default
     except ImportError as e:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
+    if args.what == "engine":
+        from export.tensorrt import add_engine
+
+        if not args.pack:
+            raise EdgeError("export engine needs --pack (the pack to build a TensorRT engine for, on this GPU)")
+        built = add_engine(args.pack)
+        print(f"{args.pack}: TensorRT engine {built['file']} built with {built['built_with']}")
+        return 0
+    if not args.out:
+        raise EdgeError(f"export {args.what} needs --out (the pack folder to write)")
     if args.what == "anomalygpt":
         missing = [f"--{k}" for k in ("imagebind", "delta", "vicuna", "classes") if not getattr(args, k)]
         if missing:
@@ -242,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
-    e.add_argument("what", choices=["default", "anomalygpt"], help="which pack to build")
+    e.add_argument("what", choices=["default", "anomalygpt", "engine"],
+                   help="which pack to build (engine: add a TensorRT engine to --pack, on the target GPU)")
+    e.add_argument("--pack", help="export engine: the pack folder to add the engine to")
     a = e.add_argument_group("anomalygpt (export anomalygpt)")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
     a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "
@@ -252,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
     a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
     a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
-    e.add_argument("--out", required=True, help="pack folder to write")
+    e.add_argument("--out", help="pack folder to write (default, anomalygpt)")
     e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")

@@ -106,7 +106,9 @@ class Scorer:
             from .anomalygpt import AnomalyGptScorer
 
             return AnomalyGptScorer.from_state(pack, state, backend)
-        return cls(pack, state.bank, state.calibration.threshold, FeatureExtractor(pack, backend))
+        from .cuda import gpu_bank  # the bank on the GPU's nn_min kernel where CUDA is usable
+
+        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend))
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
