@@ -46,7 +46,7 @@ def load_frames(cache: Path, n_ref: int, n_test: int, seed: int):
     for i in range(n_ref):
         p = cache / f"ref-{seed}-{i:03d}.png"
         if not p.is_file():
-            cv2.imwrite(str(p), line.good(i + 1)[i])
+            cv2.imwrite(str(p), line.good(i + 1, start=i)[0])
         refs.append(cv2.imread(str(p)))
         print(f"\rreferences {i + 1}/{n_ref}", end="", file=sys.stderr, flush=True)
     tests = []

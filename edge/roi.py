@@ -109,14 +109,15 @@ def largest_contour_box(small_grey: np.ndarray) -> tuple[int, int, int, int]:
     return cv2.boundingRect(max(contours, key=cv2.contourArea))
 
 
-def place(small_grey: np.ndarray, spec: RoiSpec, size: tuple[int, int], scale: float,
+def place(small_grey: np.ndarray, spec: RoiSpec, size: tuple[int, int], frame_size: tuple[int, int],
           reference: np.ndarray | None) -> tuple[float, float]:
-    """Top-left (x, y) in small coordinates of an ROI of `size` (w, h, small pixels) for this frame."""
+    """Top-left (x, y) in small coordinates of an ROI of `size` (w, h, small pixels) in a frame of
+    `frame_size` (height, width) shrunk to `small_grey`."""
     h, w = small_grey.shape
     rw, rh = size
     if spec.kind in ("full", "rect", "polygon"):
-        x, y, _, _ = fixed_box(spec, (round(h * scale), round(w * scale)))
-        return x / scale, y / scale
+        x, y, _, _ = fixed_box(spec, frame_size)
+        return x * w / frame_size[1], y * h / frame_size[0]
     if spec.kind == "contour":
         bx, by, bw, bh = largest_contour_box(small_grey)
         x, y = bx + bw / 2 - rw / 2, by + bh / 2 - rh / 2

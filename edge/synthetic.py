@@ -537,8 +537,9 @@ class HighResLine:
         self.frame_size = tuple(frame_size)
         self.defect_area = defect_area
 
-    def good(self, n: int) -> list[np.ndarray]:
-        return [render_frame(_rng(self.seed, _STREAM_HIGHRES_GOOD, i), self.frame_size) for i in range(n)]
+    def good(self, n: int, start: int = 0) -> list[np.ndarray]:
+        """Good frames `start` .. n-1 of the enrollment stream."""
+        return [render_frame(_rng(self.seed, _STREAM_HIGHRES_GOOD, i), self.frame_size) for i in range(start, n)]
 
     def part(self, index: int) -> SyntheticPart:
         rng = _rng(self.seed, _STREAM_HIGHRES_TEST, index)

@@ -162,7 +162,7 @@ def prepare(layout: Layout, frame: np.ndarray, small: np.ndarray | None = None) 
     small = _shrink(frame, spec.scale) if small is None else small
     rw, rh = layout.small_roi()
     small_grey = grey(small)
-    x, y = place(small_grey, spec.roi, (rw, rh), spec.scale, layout.reference)
+    x, y = place(small_grey, spec.roi, (rw, rh), frame.shape[:2], layout.reference)
     to_small = np.array([[1.0, 0, x], [0, 1.0, y]])
     if spec.roi.align == "ecc" and layout.reference is not None:
         crop = cv2.warpAffine(small_grey, to_small, (rw, rh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -171,6 +171,12 @@ def prepare(layout: Layout, frame: np.ndarray, small: np.ndarray | None = None) 
     roi_img = cv2.warpAffine(small, to_small, (rw, rh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_REPLICATE)
     return roi_img, to_small
+
+
+def to_frame_map(roi_map: np.ndarray, to_small: np.ndarray, small_size: tuple[int, int]) -> np.ndarray:
+    """ROI map -> map over the whole shrunk frame (0 outside the ROI), through the ROI's affine."""
+    return cv2.warpAffine(roi_map, to_small, (small_size[1], small_size[0]), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def tile_maps(pack: Pack, banks: list[MemoryBank], features: np.ndarray) -> np.ndarray:
@@ -257,8 +263,7 @@ class TiledScorer:
             roi_mask = self.roi_mask(f.shape[:2])
             if roi_mask is not None:
                 m = m * roi_mask
-            frame_map = cv2.warpAffine(m, to_small, (s.shape[1], s.shape[0]), flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            frame_map = to_frame_map(m, to_small, s.shape[:2])
             out.append((f.shape[:2], frame_map, roi_score(m, self.pack, self.grid, roi_mask)))
         per_frame_ms = (time.perf_counter() - t0) * 1000 / max(1, len(frames))
         return [self.decide(fm, size, per_frame_ms, score) for size, fm, score in out]
@@ -344,3 +349,28 @@ def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
         info={"shots": len(images), "augmented_views": 0, "seed": seed, "bank_patches": sum(len(b) for b in banks),
               "candidate_patches": int(np.prod(feats.shape[:4])), "tiles": len(layout.grid(pack))},
     )
+
+
+def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
+                   extractor: FeatureExtractor | None = None):
+    """The scorer a station's configuration asks for: `Scorer`, or `TiledScorer` when it tiles. Refuses
+    a tiling other than the one the state was enrolled with (its bank would not match the tiles)."""
+    from .scorer import Scorer
+
+    enrolled = state.layout.spec if state.layout is not None else None
+    if enrolled != spec:
+        raise StateError(f"station state was enrolled with {_tiling_words(enrolled)} but the configuration asks for "
+                         f"{_tiling_words(spec)}: enroll again with the configured tiling")
+    if spec is not None:
+        return TiledScorer.from_state(pack, state, backend, extractor)
+    if extractor is not None:
+        return Scorer(pack, state.bank, state.calibration.threshold, extractor)
+    return Scorer.from_state(pack, state, backend)
+
+
+def _tiling_words(spec: TilingSpec | None) -> str:
+    if spec is None:
+        return "no tiling (whole frames)"
+    return (f"tiling scale {spec.scale:g}, overlap {spec.overlap:g}, {spec.bank} bank"
+            f"{'' if spec.bank_patches is None else f' of {spec.bank_patches}'}, roi {spec.roi.kind}"
+            f"{f' {list(spec.roi.rect)}' if spec.roi.rect else ''}, align {spec.roi.align}")
