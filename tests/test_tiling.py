@@ -119,7 +119,7 @@ def test_small_defect_found_with_tiling_and_missed_without(default_pack, small_f
     from edge.state import build_state
 
     refs, good, defective, mask = small_frames
-    assert 400 < mask.sum() < 500  # 0.04 % of the frame
+    assert 400 < mask.sum() < 560  # about 0.04 % of the frame
     tiled = TiledScorer.from_state(default_pack, tiled_state)
     whole_state = build_state(default_pack, refs, seed=0, quiet=True)
     whole = station_scorer(default_pack, whole_state, None)
