@@ -159,12 +159,33 @@ def test_tiled_state_round_trips_and_refuses_another_tiling(default_pack, tiled_
 def test_per_tile_banks_are_saved_and_loaded(default_pack, small_frames, tmp_path):
     from edge.state import load_state
 
-    spec = TilingSpec(scale=2, bank="per_tile", bank_patches=512, roi=RoiSpec(kind="rect", rect=(100, 60, 900, 900)))
+    spec = TilingSpec(scale=2, bank="per_tile", bank_patches=256, roi=RoiSpec(kind="rect", rect=(100, 60, 600, 500)))
     state = build_tiled_state(default_pack, small_frames[0][:3], spec, seed=0, quiet=True)
-    assert len(state.banks) == len(state.layout.grid(default_pack)) == 9
+    assert len(state.banks) == len(state.layout.grid(default_pack)) == 4
     state.save(tmp_path / "state")
     loaded = load_state(tmp_path / "state", default_pack)
     assert [len(b) for b in loaded.banks] == [len(b) for b in state.banks]
     assert len(list((tmp_path / "state").glob("bank-*.npz"))) == len({b.features.tobytes() for b in state.banks})
-    with pytest.raises(RoiError, match=r"roi\.rect \[100, 60, 900, 900\].*outside the 800x600 frame"):
-        TiledScorer.from_state(default_pack, loaded).score_one(np.zeros((600, 800, 3), np.uint8))
+    with pytest.raises(RoiError, match=r"roi\.rect \[100, 60, 600, 500\].*outside the 640x480 frame"):
+        TiledScorer.from_state(default_pack, loaded).score_one(np.zeros((480, 640, 3), np.uint8))
+
+
+def test_runtime_builds_the_tiled_scorer_its_config_asks_for(default_pack_dir, tiled_state, tmp_path):
+    import yaml
+
+    from edge.config import load_config
+    from edge.runtime import Runtime
+    from station_helpers import write_config
+
+    tiled_state.save(tmp_path / "enrolled")
+    tiling = {"scale": 2, "bank_patches": 2048}
+    path = write_config(tmp_path, default_pack_dir, tmp_path / "enrolled", 1883, {"kind": "synthetic"},
+                        tiling=tiling, roi={"kind": "contour", "align": "ecc"})
+    rt = Runtime(load_config(path), path)
+    assert isinstance(rt.scorer, TiledScorer) and rt.scorer.threshold == tiled_state.calibration.threshold
+    rt.store.close()
+    raw = yaml.safe_load(path.read_text())
+    raw["tiling"]["scale"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StateError, match="enrolled with tiling scale 2.*asks for tiling scale 3"):
+        Runtime(load_config(path), path)
