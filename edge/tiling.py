@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -146,7 +146,9 @@ def resolve_layout(spec: TilingSpec, first: np.ndarray) -> Layout:
         rh = min(h, round(bh * spec.scale * (1 + 2 * roi.margin)))
     layout = Layout(spec, (int(rw), int(rh)))
     if roi.kind in ("template", "contour") or roi.align != "none":
-        roi_img, _ = prepare(layout, first)
+        # The reference itself is cut where the part's contour is (a template has nothing to match yet).
+        first_roi = replace(roi, kind="contour") if roi.kind == "template" else roi
+        roi_img, _ = prepare(Layout(replace(spec, roi=first_roi), layout.roi_size), first)
         layout.reference = grey(roi_img)
     return layout
 

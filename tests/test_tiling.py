@@ -10,8 +10,8 @@ from edge.config import ConfigError, parse_config
 from edge.errors import StateError
 from edge.roi import RoiError, RoiSpec, estimate_alignment, fixed_box, grey
 from edge.synthetic import HighResLine, apply_small_defect, render_part
-from edge.tiling import Layout, TiledScorer, TileGrid, TilingSpec, build_tiled_state, prepare, station_scorer, \
-    to_frame_map
+from edge.tiling import Layout, TiledScorer, TileGrid, TilingSpec, build_tiled_state, prepare, resolve_layout, \
+    station_scorer, to_frame_map
 
 BASE = {"pack": "packs/default", "state": "state", "source": {"kind": "synthetic"}}
 SMALL_FRAME = (1024, 1224)  # (height, width): keeps the tests quick; the benchmark uses 2448x2048
@@ -189,3 +189,15 @@ def test_runtime_builds_the_tiled_scorer_its_config_asks_for(default_pack_dir, t
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(StateError, match="enrolled with tiling scale 2.*asks for tiling scale 3"):
         Runtime(load_config(path), path)
+
+
+def test_template_roi_follows_the_part_like_its_contour(small_frames):
+    refs = small_frames[0]
+    places = {}
+    for kind in ("contour", "template"):
+        layout = resolve_layout(TilingSpec(scale=2, roi=RoiSpec(kind=kind)), refs[0])
+        assert layout.reference is not None
+        places[kind] = [prepare(layout, f)[1][:, 2] for f in refs[1:4]]
+    # The parts sit at different columns of the belt; both ways of finding them agree within a few pixels.
+    assert np.ptp([p[0] for p in places["contour"]]) > 20
+    np.testing.assert_allclose(places["template"], places["contour"], atol=6)
