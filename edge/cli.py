@@ -96,7 +96,7 @@ def _enroll(pack, good, args) -> int:
     from .state import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args))
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
@@ -106,6 +106,26 @@ def _enroll(pack, good, args) -> int:
     return 0
 
 
+def _tiling(args):
+    """The TilingSpec enrollment uses: from --config's tiling/roi sections, or from --tile-scale."""
+    if args.config:
+        if args.tile_scale:
+            raise EdgeError("give --config or --tile-scale, not both")
+        from .config import load_config
+
+        return load_config(args.config).tiling_spec()
+    if args.tile_scale is None:
+        return None
+    from .roi import RoiSpec
+    from .tiling import TilingSpec
+
+    try:
+        return TilingSpec(scale=args.tile_scale, overlap=args.tile_overlap, bank=args.tile_bank,
+                          bank_patches=args.tile_bank_patches, roi=RoiSpec(kind=args.roi, align=args.align))
+    except ValueError as e:
+        raise EdgeError(str(e).replace("tiling.", "--tile-")) from None
+
+
 def cmd_score(args) -> int:
     import cv2
 
@@ -113,11 +133,12 @@ def cmd_score(args) -> int:
     from .errors import ImageError
     from .pack import load_pack
     from .preprocess import list_images, read_image
-    from .scorer import Scorer
     from .state import load_state
+    from .tiling import station_scorer
 
     pack = load_pack(args.pack)
-    scorer = Scorer.from_state(pack, load_state(args.state, pack))
+    state = load_state(args.state, pack)
+    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -155,7 +176,7 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args))
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
@@ -203,11 +224,12 @@ def cmd_ask(args) -> int:
     from .pack import load_pack
     from .preprocess import read_image
     from .prompts import FIRST_QUESTION
-    from .scorer import Scorer
     from .state import load_state
+    from .tiling import station_scorer
 
     pack = load_pack(args.pack)
-    scorer = Scorer.from_state(pack, load_state(args.state, pack))
+    state = load_state(args.state, pack)
+    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None)
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"
@@ -246,6 +268,19 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def _add_tiling_args(parser) -> None:
+    t = parser.add_argument_group("tiling (high-resolution frames; a station's config can give it instead)")
+    t.add_argument("--tile-scale", type=_positive_float, metavar="S",
+                   help="score the part tile by tile at S frame pixels per tile pixel")
+    t.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
+    t.add_argument("--tile-bank", choices=("shared", "per_tile"), default="shared")
+    t.add_argument("--tile-bank-patches", type=_positive, default=None, help="bank size cap (default: the pack's)")
+    t.add_argument("--roi", choices=("full", "contour", "template"), default="full",
+                   help="where the part is: the whole frame, or found per frame")
+    t.add_argument("--align", choices=("none", "ecc"), default="none", help="align each part to the reference")
+    t.add_argument("--config", help="take tiling and roi from this station configuration file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -282,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", required=True, help="station state folder (created or extended)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("score", help="score image files or folders against an enrolled station")
@@ -292,14 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_score)
 
-    v = sub.add_parser("eval", help="evaluate on an MVTec-layout folder")
+    v = sub.add_parser("eval", help="evaluate on an MVTec- or VisA-layout folder")
     v.add_argument("--pack", required=True)
-    v.add_argument("--data", required=True, help="category folder with train/good, test/, ground_truth/")
+    v.add_argument("--data", required=True, help="MVTec category folder (train/good, test/, ground_truth/) or "
+                                                  "VisA class folder (its parent holds split_csv/1cls.csv)")
     v.add_argument("--shots", type=_shots, default=None, help="K good references, or 'all' (default)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_tiling_args(v)
     v.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the synthetic line end to end: enroll, score a stream, overlays, summary")

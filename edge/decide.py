@@ -27,7 +27,9 @@ class Region:
 
 @dataclass
 class Result:
-    """One scored frame. Maps and masks are at the pack's input resolution; regions in frame pixels."""
+    """One scored frame. Maps and masks are at the scorer's map resolution (the pack's input size; tile
+    resolution over the whole frame when tiled): `map_at_frame`, `mask_at_frame` give frame size. Regions
+    are in frame pixels."""
 
     score: float
     threshold: float

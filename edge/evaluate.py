@@ -1,4 +1,4 @@
-"""`anomaly-edge eval`: enroll K good shots from an MVTec-layout folder, score its test split, report.
+"""`anomaly-edge eval`: enroll K good shots from an MVTec- or VisA-layout folder, score its test split, report.
 
 Reports image AUROC, pixel AUROC, AUPRO (to 30% FPR), and the automatic threshold's verdict
 accuracy, balanced accuracy, F1 and false-reject rate, plus throughput; writes JSON, a markdown
@@ -15,29 +15,33 @@ import numpy as np
 from tqdm import tqdm
 
 from . import metrics, visual
-from .dataset import open_mvtec, read_mask
+from .dataset import open_dataset, read_mask
 from .errors import DatasetError, ImageError
 from .pack import Pack
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer
 from .state import build_state
+from .tiling import build_tiled_state, station_scorer
 
 PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
 BATCH = 8
 
 
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
-             n_overlays: int = 6, quiet: bool = False, log=print) -> dict:
-    category = open_mvtec(data)
+             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None) -> dict:
+    category = open_dataset(data)
     train = choose_shots(category.train_good, shots, seed)
     ref_images, _, skipped_refs = read_images(train, log)
     if not ref_images:
-        raise DatasetError(f"{category.root / 'train' / 'good'}: no readable good images")
+        raise DatasetError(f"{category.root}: no readable good train images")
     extractor = FeatureExtractor(pack)
     t0 = time.perf_counter()
-    state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+    if tiling is None:
+        state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+    else:
+        state = build_tiled_state(pack, ref_images, tiling, extractor, seed=seed, quiet=quiet)
     enroll_s = time.perf_counter() - t0
-    scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+    scorer = station_scorer(pack, state, tiling, extractor=extractor)
 
     scores, labels, kinds, paths = [], [], [], []
     maps, masks, skipped = [], [], []
@@ -106,7 +110,8 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         "oracle_balanced_accuracy": float(oracle_bacc),
         "frames_per_second": len(scores_a) / score_s if score_s > 0 else 0.0,
         "enroll_seconds": enroll_s,
-        "bank_patches": len(state.bank),
+        "bank_patches": sum(len(b) for b in state.banks),
+        "tiling": state.layout.to_dict() if state.layout is not None else None,
         "calibration": {k: v for k, v in state.calibration.to_dict().items() if k != "normal_scores"},
         "per_kind_detection": {k: float(np.mean(scores_a[np.asarray(kinds) == k] >= th)) for k in sorted(set(kinds))},
         "skipped": skipped_refs + skipped,

@@ -32,7 +32,7 @@ from .errors import EdgeError
 from .findings import describe
 from .notify import SystemdNotifier
 from .pack import load_pack
-from .scorer import Scorer
+from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .state import enroll, load_state
 from .store import TraceStore, iso_time
@@ -164,7 +164,7 @@ class Runtime:
         self.station = config.station.name
         self.pack = load_pack(config.pack)
         self.state = load_state(config.state, self.pack)
-        self.scorer = Scorer.from_state(self.pack, self.state)
+        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec())
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -572,9 +572,10 @@ class Runtime:
             self.store.set_feedback(part_id, "false_alarm", by, "enrolled as good")
         old = self.scorer.threshold
         with self._state_lock:
-            state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info)
+            state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
+                           tiling=self.config.tiling_spec())
             self.state = state
-            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+            self.scorer = station_scorer(self.pack, state, self.config.tiling_spec(), extractor=self.scorer.extractor)
         log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,
                  len(state.references), old, state.calibration.threshold)
         return {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
@@ -604,7 +605,7 @@ class Runtime:
         with self._state_lock:
             state = load_state(self.config.state, self.pack)
             self.state = state
-            self.scorer = Scorer(self.pack, state.bank, state.calibration.threshold, self.scorer.extractor)
+            self.scorer = station_scorer(self.pack, state, self.config.tiling_spec(), extractor=self.scorer.extractor)
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
         return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
 
