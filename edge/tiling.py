@@ -222,7 +222,9 @@ class TiledScorer:
         if state.layout is None:
             raise StateError("station state was enrolled without tiling; enroll with --tile-scale or a tiling: "
                              "section to score tiled")
-        return cls(pack, state.banks, state.calibration.threshold, state.layout,
+        from .cuda import gpu_bank  # each bank on the GPU's nn_min kernel where CUDA is usable
+
+        return cls(pack, [gpu_bank(b) for b in state.banks], state.calibration.threshold, state.layout,
                    extractor or FeatureExtractor(pack, backend))
 
     def roi_mask(self, frame_size: tuple[int, int]) -> np.ndarray | None:
