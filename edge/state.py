@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -27,6 +28,9 @@ from .errors import StateError
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, image_scores, pack_maps
+
+if TYPE_CHECKING:  # tiling imports this module
+    from .tiling import Layout
 
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
@@ -45,7 +49,7 @@ class StationState:
     references: list[str] = field(default_factory=list)  # file names under good/ (may be empty in memory)
     info: dict = field(default_factory=dict)
     tile_banks: list[MemoryBank] = field(default_factory=list)  # per-tile banks of positions 1.. (bank is 0)
-    layout: "Layout | None" = None  # the tiling enrolled with (None: whole-frame scoring)
+    layout: Layout | None = None  # the tiling enrolled with (None: whole-frame scoring)
 
     @property
     def banks(self) -> list[MemoryBank]:

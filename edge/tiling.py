@@ -19,7 +19,7 @@ import numpy as np
 from .backend import Backend
 from .bank import MemoryBank
 from .calibration import calibrate
-from .decide import Result, find_regions, image_score
+from .decide import Result, decide, image_score
 from .errors import StateError
 from .pack import Pack
 from .preprocess import check_frame
@@ -250,11 +250,7 @@ class TiledScorer:
         """Verdict, mask and regions (frame pixels) from a frame map at tile resolution."""
         if score is None:
             score = roi_score(anomaly_map, self.pack, self.grid, None)
-        anomalous = score >= self.threshold
-        mask = anomaly_map >= self.threshold
-        regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
-        return Result(score=score, threshold=self.threshold, anomalous=anomalous, anomaly_map=anomaly_map,
-                      mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms)
+        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms)
 
     def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
         t0 = time.perf_counter()
