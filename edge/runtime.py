@@ -613,9 +613,14 @@ class Runtime:
 
     def _on_source_state(self, state: str, detail: str) -> None:
         self.counts[f"source_{state}"] += 1
+        self._publish_source_state()
+
+    def _publish_source_state(self) -> None:
+        # Also repeated with each status: a change seen before the broker connected is not lost.
         if self.publisher is not None:
-            self.publisher.publish_now("source", {"source": self.source.name, "state": state, "detail": detail,
-                                                  "time": iso_time(time.time())}, retain=True)
+            self.publisher.publish_now("source", {"source": self.source.name, "state": self.source.state,
+                                                  "detail": self.source.detail, "time": iso_time(time.time())},
+                                       retain=True)
 
     def health(self) -> dict:
         pub = self.publisher.stats() if self.publisher is not None else None
@@ -660,6 +665,7 @@ class Runtime:
                 h = self.health()
                 if self.publisher is not None:
                     self.publisher.publish_now("status", h, retain=True)
+                    self._publish_source_state()
                 self.notifier.status(self._status_line())
             if now >= next_retention:
                 next_retention = now + 3600
