@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.bank import MemoryBank  # noqa: E402
 from edge.cuda import CudaKernels, CudaUnavailable, GpuMemoryBank  # noqa: E402
 from edge.pack import InputSpec, Normalization  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> int:
     queries = rng.standard_normal((784, 272)).astype(np.float32)
     banks = {"50000x272": MemoryBank(rng.standard_normal((50000, 272)).astype(np.float32)),
              "8192x128 (default pack)": MemoryBank(rng.standard_normal((8192, 128)).astype(np.float32))}
-    out = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "date": time.strftime("%Y-%m-%d"),
+    out = {"machine": f"{cpu_name()}, Python {platform.python_version()}", "date": time.strftime("%Y-%m-%d"),
            "cpu_ms": {}, "gpu_ms": {}}
     for name, bank in banks.items():
         q = queries[:, :bank.channels]

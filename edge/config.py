@@ -254,8 +254,20 @@ class StationConfig(_Strict):
 
 
 # Keys SIGHUP applies in place; everything else needs a restart.
-RELOADABLE = ("trigger.interval_s", "storage", "mqtt.heatmap", "explain.max_tokens", "explain.time_limit_s",
-              "health", "log_level", "station.mm_per_pixel", "state")
+# Only keys the running stages read afresh (or that reload() pushes to them) belong here.
+RELOADABLE = ("trigger.interval_s", "storage.keep_images", "storage.retention_days", "storage.disk_budget_mb",
+              "mqtt.heatmap", "health", "log_level", "station.mm_per_pixel", "state")
+
+
+def with_reloaded(old: StationConfig, new: StationConfig) -> StationConfig:
+    """`old` with the RELOADABLE keys taken from `new`; everything else stays as it runs."""
+    for key in RELOADABLE:
+        section, _, name = key.partition(".")
+        value = getattr(new, section)
+        if name:
+            value = getattr(old, section).model_copy(update={name: getattr(value, name)})
+        old = old.model_copy(update={section: value})
+    return old
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:

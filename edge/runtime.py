@@ -26,7 +26,7 @@ import numpy as np
 
 from . import visual
 from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
-from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart
+from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
 from .decide import Result
 from .errors import EdgeError
 from .findings import describe
@@ -227,7 +227,7 @@ class Runtime:
             t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        self.notifier.ready(self._status_line())
+        self.notifier.ready(self._status_line(self.health()))
         log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
                  self.pack.model_id, self.source.name, c.trigger.mode, self.scorer.threshold)
         return self
@@ -589,14 +589,7 @@ class Runtime:
             keys = changed_keys(self.config, new)
             restart = needs_restart(keys)
             applied = [k for k in keys if k not in restart]
-            self.config = self.config.model_copy(update={
-                "trigger": self.config.trigger.model_copy(update={"interval_s": new.trigger.interval_s}),
-                "storage": new.storage, "mqtt": self.config.mqtt.model_copy(update={"heatmap": new.mqtt.heatmap}),
-                "explain": self.config.explain.model_copy(update={"max_tokens": new.explain.max_tokens,
-                                                                  "time_limit_s": new.explain.time_limit_s}),
-                "health": new.health, "log_level": new.log_level,
-                "station": self.config.station.model_copy(update={"mm_per_pixel": new.station.mm_per_pixel}),
-            })
+            self.config = with_reloaded(self.config, new)
             self.store.retention_days = new.storage.retention_days
             self.store.disk_budget_mb = new.storage.disk_budget_mb
             logging.getLogger().setLevel(new.log_level.upper())
@@ -647,8 +640,8 @@ class Runtime:
                 {"error": self.explain_error} if self.explain_error else None),
         }
 
-    def _status_line(self) -> str:
-        h = self.health()
+    @staticmethod
+    def _status_line(h: dict) -> str:
         return (f"{h['fps']['scored']:.1f} parts/s, {h['counts']['flagged']} flagged, source {h['source']['state']}, "
                 f"outbox {h['broker']['outbox_size'] if h['broker'] else '-'}")
 
@@ -666,7 +659,7 @@ class Runtime:
                 if self.publisher is not None:
                     self.publisher.publish_now("status", h, retain=True)
                     self._publish_source_state()
-                self.notifier.status(self._status_line())
+                self.notifier.status(self._status_line(h))
             if now >= next_retention:
                 next_retention = now + 3600
                 try:

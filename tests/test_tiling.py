@@ -1,6 +1,5 @@
 """High-resolution frames: ROI, alignment, tile grid geometry, tiled enrollment and scoring."""
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
