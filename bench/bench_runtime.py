@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.config import load_config  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.runtime import Runtime  # noqa: E402
@@ -147,7 +148,7 @@ def main() -> int:
         lat = np.array(receiver.latencies)
         out = {
             "mode": args.mode, "frames": args.frames, "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "results_on_broker": int(receiver.count), "dropped": int(rt._queue.dropped),
             "flagged": int(rt.counts["flagged"]), "wall_s": round(wall, 1),
             "results_per_s": round(receiver.count / wall, 1),

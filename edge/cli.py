@@ -48,6 +48,16 @@ def cmd_export(args) -> int:
         from export.default_pack import export_default
     except ImportError as e:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
+    if args.what == "engine":
+        from export.tensorrt import add_engine
+
+        if not args.pack:
+            raise EdgeError("export engine needs --pack (the pack to build a TensorRT engine for, on this GPU)")
+        built = add_engine(args.pack)
+        print(f"{args.pack}: TensorRT engine {built['file']} built with {built['built_with']}")
+        return 0
+    if not args.out:
+        raise EdgeError(f"export {args.what} needs --out (the pack folder to write)")
     if args.what == "anomalygpt":
         missing = [f"--{k}" for k in ("imagebind", "delta", "vicuna", "classes") if not getattr(args, k)]
         if missing:
@@ -82,7 +92,7 @@ def _add_student_options(p) -> None:
     p.add_argument("--scorer", choices=["bank", "student"], default="bank",
                    help="bank: memory bank only; student: also train the learned scorer (needs torch)")
     t = p.add_argument_group("student training (--scorer student)")
-    t.add_argument("--steps", type=_positive, default=2000, help="training steps of 8 images (default 2000)")
+    t.add_argument("--steps", type=_positive, default=4000, help="training steps of 8 images (default 4000)")
     t.add_argument("--time-budget", type=_positive_float, default=780,
                    help="stop training after this many seconds with the model so far (default 780)")
     t.add_argument("--checkpoint", help="checkpoint file: written while training, resumed from when it exists")
@@ -112,7 +122,8 @@ def _enroll(pack, good, args) -> int:
     from .state import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr), train_student=_student_trainer(args, pack))
+                   log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                   train_student=_student_trainer(args, pack))
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
@@ -127,6 +138,26 @@ def _enroll(pack, good, args) -> int:
     return 0
 
 
+def _tiling(args):
+    """The TilingSpec enrollment uses: from --config's tiling/roi sections, or from --tile-scale."""
+    if args.config:
+        if args.tile_scale:
+            raise EdgeError("give --config or --tile-scale, not both")
+        from .config import load_config
+
+        return load_config(args.config).tiling_spec()
+    if args.tile_scale is None:
+        return None
+    from .roi import RoiSpec
+    from .tiling import TilingSpec
+
+    try:
+        return TilingSpec(scale=args.tile_scale, overlap=args.tile_overlap, bank=args.tile_bank,
+                          bank_patches=args.tile_bank_patches, roi=RoiSpec(kind=args.roi, align=args.align))
+    except ValueError as e:
+        raise EdgeError(str(e).replace("tiling.", "--tile-")) from None
+
+
 def cmd_score(args) -> int:
     import cv2
 
@@ -134,11 +165,12 @@ def cmd_score(args) -> int:
     from .errors import ImageError
     from .pack import load_pack
     from .preprocess import list_images, read_image
-    from .scorer import Scorer
     from .state import load_state
+    from .tiling import station_scorer
 
     pack = load_pack(args.pack)
-    scorer = Scorer.from_state(pack, load_state(args.state, pack), kind=args.scorer)
+    state = load_state(args.state, pack)
+    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None, kind=args.scorer)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -176,7 +208,8 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
-                      log=lambda m: print(m, file=sys.stderr), train_student=_student_trainer(args, pack))
+                      log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                      train_student=_student_trainer(args, pack))
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
@@ -224,11 +257,12 @@ def cmd_ask(args) -> int:
     from .pack import load_pack
     from .preprocess import read_image
     from .prompts import FIRST_QUESTION
-    from .scorer import Scorer
     from .state import load_state
+    from .tiling import station_scorer
 
     pack = load_pack(args.pack)
-    scorer = Scorer.from_state(pack, load_state(args.state, pack))
+    state = load_state(args.state, pack)
+    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None)
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"
@@ -267,13 +301,28 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def _add_tiling_args(parser) -> None:
+    t = parser.add_argument_group("tiling (high-resolution frames; a station's config can give it instead)")
+    t.add_argument("--tile-scale", type=_positive_float, metavar="S",
+                   help="score the part tile by tile at S frame pixels per tile pixel")
+    t.add_argument("--tile-overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
+    t.add_argument("--tile-bank", choices=("shared", "per_tile"), default="shared")
+    t.add_argument("--tile-bank-patches", type=_positive, default=None, help="bank size cap (default: the pack's)")
+    t.add_argument("--roi", choices=("full", "contour", "template"), default="full",
+                   help="where the part is: the whole frame, or found per frame")
+    t.add_argument("--align", choices=("none", "ecc"), default="none", help="align each part to the reference")
+    t.add_argument("--config", help="take tiling and roi from this station configuration file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anomaly-edge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
-    e.add_argument("what", choices=["default", "anomalygpt"], help="which pack to build")
+    e.add_argument("what", choices=["default", "anomalygpt", "engine"],
+                   help="which pack to build (engine: add a TensorRT engine to --pack, on the target GPU)")
+    e.add_argument("--pack", help="export engine: the pack folder to add the engine to")
     a = e.add_argument_group("anomalygpt (export anomalygpt)")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
     a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "
@@ -283,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
     a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
     a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
-    e.add_argument("--out", required=True, help="pack folder to write")
+    e.add_argument("--out", help="pack folder to write (default, anomalygpt)")
     e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
     e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
@@ -302,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_student_options(n)
+    _add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("score", help="score image files or folders against an enrolled station")
@@ -314,15 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the measured default (docs/evaluation.md, now the bank)")
     s.set_defaults(func=cmd_score)
 
-    v = sub.add_parser("eval", help="evaluate on an MVTec-layout folder")
+    v = sub.add_parser("eval", help="evaluate on an MVTec- or VisA-layout folder")
     v.add_argument("--pack", required=True)
-    v.add_argument("--data", required=True, help="category folder with train/good, test/, ground_truth/")
+    v.add_argument("--data", required=True, help="MVTec category folder (train/good, test/, ground_truth/) or "
+                                                  "VisA class folder (its parent holds split_csv/1cls.csv)")
     v.add_argument("--shots", type=_shots, default=None, help="K good references, or 'all' (default)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_student_options(v)
+    _add_tiling_args(v)
     v.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the synthetic line end to end: enroll, score a stream, overlays, summary")

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import EdgeError
+from .roi import polygon_problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # safe in MQTT topics and file names
 
@@ -172,6 +173,38 @@ class HealthSpec(_Strict):
     status_interval_s: float = Field(default=10, gt=0)
 
 
+class RoiConfig(_Strict):
+    # Where the part is: full frame, a fixed rect [x, y, width, height] or polygon [[x, y], ...] in frame
+    # pixels, or found per frame (contour: largest bright object; template: match against the reference).
+    kind: Literal["full", "rect", "polygon", "contour", "template"] = "full"
+    rect: tuple[int, int, int, int] | None = None
+    points: list[tuple[float, float]] | None = None
+    size: tuple[int, int] | None = None  # contour/template: ROI width, height (default: part size at enrollment)
+    margin: float = Field(default=0.04, ge=0, le=1)
+    align: Literal["none", "ecc"] = "none"  # ecc: refine shift and rotation against the reference
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if (self.kind == "rect") != (self.rect is not None):
+            raise ValueError("rect [x, y, width, height] is needed with kind rect, and only with it")
+        if (self.kind == "polygon") != (self.points is not None):
+            raise ValueError("points [[x, y], ...] are needed with kind polygon, and only with them")
+        if self.rect is not None and (min(self.rect[:2]) < 0 or min(self.rect[2:]) <= 0):
+            raise ValueError(f"rect {list(self.rect)}: x, y must be >= 0 and width, height > 0")
+        if self.points is not None and (problem := polygon_problem(self.points)):
+            raise ValueError(f"points: polygon {problem}")
+        if self.size is not None and min(self.size) <= 0:
+            raise ValueError(f"size {list(self.size)}: width and height must be > 0")
+        return self
+
+
+class TilingConfig(_Strict):
+    scale: float = Field(gt=0, le=64)  # frame pixels per tile pixel
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    bank: Literal["shared", "per_tile"] = "shared"
+    bank_patches: int | None = Field(default=None, ge=16)  # default: the pack's max_bank_patches
+
+
 class StationConfig(_Strict):
     station: StationSpec = StationSpec()
     pack: Path
@@ -187,6 +220,8 @@ class StationConfig(_Strict):
     api: ApiSpec = ApiSpec()
     explain: ExplainSpec = ExplainSpec()
     health: HealthSpec = HealthSpec()
+    roi: RoiConfig | None = None
+    tiling: TilingConfig | None = None  # high-resolution frames: score the ROI tile by tile
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("pack", "state")
@@ -195,6 +230,22 @@ class StationConfig(_Strict):
         if str(v) in ("", "."):
             raise ValueError("must name a folder")
         return v
+
+    @model_validator(mode="after")
+    def _roi_needs_tiling(self):
+        if self.roi is not None and self.tiling is None:
+            raise ValueError("roi is used by tiled scoring: add a tiling: section (tiling.scale)")
+        return self
+
+    def tiling_spec(self):
+        """The TilingSpec the station scores with (None: whole-frame scoring)."""
+        if self.tiling is None:
+            return None
+        from .roi import RoiSpec
+        from .tiling import TilingSpec
+
+        roi = RoiSpec.from_dict(self.roi.model_dump()) if self.roi is not None else RoiSpec()
+        return TilingSpec(**self.tiling.model_dump(), roi=roi)
 
     @property
     def topic_prefix(self) -> str:
@@ -206,8 +257,20 @@ class StationConfig(_Strict):
 
 
 # Keys SIGHUP applies in place; everything else needs a restart.
-RELOADABLE = ("trigger.interval_s", "storage", "mqtt.heatmap", "explain.max_tokens", "explain.time_limit_s",
-              "health", "log_level", "station.mm_per_pixel", "state")
+# Only keys the running stages read afresh (or that reload() pushes to them) belong here.
+RELOADABLE = ("trigger.interval_s", "storage.keep_images", "storage.retention_days", "storage.disk_budget_mb",
+              "mqtt.heatmap", "health", "log_level", "station.mm_per_pixel", "state")
+
+
+def with_reloaded(old: StationConfig, new: StationConfig) -> StationConfig:
+    """`old` with the RELOADABLE keys taken from `new`; everything else stays as it runs."""
+    for key in RELOADABLE:
+        section, _, name = key.partition(".")
+        value = getattr(new, section)
+        if name:
+            value = getattr(old, section).model_copy(update={name: getattr(value, name)})
+        old = old.model_copy(update={section: value})
+    return old
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -252,6 +315,8 @@ def _format_error(path: Path, err: ValidationError) -> str:
             msg = "missing 'kind' (usb, rtsp, file, folder, gstreamer or synthetic)"
         elif e["type"] in ("path_type", "path_not_file", "path_not_directory"):
             msg = f"expected a file or folder path, got {e['input']!r}"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif e["type"] == "string_pattern_mismatch":

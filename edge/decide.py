@@ -27,7 +27,9 @@ class Region:
 
 @dataclass
 class Result:
-    """One scored frame. Maps and masks are at the pack's input resolution; regions in frame pixels."""
+    """One scored frame. Maps and masks are at the scorer's map resolution (the pack's input size; tile
+    resolution over the whole frame when tiled): `map_at_frame`, `mask_at_frame` give frame size. Regions
+    are in frame pixels."""
 
     score: float
     threshold: float
@@ -92,3 +94,14 @@ def find_regions(anomaly_map: np.ndarray, mask: np.ndarray, frame_size: tuple[in
         ))
     regions.sort(key=lambda r: r.area, reverse=True)
     return regions
+
+
+def decide(anomaly_map: np.ndarray, score: float, threshold: float, frame_size: tuple[int, int],
+           latency_ms: float = 0.0) -> Result:
+    """The verdict of a scored map: anomalous at or above the threshold; the mask is the map at or
+    above it too, and its connected regions are reported (frame pixels) for anomalous frames."""
+    anomalous = score >= threshold
+    mask = anomaly_map >= threshold
+    regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
+    return Result(score=score, threshold=threshold, anomalous=anomalous, anomaly_map=anomaly_map,
+                  mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms)

@@ -1,4 +1,4 @@
-"""`anomaly-edge eval`: enroll K good shots from an MVTec-layout folder, score its test split, report.
+"""`anomaly-edge eval`: enroll K good shots from an MVTec- or VisA-layout folder, score its test split, report.
 
 Reports image AUROC, pixel AUROC, AUPRO (to 30% FPR), and the automatic threshold's verdict
 accuracy, balanced accuracy, F1 and false-reject rate, plus throughput; writes JSON, a markdown
@@ -16,37 +16,45 @@ import numpy as np
 from tqdm import tqdm
 
 from . import metrics, visual
-from .dataset import open_mvtec, read_mask
-from .errors import DatasetError, ImageError
+from .dataset import open_dataset, read_mask
+from .errors import DatasetError, EdgeError, ImageError
 from .pack import Pack
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer
 from .state import build_state
 from .student import StudentScorer
+from .tiling import build_tiled_state, station_scorer
 
 PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
 BATCH = 8
 
 
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
-             n_overlays: int = 6, quiet: bool = False, log=print, train_student=None) -> dict:
+             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None, train_student=None) -> dict:
     """`train_student(images, folder) -> StudentSpec` (export.student) evaluates the learned scorer
     instead of the memory bank."""
-    category = open_mvtec(data)
+    if tiling is not None and train_student is not None:
+        raise EdgeError("the learned scorer scores whole frames: evaluate tiling with --scorer bank")
+    category = open_dataset(data)
     train = choose_shots(category.train_good, shots, seed)
     ref_images, _, skipped_refs = read_images(train, log)
     if not ref_images:
-        raise DatasetError(f"{category.root / 'train' / 'good'}: no readable good images")
-    with tempfile.TemporaryDirectory(prefix="eval-student.") as work:
+        raise DatasetError(f"{category.root}: no readable good train images")
+    with tempfile.TemporaryDirectory(prefix="eval.") as work:
         t0 = time.perf_counter()
         if train_student is None:
             extractor = FeatureExtractor(pack)
-            state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
-            calibration, info = state.calibration, {"bank_patches": len(state.bank)}
-            scorer = Scorer(pack, state.bank, calibration.threshold, extractor)
+            if tiling is None:
+                state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+            else:
+                state = build_tiled_state(pack, ref_images, tiling, extractor, seed=seed, quiet=quiet)
+            calibration = state.calibration
+            info = {"bank_patches": sum(len(b) for b in state.banks),
+                    "tiling": state.layout.to_dict() if state.layout is not None else None}
+            scorer = station_scorer(pack, state, tiling, extractor=extractor)
         else:
             student = train_student(ref_images, Path(work))
-            calibration, info = student.calibration, {"student": student.info}
+            calibration, info = student.calibration, {"student": student.info, "tiling": None}
             scorer = StudentScorer.from_spec(pack, work, student)
         enroll_s = time.perf_counter() - t0
         return _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s,

@@ -68,6 +68,7 @@ def _lib():
 
 
 _LOG_CALLBACK = None  # the ctypes callback must outlive every call into llama.cpp
+_ABORTED_AT = [0.0]   # llama.cpp reports an abort we asked for as a decode error: not worth an ERROR line
 
 
 def _log_callback(llama_cpp):
@@ -83,7 +84,8 @@ def _log_callback(llama_cpp):
         if line.strip():
             if last[0] >= logging.WARNING:
                 _RECENT_LOG.append(line.strip())
-            log.log(last[0], "llama.cpp: %s", line)
+            after_abort = time.monotonic() - _ABORTED_AT[0] < 1.0
+            log.log(logging.DEBUG if after_abort else last[0], "llama.cpp: %s", line)
 
     _LOG_CALLBACK = callback
     return callback
@@ -266,7 +268,11 @@ class LlamaEngine:
         self._lock = threading.Lock()
 
     def _should_abort(self, _data) -> bool:
-        return time.monotonic() > self._deadline or (self._cancel is not None and self._cancel.is_set())
+        now = time.monotonic()
+        if now > self._deadline or (self._cancel is not None and self._cancel.is_set()):
+            _ABORTED_AT[0] = now
+            return True
+        return False
 
     # -- prompt ----------------------------------------------------------------------------------------
 

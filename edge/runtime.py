@@ -26,15 +26,16 @@ import numpy as np
 
 from . import visual
 from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
-from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart
+from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
 from .decide import Result
 from .errors import EdgeError
 from .findings import describe
 from .notify import SystemdNotifier
 from .pack import load_pack
-from .scorer import Scorer
+from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .state import enroll, load_state
+from .student import StudentScorer
 from .store import TraceStore, iso_time
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Runtime:
         self.station = config.station.name
         self.pack = load_pack(config.pack)
         self.state = load_state(config.state, self.pack)
-        self.scorer = Scorer.from_state(self.pack, self.state, kind=config.scorer)
+        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -227,7 +228,7 @@ class Runtime:
             t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        self.notifier.ready(self._status_line())
+        self.notifier.ready(self._status_line(self.health()))
         log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
                  self.pack.model_id, self.source.name, c.trigger.mode, self.scorer.threshold)
         return self
@@ -572,18 +573,24 @@ class Runtime:
             self.store.set_feedback(part_id, "false_alarm", by, "enrolled as good")
         old = self.scorer.threshold
         with self._state_lock:
-            state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info)
+            state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
+                           tiling=self.config.tiling_spec())
             self.state = state
             self.scorer = self._scorer_for(state)
         log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,
-                 len(state.references), old, state.calibration.threshold)
-        return {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
-                "threshold": round(state.calibration.threshold, 6)}
+                 len(state.references), old, self.scorer.threshold)
+        reply = {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
+                 "threshold": round(self.scorer.threshold, 6)}
+        if isinstance(self.scorer, StudentScorer):
+            # Training needs torch and minutes of CPU: not on the line.
+            reply["note"] = ("added to the references and the bank; the learned scorer was not retrained: run "
+                             f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
+        return reply
 
-    def _scorer_for(self, state) -> Scorer:
-        # The bank scorer keeps the encoder session it has; a student graph gets a new one.
-        backend = self.scorer.extractor.backend if self.scorer.bank is not None else None
-        return Scorer.from_state(self.pack, state, backend, kind=self.config.scorer)
+    def _scorer_for(self, state):
+        # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
+        extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
+        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor, kind=self.config.scorer)
 
     def reload(self) -> dict:
         """Re-read the config file (applying what can be applied live) and the station state."""
@@ -593,14 +600,7 @@ class Runtime:
             keys = changed_keys(self.config, new)
             restart = needs_restart(keys)
             applied = [k for k in keys if k not in restart]
-            self.config = self.config.model_copy(update={
-                "trigger": self.config.trigger.model_copy(update={"interval_s": new.trigger.interval_s}),
-                "storage": new.storage, "mqtt": self.config.mqtt.model_copy(update={"heatmap": new.mqtt.heatmap}),
-                "explain": self.config.explain.model_copy(update={"max_tokens": new.explain.max_tokens,
-                                                                  "time_limit_s": new.explain.time_limit_s}),
-                "health": new.health, "log_level": new.log_level,
-                "station": self.config.station.model_copy(update={"mm_per_pixel": new.station.mm_per_pixel}),
-            })
+            self.config = with_reloaded(self.config, new)
             self.store.retention_days = new.storage.retention_days
             self.store.disk_budget_mb = new.storage.disk_budget_mb
             logging.getLogger().setLevel(new.log_level.upper())
@@ -617,9 +617,14 @@ class Runtime:
 
     def _on_source_state(self, state: str, detail: str) -> None:
         self.counts[f"source_{state}"] += 1
+        self._publish_source_state()
+
+    def _publish_source_state(self) -> None:
+        # Also repeated with each status: a change seen before the broker connected is not lost.
         if self.publisher is not None:
-            self.publisher.publish_now("source", {"source": self.source.name, "state": state, "detail": detail,
-                                                  "time": iso_time(time.time())}, retain=True)
+            self.publisher.publish_now("source", {"source": self.source.name, "state": self.source.state,
+                                                  "detail": self.source.detail, "time": iso_time(time.time())},
+                                       retain=True)
 
     def health(self) -> dict:
         pub = self.publisher.stats() if self.publisher is not None else None
@@ -646,8 +651,8 @@ class Runtime:
                 {"error": self.explain_error} if self.explain_error else None),
         }
 
-    def _status_line(self) -> str:
-        h = self.health()
+    @staticmethod
+    def _status_line(h: dict) -> str:
         return (f"{h['fps']['scored']:.1f} parts/s, {h['counts']['flagged']} flagged, source {h['source']['state']}, "
                 f"outbox {h['broker']['outbox_size'] if h['broker'] else '-'}")
 
@@ -664,7 +669,8 @@ class Runtime:
                 h = self.health()
                 if self.publisher is not None:
                     self.publisher.publish_now("status", h, retain=True)
-                self.notifier.status(self._status_line())
+                    self._publish_source_state()
+                self.notifier.status(self._status_line(h))
             if now >= next_retention:
                 next_retention = now + 3600
                 try:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import Backend, create_backend
 from .bank import MemoryBank
-from .decide import Result, find_regions, image_score
+from .decide import Result, decide, image_score
 from .pack import Pack
 from .preprocess import check_frame, to_batch
 
@@ -125,7 +125,9 @@ class Scorer:
             from .anomalygpt import AnomalyGptScorer
 
             return AnomalyGptScorer.from_state(pack, state, backend)
-        return cls(pack, state.bank, state.calibration.threshold, FeatureExtractor(pack, backend))
+        from .cuda import gpu_bank  # the bank on the GPU's nn_min kernel where CUDA is usable
+
+        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend))
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
@@ -133,11 +135,7 @@ class Scorer:
 
     def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
         score = image_score(anomaly_map, self.pack.scorer.top_fraction)
-        anomalous = score >= self.threshold
-        mask = anomaly_map >= self.threshold
-        regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
-        return Result(score=score, threshold=self.threshold, anomalous=anomalous, anomaly_map=anomaly_map,
-                      mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms)
+        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms)
 
     def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
         """Score a batch of frames (grey or BGR uint8, any size)."""

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -29,9 +30,13 @@ from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, image_scores, pack_maps
 from .student import StudentSpec
 
+if TYPE_CHECKING:  # tiling imports this module
+    from .tiling import Layout
+
 STATE_SCHEMA_VERSION = 1
 STATE_FILE = "state.yaml"
 GOOD_DIR = "good"
+ROI_REFERENCE = "roi-reference.png"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
 
@@ -44,8 +49,14 @@ class StationState:
     calibration: Calibration
     references: list[str] = field(default_factory=list)  # file names under good/ (may be empty in memory)
     info: dict = field(default_factory=dict)
+    tile_banks: list[MemoryBank] = field(default_factory=list)  # per-tile banks of positions 1.. (bank is 0)
+    layout: Layout | None = None  # the tiling enrolled with (None: whole-frame scoring)
     student: StudentSpec | None = None  # the learned scorer, when trained (enroll --scorer student)
     root: Path | None = None  # the folder it was loaded from or saved to
+
+    @property
+    def banks(self) -> list[MemoryBank]:
+        return [self.bank, *self.tile_banks]
 
     def save(self, root: str | Path) -> Path:
         """Write the bank under a content-addressed name, then point state.yaml at it (replaced last),
@@ -55,6 +66,23 @@ class StationState:
         digest = bank_digest(self.bank)
         bank_name = f"bank-{digest[:16]}.npz"
         _atomic_write(root / bank_name, lambda f: np.savez(f, **bank_arrays(self.bank)))
+        keep = {bank_name}
+        if self.student is not None:
+            keep.add(self.student.file)
+        tiling = None
+        if self.layout is not None:
+            tiling = self.layout.to_dict()
+            tiling["tile_banks"] = []
+            for b in self.tile_banks:
+                d = bank_digest(b)
+                name = f"bank-{d[:16]}.npz"
+                _atomic_write(root / name, lambda f, b=b: np.savez(f, **bank_arrays(b)))
+                tiling["tile_banks"].append({"file": name, "sha256": d})
+                keep.add(name)
+            if self.layout.reference is not None:
+                ok, png = cv2.imencode(".png", self.layout.reference)
+                _atomic_write(root / ROI_REFERENCE, lambda f: f.write(png.tobytes()))
+                tiling["reference"] = ROI_REFERENCE
         doc = {
             "schema_version": STATE_SCHEMA_VERSION,
             "pack": {"model_id": self.pack_model_id, "encoder_sha256": self.pack_encoder_sha256},
@@ -65,11 +93,12 @@ class StationState:
             "references": self.references,
             "info": self.info,
         }
+        if tiling is not None:
+            doc["tiling"] = tiling
         if self.student is not None:
             self.student.check_file(root)
             doc["student"] = self.student.to_dict()
         _atomic_write(root / STATE_FILE, lambda f: f.write(yaml.safe_dump(doc, sort_keys=False).encode()))
-        keep = {bank_name, self.student.file if self.student else None}
         for old in [*root.glob("bank-*.npz"), *root.glob("student-*.onnx")]:
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -116,15 +145,20 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
         if not isinstance(doc, dict) or doc.get("schema_version") != STATE_SCHEMA_VERSION:
             version = doc.get("schema_version") if isinstance(doc, dict) else None
             raise StateError(f"{path}: schema_version {version!r} not supported ({STATE_SCHEMA_VERSION})")
-        bank_path = root / doc["bank"]["file"]
-        with np.load(bank_path, allow_pickle=False) as arrays:
-            groups = int(arrays["groups"]) if "groups" in arrays else 1
-            bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"), groups)
-        if bank_digest(bank) != doc["bank"].get("sha256"):
-            raise StateError(f"{bank_path}: memory bank does not match the sha256 in {path}")
+        bank = _load_bank(root, doc["bank"], path)
+        tiling = doc.get("tiling")
+        layout, tile_banks = None, []
+        if tiling is not None:
+            from .tiling import Layout, TilingSpec
+
+            tile_banks = [_load_bank(root, b, path) for b in tiling.get("tile_banks") or []]
+            reference = read_image(root / tiling["reference"]) if tiling.get("reference") else None
+            spec = TilingSpec.from_dict({k: v for k, v in tiling.items()
+                                         if k not in ("tile_banks", "reference", "roi_size")})
+            layout = Layout(spec, tuple(int(v) for v in tiling["roi_size"]), reference)
         state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
                              Calibration.from_dict(doc["calibration"]), list(doc.get("references") or []),
-                             dict(doc.get("info") or {}), root=root)
+                             dict(doc.get("info") or {}), tile_banks, layout, root=root)
         if doc.get("student") is not None:
             state.student = StudentSpec.from_dict(doc["student"])
             state.student.check_file(root)
@@ -135,6 +169,16 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
     if pack is not None:
         check_state_matches_pack(state, pack, path)
     return state
+
+
+def _load_bank(root: Path, entry: dict, path: Path) -> MemoryBank:
+    bank_path = root / entry["file"]
+    with np.load(bank_path, allow_pickle=False) as arrays:
+        groups = int(arrays["groups"]) if "groups" in arrays else 1
+        bank = MemoryBank(arrays["features"], arrays.get("mean"), arrays.get("components"), groups)
+    if bank_digest(bank) != entry.get("sha256"):
+        raise StateError(f"{bank_path}: memory bank does not match the sha256 in {path}")
+    return bank
 
 
 def check_state_matches_pack(state: StationState, pack: Pack, where) -> None:
@@ -269,16 +313,19 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
 
 
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
-           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print,
+           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None,
            train_student=None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
-    `out/good/` so later enrollments (and audits) see every image the bank was built from.
+    `out/good/` so later enrollments (and audits) see every image the bank was built from. With
+    `tiling` (a TilingSpec) the bank and threshold are built from tiles as `TiledScorer` cuts them.
     `train_student(images, out)`, when given (export.student: needs torch), trains the learned
     scorer on all references, writes its graph into `out` and returns its StudentSpec.
     """
     out = Path(out)
+    if tiling is not None and train_student is not None:
+        raise StateError("the learned scorer scores whole frames: enroll a tiled station with --scorer bank")
     existing: list[str] = []
     previous = None
     if (out / STATE_FILE).is_file():
@@ -310,7 +357,13 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         all_names = existing + names
         all_images = [read_image(out / GOOD_DIR / n) for n in existing] + [read_image(staging / n) for n in names]
         log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
-        state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
+        if tiling is None:
+            state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
+        else:
+            from .tiling import build_tiled_state
+
+            state = build_tiled_state(pack, all_images, tiling, extractor, seed=seed, references=all_names,
+                                      quiet=quiet)
         state.info["skipped"] = skipped
         out.mkdir(parents=True, exist_ok=True)
         if train_student is not None:

@@ -66,3 +66,25 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: dict[str, tuple[int
         raise ExportError(f"trtexec failed (exit {proc.returncode}) building {engine_path.name}:\n{proc.stdout[-2000:]}"
                           f"{proc.stderr[-2000:]}")
     return {"built_with": f"trtexec ({trtexec})", "precision": precision, "batch": list(batch), "onnx": onnx_path.name}
+
+
+def add_engine(pack_dir, batch: tuple[int, int, int] = (1, 1, 8), fp16: bool = True) -> dict:
+    """Build a TensorRT engine of the pack's encoder on this machine and record it in pack.yaml
+    (files.<encoder>_engine, provenance.tensorrt). Raises ExportError with the reason where TensorRT
+    or trtexec is missing; the pack is then left as it was."""
+    from edge.pack import FileEntry, load_pack, sha256_file, write_manifest
+
+    pack = load_pack(pack_dir)
+    spec = pack.input
+    engine = pack.root / f"{Path(pack.manifest.files[pack.encoder.file].path).stem}.plan"
+    tmp = engine.with_suffix(".plan.tmp")
+    built = build_engine(pack.file(pack.encoder.file), tmp, {spec.name: (spec.channels, spec.height, spec.width)},
+                         batch, fp16)
+    if "skipped" in built:
+        raise ExportError(f"{pack.root}: no TensorRT engine built: {built['skipped']}")
+    tmp.replace(engine)
+    key = f"{pack.encoder.file}_engine"
+    files = {**pack.manifest.files, key: FileEntry(path=engine.name, sha256=sha256_file(engine))}
+    provenance = {**pack.manifest.provenance, "tensorrt": built}
+    write_manifest(pack.root, pack.manifest.model_copy(update={"files": files, "provenance": provenance}))
+    return {**built, "file": engine.name}

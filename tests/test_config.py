@@ -88,3 +88,15 @@ def test_reload_tells_apart_live_keys_from_restart_keys(tmp_path):
     keys = changed_keys(old, new)
     assert set(keys) == {"trigger.interval_s", "storage.retention_days", "source.seed", "mqtt.host"}
     assert set(needs_restart(keys)) == {"source.seed", "mqtt.host"}
+
+
+def test_reload_takes_exactly_the_reloadable_keys(tmp_path):
+    from edge.config import with_reloaded
+
+    old = parse(BASE, tmp_path)
+    new = parse({**BASE, "state": "state2", "storage": {"dir": "elsewhere", "retention_days": 7},
+                 "explain": {"max_tokens": 10}, "log_level": "debug"}, tmp_path)
+    merged = with_reloaded(old, new)
+    assert merged.state == new.state and merged.storage.retention_days == 7 and merged.log_level == "debug"
+    assert merged.storage.dir == old.storage.dir and merged.explain.max_tokens == old.explain.max_tokens
+    assert set(needs_restart(changed_keys(old, new))) == {"storage.dir", "explain.max_tokens"}

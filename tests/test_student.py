@@ -56,7 +56,7 @@ def test_training_lowers_the_loss_and_separates_defects(default_pack, line, trai
 
 
 def test_loss_goes_down(default_pack, good):
-    t = train(default_pack, good, TrainConfig(**{**FAST, "steps": 30}), quiet=True, log=lambda m: None)
+    t = train(default_pack, good, TrainConfig(**{**FAST, "steps": 60}), quiet=True, log=lambda m: None)
     assert np.mean(t.losses[-5:]) < 0.8 * np.mean(t.losses[:5]), t.losses
 
 
@@ -64,7 +64,14 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(default_pack, good
     cfg = dict(FAST, steps=6, checkpoint_every=1)
     whole = train(default_pack, good, TrainConfig(**cfg), quiet=True, log=lambda m: None)
     ck = tmp_path / "student.ckpt"
-    train(default_pack, good, TrainConfig(**{**cfg, "steps": 3, "checkpoint": str(ck)}), quiet=True, log=lambda m: None)
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt  # as if the process were stopped after step 3
+
+    with pytest.raises(KeyboardInterrupt):
+        train(default_pack, good, TrainConfig(**{**cfg, "checkpoint": str(ck)}), quiet=True, log=lambda m: None,
+              on_step=crash)
     notes = []
     resumed = train(default_pack, good, TrainConfig(**{**cfg, "checkpoint": str(ck)}), quiet=True, log=notes.append)
     assert any("resuming" in n and "step 3" in n for n in notes), notes
@@ -186,3 +193,46 @@ def test_magnetic_tile_16_shot_student(default_pack):
                  train_student=lambda images, folder: train_student(default_pack, images, folder, cfg, quiet=True,
                                                                     log=lambda m: None))
     assert r["scorer"] == "student" and r["image_auroc"] > 0.6 and r["pixel_auroc"] > 0.6
+
+
+@pytest.mark.timeout(240)
+def test_line_runs_on_the_student(broker, default_pack, default_pack_dir, tmp_path):
+    """A station configured `scorer: student` scores the synthetic line with its fused graph and
+    publishes on a real broker; an enroll-good keeps the student and says it was not retrained."""
+    import yaml
+
+    from edge.config import load_config
+    from edge.runtime import Runtime
+    from mqtt_helpers import Subscriber, wait_until
+    from station_helpers import write_config
+
+    state_dir = tmp_path / "trained"
+    cfg = TrainConfig(**{**FAST, "steps": 20})
+    enroll(default_pack, write_good_parts(tmp_path / "good", 8, seed=3), state_dir, quiet=True, log=lambda m: None,
+           train_student=lambda images, folder: train_student(default_pack, images, folder, cfg, quiet=True,
+                                                              log=lambda m: None))
+    source = {"kind": "synthetic", "seed": 0, "defect_rate": 0.3, "count": 10}
+    path = write_config(tmp_path, default_pack_dir, state_dir, broker.port, source, storage={"keep_images": "all"})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "scorer": "student"}))
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = Runtime(load_config(path), path).start()
+    try:
+        assert isinstance(rt.scorer, StudentScorer)
+        student_threshold = rt.state.student.calibration.threshold
+        wait_until(lambda: len(sub.unique_by_topic().get("test/s1/result", [])) >= 10, 60, "10 results")
+        got = sub.unique_by_topic()["test/s1/result"]
+        assert all(r["threshold"] == pytest.approx(student_threshold, abs=1e-6) for r in got), got
+        assert all(np.isfinite(r["score"]) for r in got)
+        reply = rt.enroll_good(got[0]["part_id"], "test")
+        assert isinstance(rt.scorer, StudentScorer) and reply["threshold"] == pytest.approx(student_threshold, abs=1e-6)
+        assert "not retrained" in reply["note"] and reply["references"] == 9
+    finally:
+        rt.stop()
+    # A station asking for the student of a state that holds none is refused at start, by name.
+    bank_only = tmp_path / "bank-only"
+    enroll(default_pack, write_good_parts(tmp_path / "good2", 3, seed=4), bank_only, quiet=True, log=lambda m: None)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "state": str(bank_only)}))
+    with pytest.raises(StateError, match="holds no student"):
+        Runtime(load_config(path), path)
