@@ -1,10 +1,13 @@
 """Scoring speed and memory on this machine: frames/s, p50/p99 latency at batch 1 and 8, peak RSS.
 
-    python bench/bench_scoring.py --pack packs/default [--references 752] [--frames 300]
+    python bench/bench_scoring.py --pack packs/default [--references 752] [--frames 300] [--scorer student]
 
 Enrolls `--references` synthetic good parts (the bank is coreset-capped as the pack says), then
 scores synthetic frames at the pack's input size, timing encoder, search and decide separately.
-Prints a markdown table for docs/benchmarks.md.
+Prints a markdown table for docs/benchmarks.md. With `--scorer student` it trains a student for a
+few steps on `--references` synthetic parts (speed does not depend on how well it is trained; needs
+torch) and times its fused teacher+student graph instead ("encoder" = the whole graph, "search+map"
+= upsampling and smoothing only).
 """
 from __future__ import annotations
 
@@ -63,12 +66,17 @@ def time_batches(scorer: Scorer, frames: list[np.ndarray], batch: int) -> dict:
     }
 
 
-def scoring_process_rss(pack, state, frames) -> float:
+def scoring_process_rss(pack, state, frames, graph_dir: Path | None = None) -> float:
     """Peak RSS of a fresh process that only loads pack + state and scores frames (the runtime's footprint)."""
     import subprocess
     import tempfile
 
+    import shutil
+
     with tempfile.TemporaryDirectory() as tmp:
+        if state.student is not None:
+            (Path(tmp) / "state").mkdir()
+            shutil.copy(graph_dir / state.student.file, Path(tmp) / "state")
         state.save(Path(tmp) / "state")
         np.save(Path(tmp) / "frames.npy", np.stack(frames))
         code = (
@@ -91,6 +99,8 @@ def main() -> int:
     ap.add_argument("--references", type=int, default=752)
     ap.add_argument("--frames", type=int, default=320)
     ap.add_argument("--bank", type=int, default=None, help="override the pack's bank cap (patches)")
+    ap.add_argument("--scorer", choices=["bank", "student"], default="bank")
+    ap.add_argument("--student-steps", type=int, default=5)
     args = ap.parse_args()
     pack = load_pack(args.pack)
     if args.bank:
@@ -101,16 +111,30 @@ def main() -> int:
     state = build_state(pack, line.good(args.references), extractor, seed=0)
     enroll_s = time.perf_counter() - t
     scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+    graph_dir = None
+    if args.scorer == "student":
+        import tempfile
+
+        from edge.student import StudentScorer
+        from export.student import TrainConfig, train_student
+
+        graph_dir = Path(tempfile.mkdtemp(prefix="bench-student."))
+        state.student = train_student(pack, line.good(args.references), graph_dir,
+                                      TrainConfig(steps=args.student_steps, threads=2))
+        scorer = StudentScorer.from_spec(pack, graph_dir, state.student)
+        extractor = scorer.extractor
     # Frames already at the pack's input size, so resize costs what a matched camera ROI would.
     frames = [np.ascontiguousarray(p.image[:pack.input.height, :pack.input.width]) for p in line.parts(args.frames)]
     for b in (1, 8):
         time_batches(scorer, frames[:16], b)  # warm-up
     rows = [time_batches(scorer, frames, b) for b in (1, 8)]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    runtime_rss_mb = scoring_process_rss(pack, state, frames[:50])
+    runtime_rss_mb = scoring_process_rss(pack, state, frames[:50], graph_dir)
     print(f"command: python bench/bench_scoring.py --pack {args.pack} --references {args.references} "
-          f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else ""))
-    print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}")
+          f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else "")
+          + (f" --scorer student --student-steps {args.student_steps}" if args.scorer == "student" else ""))
+    print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}, "
+          f"load average (1 min) at the end {os.getloadavg()[0]:.2f}, scorer {args.scorer}")
     print(f"pack {pack.model_id}, input {pack.input.height}x{pack.input.width}, bank {len(state.bank)} patches "
           f"x {state.bank.channels} ch from {args.references} references (enrollment {enroll_s:.1f} s)")
     print()

@@ -1,7 +1,7 @@
 """The evaluation table of docs/evaluation.md: `anomaly-edge eval` for several K and seeds, aggregated.
 
     python bench/eval_table.py --pack packs/default --data ../shared/data/magnetic_tile \
-        --shots 1,4,16,all --seeds 0,1,2 --out out/eval-magnetic_tile
+        --shots 1,4,16,all --seeds 0,1,2 --out out/eval-magnetic_tile [--scorer student]
 
 Small K is averaged over the seeds; 'all' runs once (seed 0). Each run's JSON and report folder
 (ROC plot, overlays) stays under --out; the markdown table is printed and written to --out/table.md.
@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--shots", default="1,4,16,all")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--scorer", choices=["bank", "student"], default="bank")
+    ap.add_argument("--time-budget", help="student training budget in seconds (eval's default otherwise)")
     args = ap.parse_args()
     out = Path(args.out)
     exe = Path(sys.executable).parent / "anomaly-edge"
@@ -39,7 +41,9 @@ def main() -> int:
             if not path.is_file():
                 print(f"== eval shots={k} seed={seed}", file=sys.stderr, flush=True)
                 subprocess.run([str(exe), "eval", "--pack", args.pack, "--data", args.data, "--shots", k,
-                                "--seed", str(seed), "--json", str(path)], check=True, stdout=subprocess.DEVNULL)
+                                "--seed", str(seed), "--json", str(path), "--scorer", args.scorer,
+                                *(["--time-budget", args.time_budget] if args.time_budget else [])],
+                               check=True, stdout=subprocess.DEVNULL)
             runs.append(json.loads(path.read_text()))
         rows.append((k, len(seeds), {key: float(np.mean([r[key] for r in runs])) for key in KEYS},
                      {key: float(np.std([r[key] for r in runs])) for key in KEYS}))

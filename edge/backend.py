@@ -38,10 +38,14 @@ def dim_matches(declared, expected: int) -> bool:
 class OnnxRuntimeBackend:
     """The pack encoder in an ONNX Runtime session. Providers: CUDA/TensorRT when present, else CPU."""
 
-    def __init__(self, pack: Pack, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, pack: Pack, providers: list[str] | None = None, threads: int | None = None,
+                 path=None, output: str | None = None, output_shape: tuple[int, int, int] | None = None):
+        """`path`, `output`, `output_shape`: another graph on the pack's input (a station's student)."""
         import onnxruntime as ort
 
-        path = pack.file(pack.encoder.file)
+        path = path or pack.file(pack.encoder.file)
+        self.output_name = output or pack.encoder.output
+        self.output_shape = tuple(output_shape or pack.encoder.feature_shape)
         available = ort.get_available_providers()
         if providers is None:
             preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -65,7 +69,6 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime:" + ",".join(self.session.get_providers())
         self._check_shapes(pack, path)
         self.input_name = pack.input.name
-        self.output_name = pack.encoder.output
         log.info("encoder %s on %s", path.name, self.name)
 
     def _check_shapes(self, pack: Pack, path) -> None:
@@ -78,13 +81,13 @@ class OnnxRuntimeBackend:
         got_in = inputs[spec.name]
         if len(got_in) != 4 or not all(dim_matches(d, w) for d, w in zip(got_in[1:], want_in)):
             raise PackError(f"{path}: input '{spec.name}' has shape {got_in}, pack.yaml says N x {want_in}")
-        out = pack.encoder.output
+        out = self.output_name
         if out not in outputs:
             raise PackError(f"{path}: has no output '{out}' (outputs: {sorted(outputs)})")
         got_out = outputs[out]
-        want_out = tuple(pack.encoder.feature_shape)
+        want_out = self.output_shape
         if len(got_out) != 4 or not all(dim_matches(d, w) for d, w in zip(got_out[1:], want_out)):
-            raise PackError(f"{path}: output '{out}' has shape {got_out}, pack.yaml encoder.feature_shape says N x {want_out}")
+            raise PackError(f"{path}: output '{out}' has shape {got_out}, expected N x {want_out}")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.run_outputs(batch, [self.output_name])[0]

@@ -73,6 +73,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _student_trainer(args, pack):
+    """`train(images, folder) -> StudentSpec` for --scorer student (torch imported here, lazily); None for bank."""
+    if args.scorer != "student":
+        return None
+    try:
+        from export.student import TrainConfig, train_student
+    except ImportError as e:
+        raise EdgeError(f"--scorer student trains a network and needs the 'export' extra (torch): "
+                        f"pip install 'anomaly-edge[export]' ({e})") from None
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, time_budget_s=args.time_budget, checkpoint=args.checkpoint,
+                      device=args.device)
+    return lambda images, folder: train_student(pack, images, folder, cfg, quiet=args.quiet,
+                                                log=lambda m: print(m, file=sys.stderr))
+
+
+def _add_student_options(p) -> None:
+    p.add_argument("--scorer", choices=["bank", "student"], default="bank",
+                   help="bank: memory bank only; student: also train the learned scorer (needs torch)")
+    t = p.add_argument_group("student training (--scorer student)")
+    t.add_argument("--steps", type=_positive, default=4000, help="training steps of 8 images (default 4000)")
+    t.add_argument("--time-budget", type=_positive_float, default=780,
+                   help="stop training after this many seconds with the model so far (default 780)")
+    t.add_argument("--checkpoint", help="checkpoint file: written while training, resumed from when it exists")
+    t.add_argument("--device", default="auto", help="torch device: auto (a CUDA GPU when present), cpu, cuda")
+
+
 def cmd_enroll(args) -> int:
     from .pack import load_pack
     from .preprocess import list_images
@@ -96,10 +122,16 @@ def _enroll(pack, good, args) -> int:
     from .state import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args))
+                   log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                   train_student=_student_trainer(args, pack))
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
+    if state.student is not None and args.scorer == "student":
+        st, c = state.student, state.student.calibration
+        print(f"student {st.file}: {st.info['steps']} steps in {st.info['train_seconds']:.0f} s"
+              f"{' (stopped by the time budget)' if st.info['stopped_by_time_budget'] else ''}, "
+              f"threshold {c.threshold:.4f} ({c.n_scores} held-out scores, median {c.median:.4f})")
     if len(state.references) < 4:
         print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
               "threshold may reject good parts: enroll more good images when you have them", file=sys.stderr)
@@ -138,7 +170,7 @@ def cmd_score(args) -> int:
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None)
+    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None, kind=args.scorer)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -176,7 +208,8 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
-                      log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args))
+                      log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                      train_student=_student_trainer(args, pack))
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
@@ -317,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", required=True, help="station state folder (created or extended)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_student_options(n)
     _add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)
 
@@ -326,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--overlays", help="write heatmap overlays to this folder")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--scorer", choices=["auto", "bank", "student"], default="auto",
+                   help="auto: the measured default (docs/evaluation.md, now the bank)")
     s.set_defaults(func=cmd_score)
 
     v = sub.add_parser("eval", help="evaluate on an MVTec- or VisA-layout folder")
@@ -337,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_student_options(v)
     _add_tiling_args(v)
     v.set_defaults(func=cmd_eval)
 

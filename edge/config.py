@@ -209,6 +209,9 @@ class StationConfig(_Strict):
     station: StationSpec = StationSpec()
     pack: Path
     state: Path
+    # Which of the state's scorers runs: auto = edge.student.DEFAULT_SCORER when the state holds a
+    # student (chosen by measurement, docs/evaluation.md), else the memory bank.
+    scorer: Literal["auto", "bank", "student"] = "auto"
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()

@@ -190,6 +190,8 @@ class Console:
             e = out["enrolled"]
             self.say(f"enrolled as good: {e['references']} references, threshold {e['threshold_before']:.3f} "
                      f"-> {e['threshold']:.3f}")
+            if e.get("note"):
+                self.say(e["note"])
 
     def do_status(self) -> None:
         h = self.api.get("/health")

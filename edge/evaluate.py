@@ -7,6 +7,7 @@ summary, a ROC plot and a few heatmap overlays.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from tqdm import tqdm
 
 from . import metrics, visual
 from .dataset import open_dataset, read_mask
-from .errors import DatasetError, ImageError
+from .errors import DatasetError, EdgeError, ImageError
 from .pack import Pack
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer
 from .state import build_state
+from .student import StudentScorer
 from .tiling import build_tiled_state, station_scorer
 
 PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
@@ -28,21 +30,39 @@ BATCH = 8
 
 
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
-             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None) -> dict:
+             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None, train_student=None) -> dict:
+    """`train_student(images, folder) -> StudentSpec` (export.student) evaluates the learned scorer
+    instead of the memory bank."""
+    if tiling is not None and train_student is not None:
+        raise EdgeError("the learned scorer scores whole frames: evaluate tiling with --scorer bank")
     category = open_dataset(data)
     train = choose_shots(category.train_good, shots, seed)
     ref_images, _, skipped_refs = read_images(train, log)
     if not ref_images:
         raise DatasetError(f"{category.root}: no readable good train images")
-    extractor = FeatureExtractor(pack)
-    t0 = time.perf_counter()
-    if tiling is None:
-        state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
-    else:
-        state = build_tiled_state(pack, ref_images, tiling, extractor, seed=seed, quiet=quiet)
-    enroll_s = time.perf_counter() - t0
-    scorer = station_scorer(pack, state, tiling, extractor=extractor)
+    with tempfile.TemporaryDirectory(prefix="eval.") as work:
+        t0 = time.perf_counter()
+        if train_student is None:
+            extractor = FeatureExtractor(pack)
+            if tiling is None:
+                state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+            else:
+                state = build_tiled_state(pack, ref_images, tiling, extractor, seed=seed, quiet=quiet)
+            calibration = state.calibration
+            info = {"bank_patches": sum(len(b) for b in state.banks),
+                    "tiling": state.layout.to_dict() if state.layout is not None else None}
+            scorer = station_scorer(pack, state, tiling, extractor=extractor)
+        else:
+            student = train_student(ref_images, Path(work))
+            calibration, info = student.calibration, {"student": student.info, "tiling": None}
+            scorer = StudentScorer.from_spec(pack, work, student)
+        enroll_s = time.perf_counter() - t0
+        return _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s,
+                           skipped_refs, report_dir, n_overlays, quiet, log)
 
+
+def _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s, skipped_refs, report_dir,
+                n_overlays, quiet, log) -> dict:
     scores, labels, kinds, paths = [], [], [], []
     maps, masks, skipped = [], [], []
     keep_for_overlay = []
@@ -86,13 +106,14 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
                            f"(found {len(labels)} images, all {'defective' if labels and labels[0] else 'good'})")
     # Pixel metrics need at least one defect mask (ground_truth/ may be absent): null otherwise.
     has_masks = any(m.any() for m in masks)
-    th = state.calibration.threshold
+    th = calibration.threshold
     tm = metrics.threshold_metrics(scores_a, labels_a, th)
     oracle_th, oracle_bacc = metrics.best_threshold(scores_a, labels_a)
     fpr, tpr, _ = metrics.roc_curve(scores_a, labels_a)
     result = {
         "dataset": str(Path(data)),
         "pack": pack.model_id,
+        "scorer": "bank" if scorer.bank is not None else "student",
         "shots": len(ref_images),
         "seed": seed,
         "n_test": int(len(scores_a)),
@@ -110,11 +131,10 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         "oracle_balanced_accuracy": float(oracle_bacc),
         "frames_per_second": len(scores_a) / score_s if score_s > 0 else 0.0,
         "enroll_seconds": enroll_s,
-        "bank_patches": sum(len(b) for b in state.banks),
-        "tiling": state.layout.to_dict() if state.layout is not None else None,
-        "calibration": {k: v for k, v in state.calibration.to_dict().items() if k != "normal_scores"},
+        "calibration": {k: v for k, v in calibration.to_dict().items() if k != "normal_scores"},
         "per_kind_detection": {k: float(np.mean(scores_a[np.asarray(kinds) == k] >= th)) for k in sorted(set(kinds))},
         "skipped": skipped_refs + skipped,
+        **info,
     }
     if report_dir is not None:
         _write_report(Path(report_dir), result, (fpr, tpr), scores_a, labels_a, keep_for_overlay, scorer, n_overlays)
@@ -160,9 +180,15 @@ def summary_markdown(r: dict) -> str:
         ("F1", f"{r['f1']:.3f}"), ("false-reject rate", f"{r['false_reject_rate']:.3f}"),
         ("miss rate", f"{r['miss_rate']:.3f}"),
         ("frames/s (scoring)", f"{r['frames_per_second']:.1f}"), ("enrollment", f"{r['enroll_seconds']:.1f} s"),
-        ("bank patches", str(r["bank_patches"])),
     ]
-    lines = [f"# {Path(r['dataset']).name}: {r['shots']} shots, seed {r['seed']}, pack {r['pack']}", "",
+    if r.get("bank_patches") is not None:
+        rows.append(("bank patches", str(r["bank_patches"])))
+    if r.get("student"):
+        st = r["student"]
+        rows.append(("student", f"{st['steps']} steps, {st['train_seconds']:.0f} s, trained on {st['trained_on']}, "
+                                f"{st['held_out']} held out"))
+    lines = [f"# {Path(r['dataset']).name}: {r['shots']} shots, seed {r['seed']}, pack {r['pack']}, "
+             f"scorer {r.get('scorer', 'bank')}", "",
              f"{r['n_test']} test images ({r['n_anomalous']} defective)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "Detection rate per kind at the automatic threshold (good = false-reject rate):", ""]

@@ -35,6 +35,7 @@ from .pack import load_pack
 from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .state import enroll, load_state
+from .student import StudentScorer
 from .store import TraceStore, iso_time
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Runtime:
         self.station = config.station.name
         self.pack = load_pack(config.pack)
         self.state = load_state(config.state, self.pack)
-        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec())
+        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -575,11 +576,21 @@ class Runtime:
             state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
                            tiling=self.config.tiling_spec())
             self.state = state
-            self.scorer = station_scorer(self.pack, state, self.config.tiling_spec(), extractor=self.scorer.extractor)
+            self.scorer = self._scorer_for(state)
         log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,
-                 len(state.references), old, state.calibration.threshold)
-        return {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
-                "threshold": round(state.calibration.threshold, 6)}
+                 len(state.references), old, self.scorer.threshold)
+        reply = {"part_id": part_id, "references": len(state.references), "threshold_before": round(old, 6),
+                 "threshold": round(self.scorer.threshold, 6)}
+        if isinstance(self.scorer, StudentScorer):
+            # Training needs torch and minutes of CPU: not on the line.
+            reply["note"] = ("added to the references and the bank; the learned scorer was not retrained: run "
+                             f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
+        return reply
+
+    def _scorer_for(self, state):
+        # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
+        extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
+        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor, kind=self.config.scorer)
 
     def reload(self) -> dict:
         """Re-read the config file (applying what can be applied live) and the station state."""
@@ -598,7 +609,7 @@ class Runtime:
         with self._state_lock:
             state = load_state(self.config.state, self.pack)
             self.state = state
-            self.scorer = station_scorer(self.pack, state, self.config.tiling_spec(), extractor=self.scorer.extractor)
+            self.scorer = self._scorer_for(state)
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
         return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
 

@@ -60,6 +60,12 @@ def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: t
     """Flat squared distances of n images' patches -> n x H x W smoothed anomaly maps: L2 distances, or
     1 - cosine similarity for unit features (`metric` and `upsample` as in ScorerSpec)."""
     patch = (np.sqrt(sqdist) if metric == "l2" else 0.5 * sqdist).reshape(n, *grid)
+    return upsample_maps(patch, size, sigma, upsample)
+
+
+def upsample_maps(patch: np.ndarray, size: tuple[int, int], sigma: float, upsample: str = "linear") -> np.ndarray:
+    """n x h x w patch scores -> n x H x W maps, upsampled and Gaussian-smoothed."""
+    n, grid = len(patch), patch.shape[1:]
     maps = np.empty((n, *size), np.float32)
     if upsample == "linear_align_corners":
         rows, cols = _align_corners_matrix(size[0], grid[0]), _align_corners_matrix(size[1], grid[1])
@@ -81,6 +87,12 @@ def pack_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], pack: Pack) -> 
                              s.upsample)
 
 
+def grid_maps(patch: np.ndarray, pack: Pack) -> np.ndarray:
+    """n x h x w patch scores -> n x H x W maps at the pack's input size, upsampled and smoothed as it says."""
+    s = pack.scorer
+    return upsample_maps(patch, (pack.input.height, pack.input.width), s.smoothing_sigma, s.upsample)
+
+
 def anomaly_maps(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
     """N x h x w x C patch features -> N x H x W anomaly maps at the pack's input size."""
     n, h, w, c = features.shape
@@ -94,14 +106,21 @@ def image_scores(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarr
 class Scorer:
     """Scores frames against one station's memory bank with its calibrated threshold."""
 
-    def __init__(self, pack: Pack, bank: MemoryBank, threshold: float, extractor: FeatureExtractor | None = None):
+    def __init__(self, pack: Pack, bank: MemoryBank | None, threshold: float, extractor: FeatureExtractor | None = None):
         self.pack = pack
         self.bank = bank
         self.threshold = float(threshold)
         self.extractor = extractor or FeatureExtractor(pack)
 
     @classmethod
-    def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
+    def from_state(cls, pack: Pack, state, backend: Backend | None = None, kind: str = "bank") -> "Scorer":
+        """The station's scorer: `kind` bank, student (its learned scorer) or auto (see edge.student)."""
+        if cls is Scorer and kind != "bank":
+            from .student import student_scorer
+
+            scorer = student_scorer(pack, state, kind)
+            if scorer is not None:
+                return scorer
         if cls is Scorer and pack.scorer.kind == "anomalygpt":
             from .anomalygpt import AnomalyGptScorer
 

@@ -28,6 +28,7 @@ from .errors import StateError
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, image_scores, pack_maps
+from .student import StudentSpec
 
 if TYPE_CHECKING:  # tiling imports this module
     from .tiling import Layout
@@ -50,6 +51,8 @@ class StationState:
     info: dict = field(default_factory=dict)
     tile_banks: list[MemoryBank] = field(default_factory=list)  # per-tile banks of positions 1.. (bank is 0)
     layout: Layout | None = None  # the tiling enrolled with (None: whole-frame scoring)
+    student: StudentSpec | None = None  # the learned scorer, when trained (enroll --scorer student)
+    root: Path | None = None  # the folder it was loaded from or saved to
 
     @property
     def banks(self) -> list[MemoryBank]:
@@ -64,6 +67,8 @@ class StationState:
         bank_name = f"bank-{digest[:16]}.npz"
         _atomic_write(root / bank_name, lambda f: np.savez(f, **bank_arrays(self.bank)))
         keep = {bank_name}
+        if self.student is not None:
+            keep.add(self.student.file)
         tiling = None
         if self.layout is not None:
             tiling = self.layout.to_dict()
@@ -90,10 +95,14 @@ class StationState:
         }
         if tiling is not None:
             doc["tiling"] = tiling
+        if self.student is not None:
+            self.student.check_file(root)
+            doc["student"] = self.student.to_dict()
         _atomic_write(root / STATE_FILE, lambda f: f.write(yaml.safe_dump(doc, sort_keys=False).encode()))
-        for old in root.glob("bank-*.npz"):
+        for old in [*root.glob("bank-*.npz"), *root.glob("student-*.onnx")]:
             if old.name not in keep:
                 old.unlink(missing_ok=True)
+        self.root = root
         return root
 
 
@@ -149,7 +158,10 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
             layout = Layout(spec, tuple(int(v) for v in tiling["roi_size"]), reference)
         state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
                              Calibration.from_dict(doc["calibration"]), list(doc.get("references") or []),
-                             dict(doc.get("info") or {}), tile_banks, layout)
+                             dict(doc.get("info") or {}), tile_banks, layout, root=root)
+        if doc.get("student") is not None:
+            state.student = StudentSpec.from_dict(doc["student"])
+            state.student.check_file(root)
     except StateError:
         raise
     except Exception as e:
@@ -301,15 +313,21 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
 
 
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
-           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None) -> StationState:
+           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None,
+           train_student=None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
     `out/good/` so later enrollments (and audits) see every image the bank was built from. With
     `tiling` (a TilingSpec) the bank and threshold are built from tiles as `TiledScorer` cuts them.
+    `train_student(images, out)`, when given (export.student: needs torch), trains the learned
+    scorer on all references, writes its graph into `out` and returns its StudentSpec.
     """
     out = Path(out)
+    if tiling is not None and train_student is not None:
+        raise StateError("the learned scorer scores whole frames: enroll a tiled station with --scorer bank")
     existing: list[str] = []
+    previous = None
     if (out / STATE_FILE).is_file():
         previous = load_state(out)
         existing = previous.references
@@ -347,6 +365,13 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
             state = build_tiled_state(pack, all_images, tiling, extractor, seed=seed, references=all_names,
                                       quiet=quiet)
         state.info["skipped"] = skipped
+        out.mkdir(parents=True, exist_ok=True)
+        if train_student is not None:
+            state.student = train_student(all_images, out)
+        elif previous is not None and previous.student is not None:
+            state.student = previous.student
+            log(f"{out}: kept the student trained on {previous.student.info.get('shots')} references; "
+                "train again with --scorer student to include the new ones")
         (out / GOOD_DIR).mkdir(parents=True, exist_ok=True)
         for n in names:
             shutil.move(str(staging / n), out / GOOD_DIR / n)

@@ -352,17 +352,26 @@ def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
 
 
 def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None):
-    """The scorer a station's configuration asks for: `Scorer`, or `TiledScorer` when it tiles. Refuses
-    a tiling other than the one the state was enrolled with (its bank would not match the tiles)."""
+                   extractor: FeatureExtractor | None = None, kind: str = "bank"):
+    """The scorer a station's configuration asks for: `Scorer`, `TiledScorer` when it tiles, or the
+    learned `StudentScorer` (`kind` student, or auto as edge.student decides). Refuses a tiling other
+    than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an encoder
+    session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
     from .scorer import Scorer
+    from .student import student_scorer
 
     enrolled = state.layout.spec if state.layout is not None else None
     if enrolled != spec:
         raise StateError(f"station state was enrolled with {_tiling_words(enrolled)} but the configuration asks for "
                          f"{_tiling_words(spec)}: enroll again with the configured tiling")
     if spec is not None:
+        if kind == "student":
+            raise StateError("scorer student scores whole frames: use scorer bank (or auto) with tiling")
         return TiledScorer.from_state(pack, state, backend, extractor)
+    if kind != "bank":
+        student = student_scorer(pack, state, kind)
+        if student is not None:
+            return student
     if extractor is not None:
         return Scorer(pack, state.bank, state.calibration.threshold, extractor)
     return Scorer.from_state(pack, state, backend)
