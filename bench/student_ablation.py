@@ -23,12 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.backend import create_backend  # noqa: E402
 from edge.dataset import open_mvtec, read_mask  # noqa: E402
 from edge.metrics import auroc  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.preprocess import read_image, to_input_pixels  # noqa: E402
-from export.student import augment, build_student, target_channels  # noqa: E402
+from export.student import _Teacher, augment, build_student, target_channels  # noqa: E402
 
 
 def load_cache(pack, data: str, cache: Path) -> dict:
@@ -36,13 +35,11 @@ def load_cache(pack, data: str, cache: Path) -> dict:
     path = cache / f"{pack.model_id}-{Path(data).name}.npz"
     if path.is_file():
         return dict(np.load(path))
-    ds, be = open_mvtec(data), create_backend(pack)
+    ds, teacher = open_mvtec(data), _Teacher(pack)
     size = (pack.input.width, pack.input.height)
-    spec = pack.input.normalization
-    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
 
     def features(px):
-        return np.concatenate([be.run(((px[i:i + 16] - mean) / std).transpose(0, 3, 1, 2).copy()).astype(np.float16)
+        return np.concatenate([teacher.features(teacher.normalise(px[i:i + 16])).astype(np.float16)
                                for i in range(0, len(px), 16)])
 
     tr = np.stack([to_input_pixels(read_image(p), pack.input) for p in ds.train_good]).astype(np.uint8)
@@ -142,9 +139,10 @@ def main() -> None:
         model = models(c1 - c0)[args.variant]()
         opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.steps, pct_start=0.1)
-        spec = pack.input.normalization
-        norm = lambda px: torch.from_numpy(((px - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32))  # noqa: E731
-                                           .transpose(0, 3, 1, 2).astype(np.float32).copy())
+        teacher = _Teacher(pack)
+
+        def norm(px):
+            return torch.from_numpy(teacher.normalise(px.astype(np.float32)))
         rng = np.random.default_rng(0)
         for step in range(args.steps):
             idx = train[rng.choice(len(train), 8)]

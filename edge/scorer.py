@@ -113,14 +113,8 @@ class Scorer:
         self.extractor = extractor or FeatureExtractor(pack)
 
     @classmethod
-    def from_state(cls, pack: Pack, state, backend: Backend | None = None, kind: str = "bank") -> "Scorer":
-        """The station's scorer: `kind` bank, student (its learned scorer) or auto (see edge.student)."""
-        if cls is Scorer and kind != "bank":
-            from .student import student_scorer
-
-            scorer = student_scorer(pack, state, kind)
-            if scorer is not None:
-                return scorer
+    def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
+        """The bank scorer of a station state (edge.tiling.station_scorer picks among all scorers)."""
         if cls is Scorer and pack.scorer.kind == "anomalygpt":
             from .anomalygpt import AnomalyGptScorer
 

@@ -15,6 +15,7 @@ from edge.metrics import auroc  # noqa: E402
 from edge.scorer import Scorer  # noqa: E402
 from edge.state import enroll, load_state  # noqa: E402
 from edge.student import DEFAULT_SCORER, StudentScorer  # noqa: E402
+from edge.tiling import station_scorer  # noqa: E402
 from edge.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
 from export.student import (TrainConfig, TrainError, _Teacher, export_student, position_statistics,  # noqa: E402
                             raw_maps, train, train_student)
@@ -136,11 +137,11 @@ def test_station_state_holds_the_student(default_pack, good, trained, tmp_path):
                                                               log=lambda m: None))
     state = load_state(state_dir, default_pack)
     assert state.student is not None and (state_dir / state.student.file).is_file()
-    auto = Scorer.from_state(default_pack, state, kind="auto")
+    auto = station_scorer(default_pack, state, None, kind="auto")
     assert isinstance(auto, StudentScorer) == (DEFAULT_SCORER == "student")
-    bank = Scorer.from_state(default_pack, state, kind="bank")
+    bank = station_scorer(default_pack, state, None, kind="bank")
     assert not isinstance(bank, StudentScorer) and bank.threshold == state.calibration.threshold
-    student = Scorer.from_state(default_pack, state, kind="student")
+    student = station_scorer(default_pack, state, None, kind="student")
     assert student.threshold == state.student.calibration.threshold
     assert state.student.position_mean.shape == tuple(default_pack.encoder.feature_shape[1:])
     # Enrolling more good parts without --scorer student keeps the student (and says so).
@@ -158,9 +159,9 @@ def test_station_state_holds_the_student(default_pack, good, trained, tmp_path):
 def test_student_kind_without_a_student_is_refused(default_pack, tmp_path):
     state = enroll(default_pack, write_good_parts(tmp_path / "g", 3, seed=1), tmp_path / "s", quiet=True,
                    log=lambda m: None)
-    assert type(Scorer.from_state(default_pack, state, kind="auto")) is Scorer
+    assert type(station_scorer(default_pack, state, None, kind="auto")) is Scorer
     with pytest.raises(StateError, match="holds no student"):
-        Scorer.from_state(default_pack, state, kind="student")
+        station_scorer(default_pack, state, None, kind="student")
 
 
 def test_runtime_modules_never_import_torch():
