@@ -170,7 +170,7 @@ def cmd_score(args) -> int:
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None, kind=args.scorer)
+    scorer = station_scorer(pack, state, state.tiling_spec, kind=args.scorer)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -262,7 +262,7 @@ def cmd_ask(args) -> int:
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.layout.spec if state.layout is not None else None)
+    scorer = station_scorer(pack, state, state.tiling_spec)
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"

@@ -58,6 +58,11 @@ class StationState:
     def banks(self) -> list[MemoryBank]:
         return [self.bank, *self.tile_banks]
 
+    @property
+    def tiling_spec(self):
+        """The TilingSpec enrolled with, or None for whole-frame scoring."""
+        return self.layout.spec if self.layout is not None else None
+
     def save(self, root: str | Path) -> Path:
         """Write the bank under a content-addressed name, then point state.yaml at it (replaced last),
         then drop older banks: a crash at any step leaves the previous, consistent state readable."""

@@ -360,7 +360,7 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
     from .scorer import Scorer
     from .student import student_scorer
 
-    enrolled = state.layout.spec if state.layout is not None else None
+    enrolled = state.tiling_spec
     if enrolled != spec:
         raise StateError(f"station state was enrolled with {_tiling_words(enrolled)} but the configuration asks for "
                          f"{_tiling_words(spec)}: enroll again with the configured tiling")

@@ -240,6 +240,7 @@ class Trained:
     losses: list[float]
     seconds: float
     pixels: np.ndarray  # all images at the pack's input size, uint8
+    teacher: _Teacher  # its ONNX Runtime session, reused for the statistics and the export check
 
 
 def train(pack: Pack, images: list[np.ndarray], cfg: TrainConfig, names: list[str] | None = None,
@@ -324,7 +325,7 @@ def train(pack: Pack, images: list[np.ndarray], cfg: TrainConfig, names: list[st
     if stopped:
         log(f"time budget {cfg.time_budget_s:g} s reached: student stopped at step {step}/{cfg.steps}")
     head = _head_class()(student.cpu().eval(), (c0, c1), t_mean, t_std, np.zeros((1, 1)), np.ones((1, 1)))
-    return Trained(head, train_idx, holdout_idx, step, stopped, losses, seconds, pixels)
+    return Trained(head, train_idx, holdout_idx, step, stopped, losses, seconds, pixels, teacher)
 
 
 def raw_maps(head, teacher: _Teacher, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -422,8 +423,7 @@ def train_student(pack: Pack, images: list[np.ndarray], out_dir: str | Path, cfg
     cfg = cfg or TrainConfig()
     log = log or (lambda m: print(m, file=sys.stderr))
     trained = train(pack, images, cfg, names, quiet=quiet, log=log)
-    pixels = trained.pixels
-    teacher = _Teacher(pack)
+    pixels, teacher = trained.pixels, trained.teacher
     maps = raw_maps(trained.head, teacher, pixels[trained.holdout_idx])
     calibration = calibrate(holdout_scores(pack, maps))
     mean, std = position_statistics(maps)
