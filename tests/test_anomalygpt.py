@@ -387,7 +387,8 @@ def test_default_q4_k_m_quantization_loads(f16_pack_dir, tmp_path):
     out = tmp_path / "q4.gguf"
     quantize_gguf(f16_pack_dir / "llm.gguf", out, "Q4_K_M")
     assert out.stat().st_size < (f16_pack_dir / "llm.gguf").stat().st_size
-    llm = Llama(str(out), n_ctx=32, verbose=False, n_threads=1)
+    # logits_all: without it llama-cpp-python leaves `scores` as uninitialised memory (it keeps no logits).
+    llm = Llama(str(out), n_ctx=32, verbose=False, n_threads=1, logits_all=True)
     try:
         assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
         llm.eval([1, 5, 9])
