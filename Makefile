@@ -8,9 +8,12 @@ PACK ?= packs/default
 
 .PHONY: install demo test test-all pack bench run clean
 
-$(BIN)/anomaly-edge: pyproject.toml
+# llama-cpp-python is built first, portably (scripts/build-llama-cpp.sh: no -march=native, no AMX or
+# AVX-512), so that pip never builds or reuses a native one that dies with SIGILL on another CPU.
+$(BIN)/anomaly-edge: pyproject.toml scripts/build-llama-cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	scripts/build-llama-cpp.sh $(VENV)
 	$(BIN)/pip install --quiet -e '.[export,dev,llm]'
 	touch $@
 

@@ -252,8 +252,9 @@ def cmd_ask(args) -> int:
     from contextlib import closing
 
     from .dialogue import DialogueStore
-    from .explain import Explainer
+    from .explain import respond
     from .findings import describe
+    from .llm_process import LlmProcess, LlmProcessError
     from .pack import load_pack
     from .preprocess import read_image
     from .prompts import FIRST_QUESTION
@@ -266,7 +267,9 @@ def cmd_ask(args) -> int:
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"
-    explainer = Explainer(pack, n_threads=args.threads)
+    # The LLM runs in a supervised child process: a crash inside llama.cpp (SIGILL on a CPU it was not
+    # built for, SIGSEGV, the OOM killer) ends this command with one line naming the signal.
+    explainer = LlmProcess(pack, n_threads=args.threads, nice=0).start()
     with closing(explainer), DialogueStore(args.db or Path(args.state) / "dialogue.sqlite") as store:
         session = store.get(part_id)
         if session is None or session.findings != findings:
@@ -277,8 +280,10 @@ def cmd_ask(args) -> int:
         def say(question: str, echo: bool = True) -> None:
             if echo:
                 print(f"> {question}")
-            explainer.respond(store, part_id, question, on_token=lambda t: print(t, end="", flush=True))
-            print()
+            try:
+                respond(explainer, store, part_id, question, on_token=lambda t: print(t, end="", flush=True))
+            finally:
+                print()
 
         for q, a in session.exchanges():
             print(f"> {q}\n{a}")
@@ -296,6 +301,8 @@ def cmd_ask(args) -> int:
                 break
             try:
                 say(question, echo=not sys.stdin.isatty())  # a terminal shows what was typed
+            except LlmProcessError:
+                raise  # the engine is gone: main() prints the one-line reason
             except EdgeError as e:
                 print(f"error: {e}", file=sys.stderr)
     return 0
@@ -421,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        from .llm_process import LlmProcessError
+
+        return 3 if isinstance(e, LlmProcessError) else 2  # 3: the LLM process crashed or hung
     except KeyboardInterrupt:
         return 130
 

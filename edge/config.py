@@ -167,6 +167,11 @@ class ExplainSpec(_Strict):
     threads: int = Field(default=1, ge=1, le=64)
     max_tokens: int = Field(default=96, ge=1, le=4096)
     time_limit_s: float = Field(default=30, gt=0)
+    # The LLM runs in a supervised child process. A part whose explanation was lost to a crash or hang
+    # of it is tried this many times in all, then marked failed; after max_crashes failures in a row
+    # explanations turn off (health says why) until the service restarts.
+    max_attempts: int = Field(default=2, ge=1, le=10)
+    max_crashes: int = Field(default=4, ge=1, le=100)
 
 
 class HealthSpec(_Strict):

@@ -85,6 +85,9 @@ class DialogueStore(SqliteStore):
 
     def __init__(self, path: str | Path):
         super().__init__(path, _SCHEMA)
+        columns = {r[1] for r in self._execute("PRAGMA table_info(sessions)")}
+        if "crashes" not in columns:  # databases written before the LLM ran in its own process
+            self._execute("ALTER TABLE sessions ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
 
     def open_session(self, part_id: str, findings: dict, embeddings: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> None:
@@ -100,7 +103,7 @@ class DialogueStore(SqliteStore):
         with self._transaction() as conn:
             conn.execute("DELETE FROM turns WHERE part_id = ?", (part_id,))
             conn.execute("INSERT OR REPLACE INTO sessions (part_id, findings, embeddings, status, error, created, "
-                         "updated) VALUES (?, ?, ?, 'pending', NULL, ?, ?)", (part_id, doc, blob, now, now))
+                         "updated, crashes) VALUES (?, ?, ?, 'pending', NULL, ?, ?, 0)", (part_id, doc, blob, now, now))
 
     def get(self, part_id: str) -> Session | None:
         rows = self._execute("SELECT part_id, findings, embeddings, status, error, created, updated FROM sessions "
@@ -138,6 +141,15 @@ class DialogueStore(SqliteStore):
             raise DialogueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         self._execute("UPDATE sessions SET status = ?, error = ?, updated = ? WHERE part_id = ?",
                       (status, error, time.time(), part_id))
+
+    def record_crash(self, part_id: str, reason: str) -> int:
+        """One more explanation attempt of this part was lost to a crash of the LLM process (kept across
+        restarts, so a part that crashes the engine cannot crash-loop it); returns how many so far."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE sessions SET crashes = crashes + 1, error = ?, updated = ? WHERE part_id = ?",
+                         (reason, time.time(), part_id))
+            row = conn.execute("SELECT crashes FROM sessions WHERE part_id = ?", (part_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def pending(self, limit: int = 16, exclude: set[str] | frozenset = frozenset()) -> list[str]:
         """Part ids still waiting for their explanation, oldest first."""

@@ -1,5 +1,6 @@
-"""Explanations of flagged parts: `Explainer` answers one question in a part's session; `ExplainWorker`
-serves flagged parts from a bounded queue on its own thread and llama context, off the frame path.
+"""Explanations of flagged parts: `Explainer` answers one question in a part's session (it owns the llama
+context; it runs inside the LLM child process, edge.llm_process); `ExplainWorker` serves flagged parts
+from a bounded queue on its own thread, through that supervised child, off the frame path.
 
     store = DialogueStore(state_dir / "dialogue.sqlite")
     worker = ExplainWorker(pack, store, on_explanation=outbox_sink, queue_size=4, n_threads=1)
@@ -17,6 +18,7 @@ An answer = the runtime's own opening (yes/no from the verdict) + facts from the
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import os
@@ -33,6 +35,7 @@ from .dialogue import DialogueStore, Session
 from .errors import EdgeError
 from .findings import Findings
 from .llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError
+from .llm_process import LlmProcess, LlmProcessError
 from .pack import Pack
 from .prompts import (FIRST_QUESTION, AnomalyGptPrompt, ChatPrompt, checked_description, clean_question,
                       fact_answer, fallback_description, intent, opening, region_description, sentences)
@@ -128,15 +131,7 @@ class Explainer:
     def respond(self, store: DialogueStore, part_id: str, question: str,
                 on_token: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
         """Answer in the part's stored session and record the exchange (a pending session becomes done)."""
-        session = store.session(part_id)
-        answer = self.answer(session, question, on_token, cancel)
-        store.add_turn(part_id, "user", clean_question(question))
-        store.add_turn(part_id, "assistant", answer.text, {"source": answer.source, "n_tokens": answer.n_tokens,
-                                                           "compute_ms": answer.compute_ms,
-                                                           "rejected": answer.rejected})
-        if session.status != "done":
-            store.set_status(part_id, "done")
-        return answer
+        return respond(self, store, part_id, question, on_token, cancel)
 
     def _segments(self, session: Session, question: str, answer_start: str):
         f = Findings.from_dict(session.findings)
@@ -164,6 +159,21 @@ class Explainer:
         if engine is not None:
             engine.close()
         self.model.close()
+
+
+def respond(answerer, store: DialogueStore, part_id: str, question: str,
+            on_token: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
+    """Answer `question` in the part's stored session with `answerer` (an Explainer in this process, or an
+    edge.llm_process.LlmProcess) and record the exchange; a pending session becomes done."""
+    session = store.session(part_id)
+    answer = answerer.answer(session, question, on_token, cancel)
+    store.add_turn(part_id, "user", clean_question(question))
+    store.add_turn(part_id, "assistant", answer.text, {"source": answer.source, "n_tokens": answer.n_tokens,
+                                                       "compute_ms": answer.compute_ms,
+                                                       "rejected": answer.rejected})
+    if session.status != "done":
+        store.set_status(part_id, "done")
+    return answer
 
 
 class Cancelled(EdgeError):
@@ -229,47 +239,66 @@ def _now_iso() -> str:
 # --- the worker ----------------------------------------------------------------------------------------
 
 class ExplainWorker:
-    """Explains flagged parts on its own thread and llama context, from a bounded queue.
+    """Explains flagged parts from a bounded queue, on its own thread, with the LLM in a supervised child
+    process (edge.llm_process): a native crash or hang in llama.cpp costs the answer in progress, never
+    the station.
 
     `submit` never waits: the part's session is written to the store (status pending) and its id put on
     the queue; when the queue is full it returns False and the part stays pending in the store, to be
     explained when the queue drains (or after a restart). `ask` puts a technician's follow-up ahead of
-    the queue and waits for the answer."""
+    the queue and waits for the answer.
+
+    When the child dies or hangs, the part it was explaining goes back to pending and is tried again;
+    after `max_attempts` crashes (counted in the store, so across restarts too) it is marked failed with
+    the reason and a failed explanation is reported. The child is restarted with backoff; after
+    `max_crashes` crashes in a row explanations turn off, with the reason in `stats()` and the log."""
 
     IDLE_POLL_S = 0.2
+    BACKOFF_S = (0.5, 2.0, 5.0, 15.0, 30.0)
 
     def __init__(self, pack: Pack, store: DialogueStore, on_explanation: Callable[[dict], None],
                  queue_size: int = 4, n_threads: int = 1, max_tokens: int = 48, time_limit_s: float = 20.0,
-                 question: str = FIRST_QUESTION, nice: int = 10):
+                 question: str = FIRST_QUESTION, nice: int = 10, max_attempts: int = 2, max_crashes: int = 4,
+                 hang_grace_s: float | None = None):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if max_attempts < 1 or max_crashes < 1:
+            raise ValueError(f"max_attempts and max_crashes must be >= 1, got {max_attempts}, {max_crashes}")
         if pack.llm is None:
             raise LlmError(f"pack {pack.model_id} ({pack.root}) has no llm section: it cannot explain parts")
         self.pack = pack
         self.store = store
         self.on_explanation = on_explanation
         self.question = clean_question(question)
-        self.nice = int(nice)
-        self._settings = dict(n_threads=n_threads, max_tokens=max_tokens, time_limit_s=time_limit_s)
+        self.max_attempts = int(max_attempts)
+        self.max_crashes = int(max_crashes)
+        extra = {} if hang_grace_s is None else {"hang_grace_s": hang_grace_s}
+        self._llm = LlmProcess(pack, n_threads=n_threads, max_tokens=max_tokens, time_limit_s=time_limit_s,
+                               nice=nice, **extra)
         self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._asks: queue.Queue[tuple] = queue.Queue()
+        self._retries: collections.deque[str] = collections.deque()  # lost to a crash: served first
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
-        self._explainer: Explainer | None = None
         self._check_store = threading.Event()
         self._lock = threading.Lock()
         self._submitted_at: dict[str, float] = {}
+        self._crashes_in_row = 0
+        self._restart_at = 0.0
+        self.off_reason: str | None = None
         self._stats = {"overflowed": 0, "explained": 0, "failed": 0, "last_latency_ms": None,
-                       "last_compute_ms": None, "busy": False}
+                       "last_compute_ms": None, "busy": False, "busy_part": None, "crashes": 0, "restarts": 0,
+                       "last_crash": None}
 
     # -- life cycle --------------------------------------------------------------------------------------
 
     def start(self) -> "ExplainWorker":
-        """Load the model (errors surface here) and start the thread; pending parts from before are served."""
+        """Start the LLM process (a GGUF that does not load, or a child that dies loading it, raises here)
+        and the thread; pending parts from before are served."""
         if self._thread is not None:
             raise EdgeError("ExplainWorker already started")
-        self._explainer = Explainer(self.pack, **self._settings)
+        self._llm.start()
         self._stop.clear()
         self._cancel.clear()
         self._check_store.set()
@@ -278,24 +307,28 @@ class ExplainWorker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after cancelling the explanation in progress (its part stays pending); close the model."""
+        """Stop after cancelling the explanation in progress (its part stays pending); end the LLM process."""
         self._stop.set()
         self._cancel.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():
-                log.warning("explain worker did not stop within %.1f s", timeout)
-                return  # it still holds the llama context: leave it to the interpreter's exit
-        if self._explainer is not None:
-            self._explainer.close()
-            self._explainer = None
+                log.warning("explain worker did not stop within %.1f s: killing the LLM process", timeout)
+                self._llm.kill()
+                thread.join(2.0)
+        self._llm.close(timeout=2.0)
 
     def __enter__(self) -> "ExplainWorker":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The LLM child process's pid while it runs."""
+        return self._llm.pid if self._llm.alive else None
 
     # -- frame side -----------------------------------------------------------------------------------------
 
@@ -326,6 +359,8 @@ class ExplainWorker:
         """A follow-up in the part's session (recorded in the store); waits for the worker's answer."""
         clean_question(question)  # refuse bad questions here, not on the worker
         self.store.session(part_id)
+        if self.off_reason:
+            raise EdgeError(f"explanations are off: {self.off_reason}")
         if self._thread is None or not self._thread.is_alive():
             raise EdgeError("ExplainWorker is not running: start() it first")
         future: Future = Future()
@@ -336,14 +371,20 @@ class ExplainWorker:
         counts = self.store.counts()
         with self._lock:
             s = dict(self._stats)
-        return {"queue_depth": self._queue.qsize(), "queue_size": self._queue.maxsize, "pending": counts["pending"],
-                "done": counts["done"], "failed": counts["failed"], **s}
+        state = "off" if self.off_reason else ("running" if self._llm.alive else "restarting")
+        out = {"state": state, "queue_depth": self._queue.qsize(), "queue_size": self._queue.maxsize,
+               "pending": counts["pending"], "done": counts["done"], "failed": counts["failed"], **s,
+               "worker_pid": self.worker_pid}
+        if self.off_reason:
+            out["error"] = self.off_reason
+        return out
 
     # -- the thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        lower_thread_priority(self.nice)
         while not self._stop.is_set():
+            if not self._llm_ready():
+                continue
             try:
                 job = self._asks.get_nowait()
             except queue.Empty:
@@ -355,7 +396,74 @@ class ExplainWorker:
             if part_id is not None:
                 self._explain(part_id)
 
+    def _llm_ready(self) -> bool:
+        """True when the LLM process runs; otherwise restart it when its backoff is over (or wait)."""
+        if self._llm.alive:
+            return True
+        if self.off_reason:
+            self._refuse_asks()
+            self._stop.wait(self.IDLE_POLL_S)
+            return False
+        wait = self._restart_at - time.monotonic()
+        if wait > 0:
+            self._stop.wait(min(wait, self.IDLE_POLL_S))
+            return False
+        try:
+            self._llm.start()
+        except LlmProcessError as e:
+            self._crashed(None, e)
+            return False
+        except EdgeError as e:  # the GGUF no longer loads: nothing a restart will fix
+            self._turn_off(f"the LLM process could not load the model again: {e}")
+            return False
+        with self._lock:
+            self._stats["restarts"] += 1
+        log.warning("LLM process restarted (pid %d)", self._llm.pid)
+        return True
+
+    def _refuse_asks(self) -> None:
+        while True:
+            try:
+                *_, future = self._asks.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EdgeError(f"explanations are off: {self.off_reason}"))
+
+    def _crashed(self, part_id: str | None, error: LlmProcessError) -> None:
+        """Book a crash or hang of the LLM process: the part's attempt, the backoff, maybe turning off."""
+        reason = str(error)
+        log.error("LLM process failed%s: %s", f" explaining part {part_id}" if part_id else "", reason)
+        if part_id is not None:
+            attempts = self.store.record_crash(part_id, reason)
+            if attempts >= self.max_attempts:
+                self._fail(part_id, f"the LLM process failed on it {attempts} times; last: {reason}")
+            else:
+                self._retries.append(part_id)  # still pending: tried again first, after the restart
+        with self._lock:
+            self._crashes_in_row += 1
+            self._stats["crashes"] += 1
+            self._stats["last_crash"] = reason
+            n = self._crashes_in_row
+        if n >= self.max_crashes:
+            self._turn_off(f"the LLM process failed {n} times in a row; last: {reason}")
+            return
+        self._restart_at = time.monotonic() + self.BACKOFF_S[min(n, len(self.BACKOFF_S)) - 1]
+
+    def _turn_off(self, reason: str) -> None:
+        self.off_reason = reason
+        self._llm.kill()
+        log.error("explanations off: %s (flagged parts stay pending; restart the service to try again)", reason)
+
+    def _fail(self, part_id: str, reason: str) -> None:
+        self.store.set_status(part_id, "failed", reason)
+        with self._lock:
+            self._stats["failed"] += 1
+        self._report(part_id, {"status": "failed", "error": reason, "answer": None})
+
     def _next_part(self) -> str | None:
+        if self._retries:
+            return self._retries.popleft()
         try:
             return self._queue.get_nowait()
         except queue.Empty:
@@ -376,28 +484,39 @@ class ExplainWorker:
             return  # served already (it was both queued and found pending in the store)
         with self._lock:
             self._stats["busy"] = True
-            submitted = self._submitted_at.pop(part_id, session.created)
+            self._stats["busy_part"] = part_id
         try:
-            answer = self._explainer.respond(self.store, part_id, self.question, cancel=self._cancel)
+            answer = respond(self._llm, self.store, part_id, self.question, cancel=self._cancel)
         except Cancelled:
+            return
+        except LlmProcessError as e:
+            self._crashed(part_id, e)
             return
         except Exception as e:  # a bad part must not stop the worker
             log.warning("explanation of part %s failed: %s", part_id, e)
-            self.store.set_status(part_id, "failed", f"{type(e).__name__}: {e}")
-            with self._lock:
-                self._stats["failed"] += 1
+            self._fail(part_id, f"{type(e).__name__}: {e}")
             return
         finally:
             with self._lock:
                 self._stats["busy"] = False
-        latency = round((time.time() - submitted) * 1000, 1)
+                self._stats["busy_part"] = None
         with self._lock:
-            self._stats.update(explained=self._stats["explained"] + 1, last_latency_ms=latency,
-                               last_compute_ms=answer.compute_ms)
-        message = {"part_id": part_id, "question": self.question, "answer": answer.text,
-                   "verdict": session.findings.get("verdict"), "model_id": self.pack.model_id,
-                   "llm": self.pack.manifest.files[self.pack.llm.file].path, "source": answer.source,
-                   "n_tokens": answer.n_tokens, "latency_ms": latency, "compute_ms": answer.compute_ms,
+            self._crashes_in_row = 0
+        self._report(part_id, {"status": "done", "answer": answer.text, "source": answer.source,
+                               "n_tokens": answer.n_tokens, "compute_ms": answer.compute_ms}, session.created)
+
+    def _report(self, part_id: str, fields: dict, created: float | None = None) -> None:
+        with self._lock:
+            submitted = self._submitted_at.pop(part_id, created if created is not None else time.time())
+        latency = round((time.time() - submitted) * 1000, 1)
+        if fields["status"] == "done":
+            with self._lock:
+                self._stats.update(explained=self._stats["explained"] + 1, last_latency_ms=latency,
+                                   last_compute_ms=fields["compute_ms"])
+        session = self.store.get(part_id)
+        message = {"part_id": part_id, "question": self.question, **fields,
+                   "verdict": session.findings.get("verdict") if session else None, "model_id": self.pack.model_id,
+                   "llm": self.pack.manifest.files[self.pack.llm.file].path, "latency_ms": latency,
                    "time": _now_iso()}
         try:
             self.on_explanation(message)
@@ -410,7 +529,15 @@ class ExplainWorker:
         try:
             if self.store.session(part_id).status == "pending":
                 self._explain(part_id)  # the first explanation comes first, and is published
-            answer = self._explainer.respond(self.store, part_id, question, on_token, self._cancel)
+                if not self._llm.alive:
+                    raise EdgeError(f"part {part_id}: the LLM process failed while explaining it "
+                                    f"({self._stats['last_crash']}); ask again in a moment")
+            answer = respond(self._llm, self.store, part_id, question, on_token, self._cancel)
+            with self._lock:
+                self._crashes_in_row = 0
             future.set_result(answer.text)
+        except LlmProcessError as e:
+            self._crashed(None, e)
+            future.set_exception(e)
         except Exception as e:
             future.set_exception(e)

@@ -234,8 +234,9 @@ class Runtime:
         return self
 
     def _start_explainer(self) -> None:
-        """The LLM worker, when the pack has a language model and explanations are enabled. A model
-        that cannot be loaded turns explanations off (logged, in health); the line keeps running."""
+        """The LLM worker, when the pack has a language model and explanations are enabled. The model
+        runs in a supervised child process (edge.llm_process); one that cannot be loaded, or whose process
+        dies loading it, turns explanations off (logged, in health); the line keeps running."""
         spec = self.config.explain
         if not (spec.enabled and self.pack.llm is not None):
             return
@@ -250,7 +251,8 @@ class Runtime:
             store = DialogueStore(Path(self.config.storage.dir) / "dialogue.sqlite")
             self.explainer = ExplainWorker(self.pack, store, self.on_explanation, queue_size=spec.queue_size,
                                            n_threads=spec.threads, max_tokens=spec.max_tokens,
-                                           time_limit_s=spec.time_limit_s).start()
+                                           time_limit_s=spec.time_limit_s, max_attempts=spec.max_attempts,
+                                           max_crashes=spec.max_crashes).start()
         except (ImportError, EdgeError) as e:
             self.explain_error = str(e)
             log.error("explanations off: %s", e)

@@ -100,7 +100,14 @@ def delta_shapes(width=VISION_WIDTH, embed=EMBED_DIM, n_embd=N_EMBD, n_layers=N_
     return s
 
 
-def write_delta(path: Path, seed: int = 1, drop: tuple[str, ...] = (), **sizes) -> dict:
+def write_delta(path: Path, seed: int = 1, drop: tuple[str, ...] = (), saved_as: str = "trainer", **sizes) -> dict:
+    """A random delta checkpoint. saved_as "trainer": as AnomalyGPT's trainer writes it, an OrderedDict of
+    the model's named_parameters() that require grad, in fp16 (nn.Parameter values); "tensors": plain
+    float32 tensors. Returns the values as float32 tensors."""
+    from collections import OrderedDict
+
+    if saved_as not in ("trainer", "tensors"):
+        raise ValueError(f"saved_as must be 'trainer' or 'tensors', got {saved_as!r}")
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in delta_shapes(**sizes).items():
@@ -111,6 +118,10 @@ def write_delta(path: Path, seed: int = 1, drop: tuple[str, ...] = (), **sizes) 
         if ".lora_B" in key:
             scale *= 0.1  # an adapter nudges the base weights (alpha/r = 8 here), it does not replace them
         state[key] = torch.randn(shape, generator=g) * scale
+    if saved_as == "trainer":
+        params = OrderedDict((k, torch.nn.Parameter(v.half(), requires_grad=True)) for k, v in state.items())
+        torch.save(params, path)
+        return {k: v.detach().float() for k, v in params.items()}
     torch.save(state, path)
     return state
 

@@ -159,7 +159,7 @@ def test_lora_merge_equals_the_adapted_layer(ckpts):
         for p in "qkvo":
             name = f"model.layers.{layer}.self_attn.{p}_proj.weight"
             lora = f"llama_model.base_model.model.model.layers.{layer}.self_attn.{p}_proj.lora_"
-            a, b = delta[lora + "A.default.weight"], delta[lora + "B.default.weight"]
+            a, b = delta[lora + "A.default.weight"].float(), delta[lora + "B.default.weight"].float()  # fp16 saved
             # peft's forward: base(x) + lora_B(lora_A(x)) * alpha / r
             want = x @ torch.from_numpy(tensors[name]).T + (x @ a.T @ b.T) * (32.0 / replica.LORA_R)
             torch.testing.assert_close(x @ torch.from_numpy(merged[name]).T, want, atol=1e-5, rtol=1e-5)
@@ -368,7 +368,8 @@ def test_tensorrt_step_runs_trtexec_with_the_batch_profile_and_records_it(tmp_pa
 def test_several_delta_files_load_in_order_like_pandagpt_then_anomalygpt(ckpts, tmp_path):
     heads_only = [k for k in replica.delta_shapes() if k.startswith(("image_decoder.", "prompt_learner."))]
     panda = replica.write_delta(tmp_path / "pandagpt.pt", seed=7, drop=tuple(heads_only))
-    replica.write_delta(tmp_path / "anomalygpt.pt", seed=1, drop=("llama_proj.weight", "llama_proj.bias"))
+    replica.write_delta(tmp_path / "anomalygpt.pt", seed=1, drop=("llama_proj.weight", "llama_proj.bias"),
+                        saved_as="tensors")  # plain tensors here, the trainer's Parameters in the other
     out = export_anomalygpt(tmp_path / "p", ckpts["imagebind"], [tmp_path / "pandagpt.pt", tmp_path / "anomalygpt.pt"],
                             ckpts["vicuna"], "bottle", quant="F16")
     emb = np.random.default_rng(0).standard_normal((1, replica.EMBED_DIM)).astype(np.float32)
@@ -380,21 +381,15 @@ def test_several_delta_files_load_in_order_like_pandagpt_then_anomalygpt(ckpts, 
 
 
 def test_default_q4_k_m_quantization_loads(f16_pack_dir, tmp_path):
-    from llama_cpp import Llama
+    """Quantized and decoded in child processes: a llama.cpp build that does not fit this CPU fails the
+    test naming the signal instead of killing the test run."""
+    from llm_child import decode_in_child, quantize_in_child
 
-    from export.anomalygpt.vicuna import quantize_gguf
-
-    out = tmp_path / "q4.gguf"
-    quantize_gguf(f16_pack_dir / "llm.gguf", out, "Q4_K_M")
+    out = quantize_in_child(f16_pack_dir / "llm.gguf", tmp_path / "q4.gguf")
     assert out.stat().st_size < (f16_pack_dir / "llm.gguf").stat().st_size
-    # logits_all: without it llama-cpp-python leaves `scores` as uninitialised memory (it keeps no logits).
-    llm = Llama(str(out), n_ctx=32, verbose=False, n_threads=1, logits_all=True)
-    try:
-        assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-        llm.eval([1, 5, 9])
-        assert np.isfinite(np.asarray(llm.scores[:3])).all()
-    finally:
-        llm.close()
+    got = decode_in_child(out)
+    assert got["file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert got["finite"] and got["generated"] >= 1
 
 
 def test_vicuna_folder_in_safetensors_reads_like_the_bin_shards(ckpts, tmp_path):

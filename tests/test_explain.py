@@ -147,7 +147,11 @@ def test_cli_ask_answers_then_resumes_the_session_in_a_new_process(line, tmp_pat
     assert second.stdout.count(f"> {FIRST_QUESTION}") == 1 and "> How big is it?" in second.stdout
     assert f.regions[0].box_words() in second.stdout
     interactive = run_cli(*args, input="How large is it?\n\n")
-    assert interactive.stdout.count(f.regions[0].size_words()) == 2
+    # the stored "How big is it?" answer is replayed, then the new one (the first answer may carry the
+    # size too, when the model's own sentence did not pass the check and the findings' one stands in)
+    replayed, new = interactive.stdout.split("> How large is it?", 1)
+    assert f.regions[0].size_words() in replayed.split("> How big is it?", 1)[1]
+    assert new.strip().startswith(f"The anomaly is {f.regions[0].size_words()}.")
     bad = run_cli("ask", "--pack", line.pack.root, "--state", line.state_dir, "--image", image,
                   "--mm-per-pixel", "-1", check=False)
     assert bad.returncode == 2 and "expected a positive number, got '-1'" in bad.stderr
@@ -192,7 +196,9 @@ def test_bad_questions_and_context_overflow_get_clear_errors_and_the_worker_goes
         huge = store.session("huge")
         assert huge.status == "failed"
         assert "ContextOverflow" in huge.error and "1024-token context of llm.gguf" in huge.error
-        assert store.session("ok").status == "done" and [m["part_id"] for m in messages] == ["ok"]
+        assert store.session("ok").status == "done"
+        assert [(m["part_id"], m["status"]) for m in messages] == [("huge", "failed"), ("ok", "done")]
+        assert "ContextOverflow" in messages[0]["error"] and messages[0]["answer"] is None
         with pytest.raises(QuestionError, match=r"the question is empty"):
             worker.ask("ok", "   ")
         with pytest.raises(QuestionError, match=r"10000 characters long; at most 500"):
@@ -201,29 +207,6 @@ def test_bad_questions_and_context_overflow_get_clear_errors_and_the_worker_goes
         answer = worker.ask("ok", "Can you describe it more precisely?")
         assert "scratch- or crack-like" in answer and "7.3 mm long" in answer
         assert worker.stats()["failed"] == 1
-
-
-def test_stop_cancels_a_running_explanation_and_leaves_the_part_pending(tmp_path, tiny_chat_gguf):
-    pack = llm_pack(tmp_path / "pack", tiny_chat_gguf, context_length=4096)
-    started = threading.Event()
-    with DialogueStore(tmp_path / "d.sqlite") as store:
-        worker = ExplainWorker(pack, store, lambda m: None)
-        real_generate = None
-
-        def slow_generate(*args, **kwargs):  # a generation that runs until it is cancelled
-            started.set()
-            kwargs["cancel"].wait(30)
-            return real_generate(*args, **kwargs)
-
-        worker.start()
-        real_generate = worker._explainer.engine.generate
-        worker._explainer.engine.generate = slow_generate
-        worker.submit("long", flagged_findings())
-        assert started.wait(30)
-        t0 = time.monotonic()
-        worker.stop(timeout=30)
-        assert time.monotonic() - t0 < 10
-        assert store.session("long").status == "pending"
 
 
 def test_anomalygpt_pack_explains_from_submitted_embeddings(tmp_path):
@@ -245,5 +228,5 @@ def test_anomalygpt_pack_explains_from_submitted_embeddings(tmp_path):
         wait_for(worker, 2)
         assert store.session("bad").status == "failed"
         assert "prompt embeddings have shape (5, 64); the pack says (18, 64)" in store.session("bad").error
-    assert [m["part_id"] for m in messages] == ["p"]
+    assert [(m["part_id"], m["status"]) for m in messages] == [("p", "done"), ("bad", "failed")]
     assert messages[0]["answer"].startswith("Yes, there is an anomaly in the upper-right corner of the image.")

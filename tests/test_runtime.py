@@ -415,3 +415,62 @@ def test_a_gguf_that_does_not_load_turns_explanations_off_and_the_line_keeps_run
         assert rt.explainer is None and str(gguf) in h["explain"]["error"]
     finally:
         rt.stop()
+
+
+def _p99(values) -> float:
+    return float(np.percentile(np.asarray(values, float), 99))
+
+
+@pytest.mark.timeout(300)
+def test_llm_process_killed_mid_explanation_costs_only_that_explanation(broker, tmp_path, default_pack_dir,
+                                                                         enrolled_state):
+    """SIGKILL, SIGSEGV and SIGILL in the LLM child while it explains, on a running line: every part keeps
+    its result on the broker, scoring does not slow down, the hit part is retried then failed (health
+    and the failed explanation say why), and the worker comes back each time."""
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                            synthetic(None, fps=10, defect_rate=0.2), explain={"queue_size": 2, "max_tokens": 48}))
+    try:
+        if rt.explainer is None:
+            pytest.skip(f"explanations did not start: {rt.explain_error}")
+        worker = rt.explainer
+        wait_until(lambda: worker.stats()["explained"] >= 2, 90, "two explanations before the drill")
+        before = len(sub.unique_by_topic().get("test/s1/result", []))
+
+        def kill_busy(sig, part=None):
+            pid = worker.worker_pid
+            wait_until(lambda: worker.stats()["busy"] and worker.worker_pid == pid
+                       and (part is None or worker.stats()["busy_part"] == part), 90,
+                       f"the worker to be explaining {part or 'a part'}")
+            hit = worker.stats()["busy_part"]
+            os.kill(pid, sig)
+            wait_until(lambda: worker.worker_pid not in (None, pid), 60, "the LLM process to be restarted")
+            return hit
+
+        victim = kill_busy(signal.SIGKILL)
+        assert kill_busy(signal.SIGSEGV, part=victim) == victim  # its retry
+        kill_busy(signal.SIGILL)
+        print("drill done", worker.stats(), flush=True)
+        crash_end = len(sub.unique_by_topic().get("test/s1/result", []))
+        explained = worker.stats()["explained"]
+        wait_until(lambda: worker.stats()["explained"] > explained and
+                   len(sub.unique_by_topic().get("test/s1/result", [])) >= crash_end + 20, 120,
+                   "the line and the explanations to go on")
+        h = rt.health()["explain"]
+        assert h["crashes"] == 3 and h["restarts"] == 3 and "SIGILL" in h["last_crash"] and h["state"] == "running"
+        assert rt.store.get(victim)["explanation_status"] == "failed"
+        wait_until(lambda: any(e["part_id"] == victim for e in sub.unique_by_topic().get("test/s1/explanation", [])),
+                   30, "the victim's failed explanation")
+        message = next(e for e in sub.unique_by_topic()["test/s1/explanation"] if e["part_id"] == victim)
+        assert message["status"] == "failed" and "SIGSEGV" in message["error"] and message["answer"] is None
+        rt.stop(timeout=30)  # drains capture -> score -> output -> outbox
+        n = TraceStore(tmp_path / "var").count()
+        got = wait_results(sub, n, timeout=60)
+        assert len(got) == n and len({r["part_id"] for r in got}) == n  # every scored part on the broker
+        scores = [r["latency_ms"]["score"] for r in got]
+        p99_before, p99_crash = _p99(scores[:before]), _p99(scores[before:crash_end])
+        print(f"score p99 before {p99_before:.1f} ms, over the crash window {p99_crash:.1f} ms "
+              f"({before} and {crash_end - before} parts)")
+        assert p99_crash <= 1.5 * p99_before, (p99_before, p99_crash)
+    finally:
+        rt.stop()

@@ -27,6 +27,7 @@ def _numpy(t) -> np.ndarray:
     """A torch tensor as NumPy without copying fp16/fp32 data (bf16, which NumPy lacks, becomes fp32)."""
     import torch
 
+    t = t.detach()  # AnomalyGPT's trainer saves nn.Parameters that require grad
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy()
@@ -49,7 +50,9 @@ def load_torch_file(path: Path, what: str) -> dict:
         raise ExportError(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise ExportError(f"{path}: {what} holds a {type(state).__name__}, expected a state_dict")
-    return state
+    # AnomalyGPT's trainer saves the named_parameters() that require grad (nn.Parameter, fp16): plain
+    # tensors from here on, so nothing downstream meets autograd.
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
 def _weight_files(folder: Path) -> list[Path]:
