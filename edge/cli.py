@@ -129,9 +129,12 @@ def _enroll(pack, good, args) -> int:
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
     if state.student is not None and args.scorer == "student":
         st, c = state.student, state.student.calibration
-        print(f"student {st.file}: {st.info['steps']} steps in {st.info['train_seconds']:.0f} s"
-              f"{' (stopped by the time budget)' if st.info['stopped_by_time_budget'] else ''}, "
+        print(f"student {st.file}: {st.training.status}, {st.training.describe()}, {st.info['train_seconds']:.0f} s; "
               f"threshold {c.threshold:.4f} ({c.n_scores} held-out scores, median {c.median:.4f})")
+        if not st.training.complete:
+            print(f"warning: student {st.training.status}: {st.training.describe()}; the bank stays the active "
+                  f"scorer (scorer auto), and scorer student is refused without student_allow_undertrained / "
+                  f"--allow-undertrained; {st.training.resume_hint(args.out)}", file=sys.stderr)
     if len(state.references) < 4:
         print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
               "threshold may reject good parts: enroll more good images when you have them", file=sys.stderr)
@@ -170,7 +173,8 @@ def cmd_score(args) -> int:
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.tiling_spec, kind=args.scorer)
+    scorer = station_scorer(pack, state, state.tiling_spec, kind=args.scorer,
+                            allow_undertrained=args.allow_undertrained)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -213,7 +217,20 @@ def cmd_eval(args) -> int:
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
+    training = result.get("student_training")
+    if training and training["status"] != "complete":
+        from .student import StudentTraining
+
+        t = StudentTraining.from_dict(training)
+        print(f"warning: student {t.status}: {t.describe()}; these figures are of an undertrained student, not of "
+              f"the learned scorer: {_eval_resume_hint(t)}", file=sys.stderr)
     return 0
+
+
+def _eval_resume_hint(t) -> str:
+    if t.checkpoint:
+        return f"run the same eval again (--checkpoint {t.checkpoint}) to resume where it stopped"
+    return "run it again with --checkpoint FILE and a larger --time-budget (each run resumes from FILE)"
 
 
 def cmd_demo(args) -> int:
@@ -369,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.add_argument("--scorer", choices=["auto", "bank", "student"], default="auto",
                    help="auto: the measured default (docs/evaluation.md, now the bank)")
+    s.add_argument("--allow-undertrained", action="store_true",
+                   help="score with a student whose training did not complete (stopped by the time budget)")
     s.set_defaults(func=cmd_score)
 
     v = sub.add_parser("eval", help="evaluate on an MVTec- or VisA-layout folder")

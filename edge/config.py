@@ -217,6 +217,9 @@ class StationConfig(_Strict):
     # Which of the state's scorers runs: auto = edge.student.DEFAULT_SCORER when the state holds a
     # student (chosen by measurement, docs/evaluation.md), else the memory bank.
     scorer: Literal["auto", "bank", "student"] = "auto"
+    # scorer: student with a student whose training did not complete (stopped by the time budget) is
+    # refused at start and reload unless this is true; auto never picks such a student.
+    student_allow_undertrained: bool = False
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()

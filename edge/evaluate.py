@@ -22,7 +22,7 @@ from .pack import Pack
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, Scorer
 from .state import build_state
-from .student import StudentScorer
+from .student import StudentScorer, StudentTraining
 from .tiling import build_tiled_state, station_scorer
 
 PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
@@ -54,7 +54,8 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
             scorer = station_scorer(pack, state, tiling, extractor=extractor)
         else:
             student = train_student(ref_images, Path(work))
-            calibration, info = student.calibration, {"student": student.info, "tiling": None}
+            calibration, info = student.calibration, {"student": student.info,
+                                                      "student_training": student.training.to_dict(), "tiling": None}
             scorer = StudentScorer.from_spec(pack, work, student)
         enroll_s = time.perf_counter() - t0
         return _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s,
@@ -183,13 +184,21 @@ def summary_markdown(r: dict) -> str:
     ]
     if r.get("bank_patches") is not None:
         rows.append(("bank patches", str(r["bank_patches"])))
+    training = None
     if r.get("student"):
         st = r["student"]
         rows.append(("student", f"{st['steps']} steps, {st['train_seconds']:.0f} s, trained on {st['trained_on']}, "
                                 f"{st['held_out']} held out"))
+        if r.get("student_training"):
+            training = StudentTraining.from_dict(r["student_training"])
+            rows.append(("student training", f"{training.status}: {training.describe()}"))
+    undertrained = training is not None and not training.complete
     lines = [f"# {Path(r['dataset']).name}: {r['shots']} shots, seed {r['seed']}, pack {r['pack']}, "
-             f"scorer {r.get('scorer', 'bank')}", "",
-             f"{r['n_test']} test images ({r['n_anomalous']} defective)", "", "| metric | value |", "|---|---|"]
+             f"scorer {r.get('scorer', 'bank')}{f' ({training.status})' if undertrained else ''}", ""]
+    if undertrained:
+        lines += [f"**Undertrained student**: {training.describe()}. These figures are of an undertrained "
+                  "student, not of the learned scorer; stations do not pick it (scorer auto).", ""]
+    lines += [f"{r['n_test']} test images ({r['n_anomalous']} defective)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "Detection rate per kind at the automatic threshold (good = false-reject rate):", ""]
     lines += [f"- {k}: {v:.3f}" for k, v in r["per_kind_detection"].items()]

@@ -165,7 +165,8 @@ class Runtime:
         self.station = config.station.name
         self.pack = load_pack(config.pack)
         self.state = load_state(config.state, self.pack)
-        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer)
+        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
+                                     allow_undertrained=config.student_allow_undertrained)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -592,7 +593,9 @@ class Runtime:
     def _scorer_for(self, state):
         # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
         extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
-        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor, kind=self.config.scorer)
+        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor,
+                              kind=self.config.scorer,
+                              allow_undertrained=self.config.student_allow_undertrained)
 
     def reload(self) -> dict:
         """Re-read the config file (applying what can be applied live) and the station state."""
@@ -610,8 +613,8 @@ class Runtime:
                 log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
         with self._state_lock:
             state = load_state(self.config.state, self.pack)
-            self.state = state
-            self.scorer = self._scorer_for(state)
+            scorer = self._scorer_for(state)  # may refuse (an undertrained student): the old pair keeps scoring
+            self.state, self.scorer = state, scorer
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
         return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
 

@@ -352,11 +352,12 @@ def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
 
 
 def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None, kind: str = "bank"):
+                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False):
     """The scorer a station's configuration asks for: `Scorer`, `TiledScorer` when it tiles, or the
-    learned `StudentScorer` (`kind` student, or auto as edge.student decides). Refuses a tiling other
-    than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an encoder
-    session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
+    learned `StudentScorer` (`kind` student, or auto as edge.student decides: never a student that did
+    not complete its training; `kind` student refuses one unless `allow_undertrained`). Refuses a tiling
+    other than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an
+    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
     from .scorer import Scorer
     from .student import student_scorer
 
@@ -369,7 +370,7 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
             raise StateError("scorer student scores whole frames: use scorer bank (or auto) with tiling")
         return TiledScorer.from_state(pack, state, backend, extractor)
     if kind != "bank":
-        student = student_scorer(pack, state, kind)
+        student = student_scorer(pack, state, kind, allow_undertrained)
         if student is not None:
             return student
     if extractor is not None:

@@ -18,7 +18,9 @@ those held-out images: each normalised with statistics from the others.
 
 Training is deterministic for a seed (the batch of step k is drawn from a generator seeded with
 (seed, k), so a resumed run sees the same batches), stops cleanly at a time budget, and writes a
-checkpoint that `resume` continues from.
+checkpoint that `resume` continues from. The StudentSpec records how far it got (`StudentTraining`:
+steps done of planned, what stopped it, the loss and whether it was still falling); one the budget
+stopped is "undertrained" and stations do not pick it (edge.student).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from edge.errors import EdgeError
 from edge.pack import Pack, sha256_file
 from edge.preprocess import to_input_pixels
 from edge.scorer import grid_maps
-from edge.student import OUTPUT, StudentSpec
+from edge.student import OUTPUT, StudentSpec, StudentTraining, loss_summary
 
 from .common import export_onnx, onnx_max_abs_error
 
@@ -236,7 +238,8 @@ class Trained:
     train_idx: np.ndarray
     holdout_idx: np.ndarray
     steps_done: int
-    stopped_by_budget: bool
+    steps_planned: int
+    stopped_by: str  # completed | time_budget
     losses: list[float]
     seconds: float
     pixels: np.ndarray  # all images at the pack's input size, uint8
@@ -325,7 +328,8 @@ def train(pack: Pack, images: list[np.ndarray], cfg: TrainConfig, names: list[st
     if stopped:
         log(f"time budget {cfg.time_budget_s:g} s reached: student stopped at step {step}/{cfg.steps}")
     head = _head_class()(student.cpu().eval(), (c0, c1), t_mean, t_std, np.zeros((1, 1)), np.ones((1, 1)))
-    return Trained(head, train_idx, holdout_idx, step, stopped, losses, seconds, pixels, teacher)
+    return Trained(head, train_idx, holdout_idx, step, cfg.steps, "time_budget" if stopped else "completed", losses,
+                   seconds, pixels, teacher)
 
 
 def raw_maps(head, teacher: _Teacher, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
@@ -430,8 +434,12 @@ def train_student(pack: Pack, images: list[np.ndarray], out_dir: str | Path, cfg
     head = trained.head
     head.pos_mean, head.pos_std = (trained.head.pos_mean.new_tensor(mean), trained.head.pos_std.new_tensor(std))
     path, err = export_student(pack, head, teacher, pixels[trained.holdout_idx], Path(out_dir), log)
+    first_loss, final_loss, trend = loss_summary(trained.losses)
+    training = StudentTraining(trained.steps_done, trained.steps_planned, trained.stopped_by, final_loss, first_loss,
+                               trend, cfg.time_budget_s, round(trained.seconds, 1),
+                               str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None)
     info = {"shots": len(images), "trained_on": len(trained.train_idx), "held_out": len(trained.holdout_idx),
-            "steps": trained.steps_done, "stopped_by_time_budget": trained.stopped_by_budget,
-            "train_seconds": round(trained.seconds, 1), "final_loss": float(np.mean(trained.losses[-20:])),
+            "steps": trained.steps_done, "stopped_by_time_budget": trained.stopped_by == "time_budget",
+            "train_seconds": round(trained.seconds, 1), "final_loss": final_loss,
             "export_max_abs_error": err, "config": {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}}
-    return StudentSpec(path.name, sha256_file(path), mean, std, calibration, info)
+    return StudentSpec(path.name, sha256_file(path), mean, std, calibration, info, training)

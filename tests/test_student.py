@@ -1,5 +1,6 @@
 """The learned scorer: training on synthetic good parts, resume, export check, time budget, bad input,
 the station state and the CLI."""
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from edge.errors import StateError  # noqa: E402
 from edge.metrics import auroc  # noqa: E402
 from edge.scorer import Scorer  # noqa: E402
 from edge.state import enroll, load_state  # noqa: E402
-from edge.student import DEFAULT_SCORER, StudentScorer  # noqa: E402
+import edge.student  # noqa: E402
+from edge.student import DEFAULT_SCORER, StudentScorer, StudentSpec, StudentTraining  # noqa: E402
 from edge.tiling import station_scorer  # noqa: E402
 from edge.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
 from export.student import (TrainConfig, TrainError, _Teacher, export_student, position_statistics,  # noqa: E402
@@ -104,6 +106,10 @@ def test_time_budget_stops_cleanly_with_a_usable_model(default_pack, line, good,
                                                                       "checkpoint": str(ck)}),
                          quiet=True, log=lambda m: None)
     assert spec.info["stopped_by_time_budget"] and 0 < spec.info["steps"] < 100_000
+    t = spec.training
+    assert (t.status, t.stopped_by, t.steps_planned, t.time_budget_s) == ("undertrained", "time_budget", 100_000, 3)
+    assert t.steps_done == spec.info["steps"] and t.checkpoint == str(ck.resolve())
+    assert "stopped by the 3 s time budget after" in t.describe() and "of 100000 steps" in t.describe()
     assert ck.is_file()
     results = StudentScorer.from_spec(default_pack, tmp_path, spec).score(_test_parts(line, 2)[0])
     assert all(np.isfinite(r.score) and np.isfinite(r.anomaly_map).all() for r in results)
@@ -156,6 +162,70 @@ def test_station_state_holds_the_student(default_pack, good, trained, tmp_path):
         load_state(state_dir, default_pack)
 
 
+def _enroll_student(pack, paths, state_dir, **cfg):
+    config = TrainConfig(**{**FAST, **cfg})
+    return enroll(pack, paths, state_dir, quiet=True, log=lambda m: None,
+                  train_student=lambda images, folder: train_student(pack, images, folder, config, quiet=True,
+                                                                     log=lambda m: None))
+
+
+def test_budget_stopped_student_is_undertrained_never_auto_and_refused_until_resumed(default_pack, default_pack_dir,
+                                                                                     tmp_path, monkeypatch):
+    paths = write_good_parts(tmp_path / "good", 6, seed=5)
+    state_dir, ck = tmp_path / "state", tmp_path / "student.ckpt"
+    # A budget far below one step's time: exactly one of the 12 planned steps is done.
+    _enroll_student(default_pack, paths, state_dir, steps=12, time_budget_s=1e-3, checkpoint=str(ck))
+    state = load_state(state_dir, default_pack)  # the record survives state.yaml
+    t = state.student.training
+    assert (t.status, t.stopped_by, t.steps_done, t.steps_planned) == ("undertrained", "time_budget", 1, 12)
+    assert t.final_loss is not None and np.isfinite(t.final_loss)
+    # auto never picks it, even where the measured default would be the student.
+    monkeypatch.setattr(edge.student, "DEFAULT_SCORER", "student")
+    assert type(station_scorer(default_pack, state, None, kind="auto")) is Scorer
+    with pytest.raises(StateError, match=r"student is undertrained: stopped by the 0.001 s time budget after 1 of "
+                                         r"12 steps.*student\.ckpt.*--allow-undertrained"):
+        station_scorer(default_pack, state, None, kind="student")
+    allowed = station_scorer(default_pack, state, None, kind="student", allow_undertrained=True)
+    assert isinstance(allowed, StudentScorer) and allowed.threshold == state.student.calibration.threshold
+    # A station configured `scorer: student` refuses it at start, unless the config allows it by name.
+    import yaml
+
+    from edge.config import load_config
+    from edge.runtime import Runtime
+    from station_helpers import write_config
+
+    (tmp_path / "station").mkdir()
+    path = write_config(tmp_path / "station", default_pack_dir, state_dir, 1, {"kind": "synthetic", "count": 1})
+    raw = {**yaml.safe_load(path.read_text()), "scorer": "student"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StateError, match="student is undertrained.*student_allow_undertrained: true"):
+        Runtime(load_config(path), path)
+    path.write_text(yaml.safe_dump({**raw, "student_allow_undertrained": True}))
+    assert isinstance(Runtime(load_config(path), path).scorer, StudentScorer)
+    # The same enrollment again, without the budget, resumes from the checkpoint and completes.
+    _enroll_student(default_pack, paths, state_dir, steps=12, checkpoint=str(ck))
+    state = load_state(state_dir, default_pack)
+    t = state.student.training
+    assert (t.status, t.stopped_by, t.steps_done, t.steps_planned) == ("complete", "completed", 12, 12)
+    assert isinstance(station_scorer(default_pack, state, None, kind="auto"), StudentScorer)
+    assert isinstance(station_scorer(default_pack, state, None, kind="student"), StudentScorer)
+
+
+def test_states_without_the_training_record_are_judged_from_their_info(trained):
+    spec, _ = trained
+    old = spec.to_dict()
+    del old["training"]  # as written before the record existed
+    assert StudentSpec.from_dict(old).training.status == "complete"
+    budget = {**old, "info": {**old["info"], "stopped_by_time_budget": True, "steps": 7}}
+    t = StudentSpec.from_dict(budget).training
+    assert (t.status, t.stopped_by, t.steps_done, t.steps_planned) == ("undertrained", "time_budget", 7, FAST["steps"])
+    assert StudentSpec.from_dict({**old, "info": {}}).training.status == "unknown"
+    record = spec.training.to_dict()
+    assert StudentTraining.from_dict(record).to_dict() == record
+    with pytest.raises(ValueError, match="stopped_by 'crash'"):
+        StudentTraining.from_dict({**spec.training.to_dict(), "stopped_by": "crash"})
+
+
 def test_student_kind_without_a_student_is_refused(default_pack, tmp_path):
     state = enroll(default_pack, write_good_parts(tmp_path / "g", 3, seed=1), tmp_path / "s", quiet=True,
                    log=lambda m: None)
@@ -175,6 +245,8 @@ def test_cli_enroll_and_score_with_the_student(default_pack_dir, tmp_path):
     p = run_cli("enroll", "--pack", default_pack_dir, "--synthetic", 6, "--out", state, "--scorer", "student",
                 "--steps", 5, "--quiet")
     assert "student student-" in p.stdout and "5 steps" in p.stdout
+    assert "student student-" in p.stdout and "complete, completed 5 of 5 steps" in p.stdout
+    assert "undertrained" not in p.stderr
     p = run_cli("score", "--pack", default_pack_dir, "--state", state, "--scorer", "student", "--json",
                 *sorted((state / "good").iterdir())[:2])
     assert p.stdout.count('"score"') == 2
@@ -182,6 +254,34 @@ def test_cli_enroll_and_score_with_the_student(default_pack_dir, tmp_path):
     p = run_cli("enroll", "--pack", default_pack_dir, "--good", tmp_path / "empty", "--out", tmp_path / "s2",
                 "--scorer", "student", check=False)
     assert p.returncode == 2 and "no images found" in p.stderr
+
+
+def test_cli_says_plainly_when_the_budget_stopped_the_student(default_pack_dir, synthetic_dataset, tmp_path):
+    state = tmp_path / "state"
+    p = run_cli("enroll", "--pack", default_pack_dir, "--synthetic", 6, "--out", state, "--scorer", "student",
+                "--steps", 50, "--time-budget", 0.001, "--quiet")
+    assert "warning: student undertrained: stopped by the 0.001 s time budget after 1 of 50 steps (loss " in p.stderr
+    assert "the bank stays the active scorer" in p.stderr and "--checkpoint FILE" in p.stderr
+    images = sorted((state / "good").iterdir())[:2]
+    p = run_cli("score", "--pack", default_pack_dir, "--state", state, "--scorer", "student", *images, check=False)
+    assert p.returncode == 2 and "student is undertrained" in p.stderr and "after 1 of 50 steps" in p.stderr
+    p = run_cli("score", "--pack", default_pack_dir, "--state", state, "--scorer", "student", "--allow-undertrained",
+                "--json", *images)
+    assert p.stdout.count('"score"') == 2
+    p = run_cli("score", "--pack", default_pack_dir, "--state", state, "--json", *images)  # auto: the bank
+    assert p.stdout.count('"score"') == 2
+    # eval: the same facts on the command line, in the JSON and in summary.md.
+    out = tmp_path / "eval.json"
+    p = run_cli("eval", "--pack", default_pack_dir, "--data", synthetic_dataset, "--scorer", "student", "--steps", 50,
+                "--time-budget", 0.001, "--checkpoint", tmp_path / "eval.ckpt", "--json", out, "--quiet")
+    assert "warning: student undertrained: stopped by the 0.001 s time budget after 1 of 50 steps" in p.stderr
+    assert "run the same eval again (--checkpoint" in p.stderr
+    training = json.loads(out.read_text())["student_training"]
+    assert {k: training[k] for k in ("status", "steps_done", "steps_planned", "stopped_by")} == \
+        {"status": "undertrained", "steps_done": 1, "steps_planned": 50, "stopped_by": "time_budget"}
+    assert np.isfinite(training["final_loss"])
+    summary = (tmp_path / "eval-report" / "summary.md").read_text()
+    assert "scorer student (undertrained)" in summary and "**Undertrained student**: stopped by the 0.001 s" in summary
 
 
 @pytest.mark.slow
