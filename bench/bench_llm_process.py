@@ -1,11 +1,12 @@
 """What the portable llama.cpp build and the LLM's own process cost, measured side by side in one run.
 
-    python bench/bench_llm_process.py --pack packs/default [--native-python /tmp/venv-native/bin/python]
+    python bench/bench_llm_process.py --pack packs/default [--build native=/tmp/venv-native/bin/python ...]
                                       [--rounds 5] [--json out.json]
 
 1. Build: generated tokens/s and prompt decode of the pack's GGUF with this interpreter's llama-cpp-python
-   (the portable build of scripts/build-llama-cpp.sh) against another interpreter's (a native build:
-   scripts/build-llama-cpp.sh VENV --flavour native), each in a fresh child process, rounds alternating.
+   (the portable build of scripts/build-llama-cpp.sh) against other interpreters' (NAME=PYTHON, e.g. a
+   native build: scripts/build-llama-cpp.sh VENV --flavour native), each in a fresh child process,
+   rounds alternating; a build that crashes is reported with its signal.
 2. Process boundary: the same explanation answered by an Explainer in this process and by an LlmProcess
    (edge.llm_process), alternating: time to the first streamed text, time to the first model token, total.
 Prints markdown for docs/benchmarks.md.
@@ -42,11 +43,21 @@ print(json.dumps({"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / pr
 """
 
 
+_INFO = "from edge.llm import _lib; i = _lib().llama_print_system_info(); print(i.decode() if isinstance(i, bytes) else i)"
+
+
+def system_info(python: str) -> str:
+    proc = subprocess.run([python, "-c", _INFO], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc.stdout.strip() or f"(exit {proc.returncode})"
+
+
 def engine_run(python: str, gguf: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([python, "-c", _ENGINE, str(gguf)], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
+        from edge.llm_process import describe_exit
+
+        return {"error": describe_exit(proc.returncode)[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -96,7 +107,8 @@ def boundary(pack, rounds: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack", default="packs/default")
-    ap.add_argument("--native-python", help="an interpreter with a natively built llama-cpp-python")
+    ap.add_argument("--build", action="append", default=[], metavar="NAME=PYTHON",
+                    help="another interpreter with its own llama-cpp-python build (repeatable)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -105,8 +117,11 @@ def main() -> int:
     pack = load_pack(args.pack)
     gguf = pack.file(pack.llm.file)
     builds = {"portable": sys.executable}
-    if args.native_python:
-        builds["native"] = args.native_python
+    for item in args.build:
+        name, _, python = item.partition("=")
+        if not python:
+            ap.error(f"--build takes NAME=PYTHON, got {item!r}")
+        builds[name] = python
     runs = {name: [] for name in builds}
     for _ in range(args.rounds):
         for name, python in builds.items():
@@ -117,13 +132,14 @@ def main() -> int:
         build[name] = {"runs": len(rs), "failed": [r["error"] for r in rs if "error" in r],
                        "gen_tok_s": round(statistics.median(r["gen_tok_s"] for r in ok), 1) if ok else None,
                        "prompt_tok_s": round(statistics.median(r["prompt_tok_s"] for r in ok), 1) if ok else None,
-                       "system_info": ok[0]["system_info"] if ok else None}
+                       "system_info": system_info(builds[name])}
     result = {"date": dt.date.today().isoformat(), "cpu": cpu_name(), "gguf": gguf.name, "build": build,
               "boundary": boundary(pack, args.rounds)}
     print(f"\n{result['cpu']}, {result['date']}, {gguf.name}, 1 thread, median of {args.rounds} rounds\n")
-    print("| build | generated tok/s | prompt tok/s | CPU features compiled in |\n|---|---|---|---|")
+    print("| build | generated tok/s | prompt tok/s | runs that crashed | CPU features compiled in |\n|---|---|---|---|---|")
     for name, b in build.items():
-        print(f"| {name} | {b['gen_tok_s']} | {b['prompt_tok_s']} | {b['system_info']} |")
+        crashed = f"{len(b['failed'])}/{b['runs']}" + (f" ({b['failed'][0]})" if b["failed"] else "")
+        print(f"| {name} | {b['gen_tok_s']} | {b['prompt_tok_s']} | {crashed} | {b['system_info']} |")
     bd = result["boundary"]
     print("\n| where the LLM runs | first text ms | first model token ms | total ms | generated tok/s |\n|---|---|---|---|---|")
     for name in ("in_process", "child_process"):

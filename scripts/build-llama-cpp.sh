@@ -10,7 +10,7 @@
 # The wheel is cached in .cache/wheels/ under a name that carries the flags, so pip's own wheel cache
 # (which does not know about CMAKE_ARGS) can never hand back a natively built one.
 #
-# usage: scripts/build-llama-cpp.sh VENV [--flavour portable|native]   (native: for benchmarks only)
+# usage: scripts/build-llama-cpp.sh VENV [--flavour portable|native|avx512]   (native, avx512: benchmarks only)
 set -euo pipefail
 VENV=${1:?usage: build-llama-cpp.sh VENV [--flavour portable|native]}
 FLAVOUR=portable
@@ -26,6 +26,8 @@ case "$FLAVOUR:$ARCH" in
     FLAGS="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" ;;
   native:*)
     FLAGS="-DGGML_NATIVE=ON" ;;
+  avx512:x86_64)  # benchmarks only: everything a native build on an AVX-512 Xeon has, except AMX
+    FLAGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
   *)
     echo "build-llama-cpp.sh: no portable flag set for CPU architecture '$ARCH' (flavour '$FLAVOUR')" >&2; exit 2 ;;
 esac

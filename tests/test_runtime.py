@@ -474,3 +474,30 @@ def test_llm_process_killed_mid_explanation_costs_only_that_explanation(broker, 
         assert p99_crash <= 1.5 * p99_before, (p99_before, p99_crash)
     finally:
         rt.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stays_up(
+        broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
+    from edge.dialogue import DialogueStore
+    from edge.llm_process import FAULT_ENV
+
+    with DialogueStore(tmp_path / "var" / "dialogue.sqlite") as store:  # left pending by the last run
+        for i in range(5):
+            store.open_session(f"old-{i}", {"verdict": "anomalous", "score": 1.0, "threshold": 0.5, "severity": 2.0,
+                                            "regions": [], "frame_size": [224, 224]})
+    monkeypatch.setenv(FAULT_ENV, "SIGSEGV@token")
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(30),
+                            explain={"max_crashes": 3}))
+    try:
+        if rt.explainer is None:
+            pytest.skip(f"explanations did not start: {rt.explain_error}")
+        assert len(wait_results(sub, 30, timeout=120)) == 30
+        wait_until(lambda: rt.health()["explain"]["state"] == "off", 120, "explanations to turn off")
+        h = rt.health()
+        assert h["state"] == "online" and "SIGSEGV" in h["explain"]["error"] and h["explain"]["crashes"] == 3
+        wait_until(lambda: retained(broker.port, "test/s1/status").get("explain", {}).get("state") == "off", 30,
+                   "the published status to say explanations are off")
+    finally:
+        rt.stop()
