@@ -141,6 +141,25 @@ def _enroll(pack, good, args) -> int:
     return 0
 
 
+def cmd_learn(args) -> int:
+    from .learn import learn
+    from .pack import load_pack
+    from .preprocess import list_images
+
+    pack = load_pack(args.pack)
+    parts = list_images(args.parts)
+    if not parts:
+        raise EdgeError(f"{args.parts}: no images found (png, jpg, bmp, tif)")
+    result = learn(pack, parts, args.out, seed=args.seed, z=args.z, quiet=args.quiet,
+                   log=lambda m: print(m, file=sys.stderr))
+    c = result.state.calibration
+    print(f"learned from {len(parts)} unlabeled parts into {args.out}: kept {len(result.kept)}, set aside "
+          f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); threshold {c.threshold:.4f}")
+    for p in result.suspects:
+        print(f"  suspect {p.name}  mutual score {result.scores[p.name]:.4f}")
+    return 0
+
+
 def _tiling(args):
     """The TilingSpec enrollment uses: from --config's tiling/roi sections, or from --tile-scale."""
     if args.config:
@@ -377,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_student_options(n)
     _add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)
+
+    lm = sub.add_parser("learn", help="enroll a new station from unlabeled production parts, most of them good "
+                                      "(suspects are set aside and listed)")
+    lm.add_argument("--pack", required=True)
+    lm.add_argument("--parts", required=True, help="folder of unlabeled part images (e.g. the first N off the line)")
+    lm.add_argument("--out", required=True, help="new state folder")
+    lm.add_argument("--z", type=_positive_float, default=3.0, help="robust z-score above which a part is suspect")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--quiet", action="store_true")
+    lm.set_defaults(func=cmd_learn)
 
     s = sub.add_parser("score", help="score image files or folders against an enrolled station")
     s.add_argument("--pack", required=True)

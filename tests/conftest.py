@@ -8,6 +8,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (mqtt_helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config):
+    """Say once, at the top, what will be skipped for want of a tool, and how to get it."""
+    from mqtt_helpers import MOSQUITTO
+
+    if MOSQUITTO is None:
+        return ["mosquitto not found: the MQTT and line-runtime tests will be SKIPPED "
+                "(install the broker: apt-get install -y mosquitto)"]
+    return []
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

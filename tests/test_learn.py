@@ -1,0 +1,57 @@
+"""Learn mode: a station enrolled from unlabeled production parts, most of them good."""
+import cv2
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from edge.errors import StateError
+from edge.learn import learn
+from edge.state import enroll
+from edge.synthetic import SyntheticLine
+
+
+def write_stream(folder, n: int, defect_rate: float, seed: int = 5):
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for part in SyntheticLine(seed=seed, defect_rate=defect_rate).parts(n):
+        path = folder / f"{part.part_id}.png"
+        cv2.imwrite(str(path), part.image)
+        truth[path.name] = part.defect
+    return truth
+
+
+def test_learn_mode_sets_defective_parts_aside_and_lands_near_the_clean_threshold(default_pack, tmp_path):
+    truth = write_stream(tmp_path / "stream", 40, defect_rate=0.1)
+    defective = {name for name, kind in truth.items() if kind}
+    assert len(defective) == 4
+    result = learn(default_pack, sorted((tmp_path / "stream").glob("*.png")), tmp_path / "learned", quiet=True,
+                   log=lambda m: None)
+    suspects = {p.name for p in result.suspects}
+    assert defective <= suspects, f"missed {defective - suspects}"
+    assert len(suspects - defective) <= 3  # a few unusual good parts may be set aside too
+    clean = [tmp_path / "stream" / name for name, kind in truth.items() if not kind]
+    reference = enroll(default_pack, clean, tmp_path / "clean", quiet=True, log=lambda m: None)
+    learned_t, clean_t = result.state.calibration.threshold, reference.calibration.threshold
+    assert abs(learned_t - clean_t) / clean_t < 0.15, (learned_t, clean_t)
+    assert result.state.info["learn"]["suspects"] == sorted(suspects) or set(result.state.info["learn"]["suspects"]) == suspects
+
+
+def test_learn_mode_refuses_too_few_parts_and_an_existing_state(default_pack, tmp_path, enrolled_state):
+    write_stream(tmp_path / "few", 5, defect_rate=0.0)
+    with pytest.raises(StateError, match="at least 8 readable parts"):
+        learn(default_pack, sorted((tmp_path / "few").glob("*.png")), tmp_path / "s", log=lambda m: None)
+    with pytest.raises(StateError, match="already holds a station state"):
+        learn(default_pack, sorted((tmp_path / "few").glob("*.png")), enrolled_state, log=lambda m: None)
+
+
+def test_cli_learn_reports_what_it_set_aside(default_pack_dir, tmp_path):
+    truth = write_stream(tmp_path / "stream", 24, defect_rate=0.1, seed=8)
+    proc = run_cli("learn", "--pack", default_pack_dir, "--parts", tmp_path / "stream", "--out", tmp_path / "st",
+                   "--quiet")
+    assert "set aside" in proc.stdout and "threshold" in proc.stdout
+    for name, kind in truth.items():
+        if kind:
+            assert name in proc.stdout
+    bad = run_cli("learn", "--pack", default_pack_dir, "--parts", tmp_path / "nothing", "--out", tmp_path / "x",
+                  check=False)
+    assert bad.returncode == 2 and "nothing: not a folder" in bad.stderr
