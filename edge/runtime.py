@@ -561,9 +561,16 @@ class Runtime:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def _on_command(self, topic: str, payload: bytes) -> None:
+    def _on_command(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Every command gets a reply on P/reply; a refused one is also logged and counted (bad_commands)."""
         name = topic.rsplit("/", 1)[-1]
         try:
+            if retained:
+                # A retained command is an old order replayed by the broker at each (re)connect:
+                # acting on it would trigger, enroll or reload again on every reconnection.
+                raise CommandError(f"{name}: ignored because it is retained (the broker replays it at every "
+                                   "connect); publish commands with retain false, and clear this one by publishing "
+                                   f"an empty retained message to {topic}")
             command = parse_command(name, payload)
             if isinstance(command, TriggerCommand):
                 self.trigger(command.part_id, command.request_id)
@@ -573,10 +580,11 @@ class Runtime:
                 self._jobs.put(("enroll-good", command))
             elif isinstance(command, ReloadCommand):
                 self._jobs.put(("reload", command))
-        except EdgeError as e:
+        except Exception as e:  # EdgeError: refused as sent; anything else is ours, still answered
             self.counts["bad_commands"] += 1
-            log.warning("command on %s refused: %s", topic, e)
-            self._reply(name, request_id_of(payload), False, error=str(e))
+            error = str(e) if isinstance(e, EdgeError) else f"{name}: not carried out: {type(e).__name__}: {e}"
+            (log.warning if isinstance(e, EdgeError) else log.exception)("command on %s refused: %s", topic, error)
+            self._reply(name, request_id_of(payload), False, error=error, **({"retained": True} if retained else {}))
 
     def _reply(self, command: str, request_id: str | None, ok: bool, **fields) -> None:
         self._publish("reply", {"command": command, "request_id": request_id, "ok": ok, **fields,

@@ -124,3 +124,51 @@ def test_a_database_with_score_not_null_is_migrated_and_keeps_its_rows(tmp_path)
     names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"parts_time", "parts_verdict_time", "parts_unpublished"} <= names
     TraceStore(tmp_path).close()  # a migrated database opens as is
+
+
+def send(port: int, topic: str, payload, retain: bool = False) -> None:
+    import paho.mqtt.publish as publish
+
+    publish.single(topic, payload if isinstance(payload, (str, bytes)) else json.dumps(payload), qos=1,
+                   retain=retain, hostname="127.0.0.1", port=port)
+
+
+@pytest.mark.timeout(120)
+def test_every_command_payload_gets_a_reply_and_retained_commands_are_not_executed(broker, tmp_path,
+                                                                                   default_pack_dir, enrolled_state):
+    # Left on the broker by someone before the station starts: replayed to it at subscription.
+    send(broker.port, "test/s1/cmd/trigger", {"part_id": "RET-1", "request_id": "ret"}, retain=True)
+    send(broker.port, "test/s1/cmd/reload", {"request_id": "ret-reload"}, retain=True)
+    sub = Subscriber(broker.port, "test/s1/+")  # not cmd/#: the test's own payloads are not JSON
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "count": None}, trigger={"mode": "mqtt"})
+    rt = start(cfg)
+    try:
+        replies = lambda: sub.unique_by_topic().get("test/s1/reply", [])  # noqa: E731
+        wait_until(lambda: len(replies()) >= 2, 15, "replies to the retained commands")
+        for r in replies():
+            assert not r["ok"] and r["retained"] and "ignored because it is retained" in r["error"], r
+        assert {r["request_id"] for r in replies()} == {"ret", "ret-reload"}
+        bad = [("trigger", '{"request_id": "deep", "part_id": ' + "[" * 5000 + "]" * 5000 + "}", "deep",
+                "nested too deeply"),
+               ("trigger", '{"request_id": "big", "part_id": ' + "9" * 5000 + "}", "big", "digits"),
+               ("trigger", b'{"request_id": "latin", "part_id": "caf\xe9"}', "latin", "not UTF-8 (byte 0xe9"),
+               ("reload", b"", None, "empty payload"),
+               ("enroll-good", "[" * 9000, None, "nested too deeply")]
+        for name, payload, _, _ in bad:
+            send(broker.port, f"test/s1/cmd/{name}", payload)
+        wait_until(lambda: len(replies()) >= 2 + len(bad), 15, "a reply to every bad command")
+        got = replies()[2:]
+        for (name, _, rid, expected), r in zip(bad, got):
+            assert r["command"] == name and r["request_id"] == rid and not r["ok"], r
+            assert expected in r["error"], (expected, r["error"])
+            assert "retained" not in r
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "OK-1", "request_id": "ok"})
+        wait_topic(sub, "test/s1/result", 1)
+        results = sub.unique_by_topic()["test/s1/result"]
+        assert [r["part_id"] for r in results] == ["OK-1"]  # RET-1 was never inspected
+        assert not any(r["command"] == "reload" and r["ok"] for r in replies())  # nor a reload run
+        assert rt.health()["counts"]["bad_commands"] == 2 + len(bad)
+        assert rt._threads[1].is_alive() and rt.publisher.stats()["connected"]
+    finally:
+        rt.stop()
