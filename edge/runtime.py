@@ -34,6 +34,7 @@ from .notify import SystemdNotifier
 from .pack import load_pack
 from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
+from .station_lock import StationLock
 from .state import enroll, load_state
 from .student import StudentScorer
 from .store import TraceStore, iso_time
@@ -174,6 +175,7 @@ class Runtime:
         self._projector = None
         self.api = None
         self.notifier = SystemdNotifier()
+        self.lock = StationLock(config.storage.dir)
 
         self._stop = threading.Event()       # stop capturing
         self._stopped = threading.Event()    # everything is down
@@ -203,6 +205,15 @@ class Runtime:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> "Runtime":
+        """Refuses (StationLockError, naming the owner's PID) when another station runs on storage.dir."""
+        self.lock.acquire()
+        try:
+            return self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self) -> "Runtime":
         c = self.config
         self.store.enforce_retention()
         if c.mqtt.enabled:
@@ -284,6 +295,7 @@ class Runtime:
         self.source.close()
         self.store.close()
         self.notifier.close()
+        self.lock.release()
         self._stopped.set()
         log.info("station %s stopped", self.station)
 

@@ -172,3 +172,44 @@ def test_every_command_payload_gets_a_reply_and_retained_commands_are_not_execut
         assert rt._threads[1].is_alive() and rt.publisher.stats()["connected"]
     finally:
         rt.stop()
+
+
+@pytest.mark.timeout(120)
+def test_one_station_per_storage_folder_and_no_stale_lock_after_sigkill(broker, tmp_path, default_pack_dir,
+                                                                        enrolled_state):
+    from edge.station_lock import StationLockError
+
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "count": None, "fps": 20})
+    first = start(cfg)
+    try:
+        second = Runtime(load_config(cfg), cfg)
+        with pytest.raises(StationLockError, match=rf"in use by another station \(PID {os.getpid()}"):
+            second.start()
+        assert first._threads[1].is_alive() and first.lock.held  # the refusal did not disturb the owner
+        second.store.close()
+    finally:
+        first.stop()
+    assert not first.lock.held
+
+    # A holder killed with SIGKILL: the kernel drops its flock, the next station starts.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from edge.station_lock import StationLock; "
+         f"StationLock({str(tmp_path / 'var')!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        blocked = Runtime(load_config(cfg), cfg)
+        with pytest.raises(StationLockError, match=rf"PID {holder.pid}\b"):
+            blocked.start()
+        blocked.store.close()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "var" / "station.lock").read_text().strip() == str(holder.pid)  # the file stays, unheld
+    again = start(cfg)
+    try:
+        wait_until(lambda: again.counts["parts"] >= 2, 30, "the restarted station to score")
+        assert (tmp_path / "var" / "station.lock").read_text().strip() == str(os.getpid())
+    finally:
+        again.stop()
