@@ -213,3 +213,87 @@ def test_one_station_per_storage_folder_and_no_stale_lock_after_sigkill(broker, 
         assert (tmp_path / "var" / "station.lock").read_text().strip() == str(os.getpid())
     finally:
         again.stop()
+
+
+def parts_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    line = SyntheticLine(seed=seed, defect_rate=0.0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i:02d}.png")
+        cv2.imwrite(str(paths[-1]), line.part(i).image)
+    return paths
+
+
+def epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(120)
+def test_a_video_file_with_fps_is_played_at_that_rate(broker, tmp_path, default_pack_dir, enrolled_state):
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (256, 256))
+    assert writer.isOpened()
+    line = SyntheticLine(seed=0, defect_rate=0.0)
+    for i in range(6):
+        writer.write(line.part(i).image)
+    writer.release()
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "file", "path": str(video), "fps": 5})
+    rt = start(cfg)
+    finish(rt)
+    got = wait_topic(sub, "test/s1/result", 6 - rt._queue.dropped)
+    stamps = [epoch(r["timestamp"]) for r in got]
+    assert rt._queue.dropped == 0 and len(got) == 6
+    assert stamps[-1] - stamps[0] >= 5 * 0.2 - 0.05, stamps  # 5 periods of 0.2 s (it was read in ~50 ms)
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_that_goes_away_mid_replay_is_not_replayed_twice(broker, tmp_path, default_pack_dir,
+                                                                  enrolled_state):
+    folder = tmp_path / "frames"
+    parts_images(folder, 6)
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "folder", "path": str(folder), "fps": 4,
+                        "reconnect": {"initial_delay_s": 0.1, "max_delay_s": 0.2}})
+    rt = start(cfg)
+    wait_topic(sub, "test/s1/result", 2)
+    folder.rename(tmp_path / "unmounted")
+    wait_until(lambda: rt.source.state == "lost", 10, "the source to be lost")
+    time.sleep(0.3)
+    (tmp_path / "unmounted").rename(folder)
+    finish(rt)
+    files = [r["source"]["file"] for r in sub.unique_by_topic()["test/s1/result"]]
+    assert rt.counts["source_lost"] >= 1 and rt._queue.dropped == 0
+    assert files == [f"{i:02d}.png" for i in range(6)], files  # each once, in order, none skipped
+
+
+@pytest.mark.timeout(60)
+def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_path, default_pack_dir,
+                                                                   enrolled_state, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i:02d}.png").write_bytes(b"not an image " * 10)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "folder", "path": str(folder), "loop": True,
+                        "reconnect": {"initial_delay_s": 0.05, "max_delay_s": 0.4}})
+    rt = start(cfg)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge.sources"):
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(3.0)
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        bad = rt.source.bad_frames
+        lines = [r for r in caplog.records if r.name == "edge.sources"]
+        assert 5 <= bad <= 30, bad  # 4 logged, then waits of 0.05, 0.1, 0.2, 0.4, 0.4, ...
+        assert len(lines) <= 2 * bad, len(lines)
+        assert cpu < 0.5 * wall, (cpu, wall)  # a spinning capture thread takes a whole core
+        assert rt.health()["source"]["state"] == "lost" and "bad frames in a row" in rt.source.detail
+        assert rt.counts["parts"] == 0 and rt._threads[1].is_alive()
+    finally:
+        rt.stop()
