@@ -1,5 +1,7 @@
 """Commands from the PLC/MES over MQTT (`<prefix>/cmd/<name>`, JSON) and from the local API.
 
+Payloads are UTF-8 JSON objects of at most 16 kB; an empty payload (what clearing a retained message
+looks like) is refused, not read as `{}`, and a retained command is not executed (edge.runtime).
 Each command's body is validated; anything malformed raises `CommandError` naming what is wrong, and
 the runtime answers it on `<prefix>/reply` with `ok: false` instead of acting on a guess.
 
@@ -11,6 +13,7 @@ the runtime answers it on `<prefix>/reply` with `ok: false` instead of acting on
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,6 +21,7 @@ from .config import PART_ID_PATTERN
 from .errors import EdgeError
 
 MAX_COMMAND_BYTES = 16384
+_REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([^"\\]{1,128})"')
 
 
 class CommandError(EdgeError):
@@ -45,15 +49,32 @@ class ReloadCommand(_Command):
 COMMANDS = {"trigger": TriggerCommand, "enroll-good": EnrollGoodCommand, "reload": ReloadCommand}
 
 
+def _decode(name: str, payload: bytes | str) -> object:
+    """The JSON body of a payload: UTF-8 only, never an exception other than CommandError."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"{name}: payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
+    if not payload:
+        # What clearing a retained command looks like; it is not `{}`, whatever the command.
+        raise CommandError(f"{name}: empty payload (a retained message being cleared?); send {{}} for a command "
+                           "without fields")
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            payload = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CommandError(f"{name}: payload is not UTF-8 (byte 0x{payload[e.start]:02x} at offset {e.start}); "
+                               "commands are UTF-8 JSON") from None
+    try:
+        return json.loads(payload)
+    except RecursionError:
+        raise CommandError(f"{name}: payload is not JSON the station accepts (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and an integer over Python's digit limit
+        raise CommandError(f"{name}: payload is not JSON ({str(e)[:200]})") from None
+
+
 def parse_command(name: str, payload: bytes | str) -> _Command:
     if name not in COMMANDS:
         raise CommandError(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandError(f"{name}: payload of {len(payload)} bytes is over the {MAX_COMMAND_BYTES}-byte limit")
-    try:
-        body = json.loads(payload or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CommandError(f"{name}: payload is not JSON ({e})") from None
+    body = _decode(name, payload)
     if not isinstance(body, dict):
         raise CommandError(f"{name}: payload must be a JSON object, got {type(body).__name__}")
     try:
@@ -70,10 +91,13 @@ def parse_command(name: str, payload: bytes | str) -> _Command:
 
 
 def request_id_of(payload: bytes | str) -> str | None:
-    """Best effort, for replying to a command that failed validation."""
+    """Best effort, for replying to a command that failed validation; never raises."""
     try:
-        body = json.loads(payload)
-        rid = body.get("request_id") if isinstance(body, dict) else None
-        return rid if isinstance(rid, str) and len(rid) <= 128 else None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return None
+        body = _decode("command", payload)
+    except CommandError:
+        # Not JSON we parse (nested too deeply, a huge number, ...): the id may still be legible.
+        text = payload.decode("utf-8", "replace") if isinstance(payload, (bytes, bytearray)) else payload
+        found = _REQUEST_ID.search(text[:MAX_COMMAND_BYTES])
+        return found.group(1) if found else None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 128 else None

@@ -134,7 +134,7 @@ class Console:
         p = self.api.get(f"/parts/{args[0]}")
         self.part = p
         self.say(f"part {p['part_id']}  {p['time']}  station {p['station']}  trigger {p['trigger']}")
-        self.say(f"verdict {p['verdict']}  score {p['score']:.3f}  threshold {p['threshold']:.3f}  "
+        self.say(f"verdict {p['verdict']}  score {'-' if p['score'] is None else format(p['score'], '.3f')}  threshold {p['threshold']:.3f}  "
                  f"model {p['model_id']}")
         for sentence in ((p.get("findings") or {}).get("summary") or "").split(". Region"):
             if sentence:

@@ -119,13 +119,14 @@ class MqttPublisher:
         return True
 
     def subscribe(self, topic_suffix: str, handler, qos: int = 1) -> str:
-        """Call `handler(topic, payload_bytes)` (on the network thread) for messages on
-        `<prefix>/<topic_suffix>`; kept across reconnects."""
+        """Call `handler(topic, payload_bytes, retained)` (on the network thread) for messages on
+        `<prefix>/<topic_suffix>`; kept across reconnects. `retained` is the MQTT retain flag: true for a
+        message the broker kept and delivers because we (re)subscribed, not one sent just now."""
         topic = f"{self.topic_prefix}/{topic_suffix.lstrip('/')}"
 
         def on_message(client, userdata, message):
             try:
-                handler(message.topic, message.payload)
+                handler(message.topic, message.payload, bool(message.retain))
             except Exception:  # a bad handler must not kill paho's network loop
                 log.exception("handler for %s failed", message.topic)
 

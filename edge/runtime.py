@@ -34,6 +34,7 @@ from .notify import SystemdNotifier
 from .pack import load_pack
 from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
+from .station_lock import StationLock
 from .state import enroll, load_state
 from .student import StudentScorer
 from .store import TraceStore, iso_time
@@ -174,6 +175,7 @@ class Runtime:
         self._projector = None
         self.api = None
         self.notifier = SystemdNotifier()
+        self.lock = StationLock(config.storage.dir)
 
         self._stop = threading.Event()       # stop capturing
         self._stopped = threading.Event()    # everything is down
@@ -203,6 +205,15 @@ class Runtime:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> "Runtime":
+        """Refuses (StationLockError, naming the owner's PID) when another station runs on storage.dir."""
+        self.lock.acquire()
+        try:
+            return self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self) -> "Runtime":
         c = self.config
         self.store.enforce_retention()
         if c.mqtt.enabled:
@@ -284,6 +295,7 @@ class Runtime:
         self.source.close()
         self.store.close()
         self.notifier.close()
+        self.lock.release()
         self._stopped.set()
         log.info("station %s stopped", self.station)
 
@@ -394,18 +406,34 @@ class Runtime:
                 continue
             scorer = self.scorer  # swapped whole by enrollments and reloads
             t0 = time.perf_counter()
-            try:
-                results, error = scorer.score([p.frame.image for p in batch]), None
-            except Exception as e:  # a part that cannot be scored is still reported, as an error
-                log.exception("scoring failed for %s", [p.part_id for p in batch])
-                results, error = [None] * len(batch), f"scoring failed: {e}"
+            outcomes = self._score_batch(scorer, batch)
             ms = (time.perf_counter() - t0) * 1000 / len(batch)
             now = time.monotonic()
-            for p, r in zip(batch, results):
+            for p, (r, error) in zip(batch, outcomes):
                 self.queue_ms.add((now - p.queued_at) * 1000 - ms)
                 self.score_ms.add(ms)
                 self.scored.add()
                 self._output.put(ScoredPart(p, r, error, ms, now))
+
+    @staticmethod
+    def _score_batch(scorer, batch: list[Part]) -> list[tuple[Result | None, str | None]]:
+        """(result, None) or (None, reason) per part. A batch that fails is scored again part by part, so
+        one frame the scorer cannot take (an ROI outside a smaller frame, ...) costs only that part."""
+        try:
+            results = scorer.score([p.frame.image for p in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                log.warning("scoring failed for part %s: %s", batch[0].part_id, e)
+                return [(None, f"scoring failed: {type(e).__name__}: {e}")]
+            return [out for p in batch for out in Runtime._score_batch(scorer, [p])]
+        outcomes = []
+        for p, r in zip(batch, results):
+            if not np.isfinite(r.score):
+                log.warning("scoring gave part %s a non-finite score (%s)", p.part_id, r.score)
+                outcomes.append((None, f"scoring failed: the scorer returned a non-finite score ({r.score})"))
+            else:
+                outcomes.append((r, None))
+        return outcomes
 
     # -- output -------------------------------------------------------------------------------
 
@@ -420,27 +448,43 @@ class Runtime:
                 break
             try:
                 self._emit(item)
-            except Exception:
-                self.counts["output_errors"] += 1
-                log.exception("could not record or publish part %s", item.part.part_id)
+            except Exception as e:
+                if self._recorded(item.part.part_id):
+                    # Its row holds its messages: they are replayed from there at the next start.
+                    self.counts["output_errors"] += 1
+                    log.exception("could not publish part %s (recorded; re-queued at the next start)",
+                                  item.part.part_id)
+                    continue
+                # Never lose the part: record and publish it as an error (no images, no findings).
+                log.exception("could not record part %s; recording it as an error", item.part.part_id)
+                try:
+                    self._emit(dataclasses.replace(item, result=None, error=f"output failed: {type(e).__name__}: {e}"))
+                except Exception:
+                    self.counts["output_errors"] += 1
+                    log.exception("could not record part %s even as an error", item.part.part_id)
             finally:
                 with self._ids_lock:
                     self._queued_ids.discard(item.part.part_id)
 
+    def _recorded(self, part_id: str) -> bool:
+        try:
+            self.store.get(part_id)
+            return True
+        except EdgeError:
+            return False
+
     def _emit(self, item: ScoredPart) -> None:
         c = self.config
         p, r = item.part, item.result
-        self.counts["parts"] += 1
         if r is None:
-            self.counts["errors"] += 1
-            summary = {"verdict": "error", "score": float("nan"), "threshold": self.scorer.threshold, "regions": []}
+            summary = {"verdict": "error", "score": None, "threshold": round(self.scorer.threshold, 6),
+                       "regions": []}
         else:
             summary = r.summary()
         flagged = r is not None and r.anomalous
         findings = None
         images = None
         if flagged:
-            self.counts["flagged"] += 1
             findings = describe(p.frame.image, r, c.station.mm_per_pixel).to_dict()
         if r is not None and (c.storage.keep_images == "all" or (flagged and c.storage.keep_images == "flagged")):
             overlay = visual.result_overlay(p.frame.image, r)
@@ -461,8 +505,8 @@ class Runtime:
         }
         if p.request_id:
             result["request_id"] = p.request_id
-        if item.error:
-            result["error"] = item.error
+        if r is None:
+            result["error"] = item.error or "scoring failed"
         messages = [["result", result]]
         if flagged:
             paths = self.store.file_paths(files[0])
@@ -481,6 +525,9 @@ class Runtime:
         # at the next start with the same message ids, so subscribers can drop the duplicate.
         self.store.add_part(p.part_id, self.station, p.frame.captured_at, p.trigger, summary, self.pack.model_id,
                             findings, files, messages if self.publisher is not None else None)
+        self.counts["parts"] += 1
+        self.counts["errors"] += r is None
+        self.counts["flagged"] += flagged
         self._publish_part(p.part_id, messages)
         if flagged and self.explainer is not None:
             self._submit_explanation(p.part_id, findings, r)
@@ -526,9 +573,16 @@ class Runtime:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def _on_command(self, topic: str, payload: bytes) -> None:
+    def _on_command(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Every command gets a reply on P/reply; a refused one is also logged and counted (bad_commands)."""
         name = topic.rsplit("/", 1)[-1]
         try:
+            if retained:
+                # A retained command is an old order replayed by the broker at each (re)connect:
+                # acting on it would trigger, enroll or reload again on every reconnection.
+                raise CommandError(f"{name}: ignored because it is retained (the broker replays it at every "
+                                   "connect); publish commands with retain false, and clear this one by publishing "
+                                   f"an empty retained message to {topic}")
             command = parse_command(name, payload)
             if isinstance(command, TriggerCommand):
                 self.trigger(command.part_id, command.request_id)
@@ -538,10 +592,11 @@ class Runtime:
                 self._jobs.put(("enroll-good", command))
             elif isinstance(command, ReloadCommand):
                 self._jobs.put(("reload", command))
-        except EdgeError as e:
+        except Exception as e:  # EdgeError: refused as sent; anything else is ours, still answered
             self.counts["bad_commands"] += 1
-            log.warning("command on %s refused: %s", topic, e)
-            self._reply(name, request_id_of(payload), False, error=str(e))
+            error = str(e) if isinstance(e, EdgeError) else f"{name}: not carried out: {type(e).__name__}: {e}"
+            (log.warning if isinstance(e, EdgeError) else log.exception)("command on %s refused: %s", topic, error)
+            self._reply(name, request_id_of(payload), False, error=error, **({"retained": True} if retained else {}))
 
     def _reply(self, command: str, request_id: str | None, ok: bool, **fields) -> None:
         self._publish("reply", {"command": command, "request_id": request_id, "ok": ok, **fields,

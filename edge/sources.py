@@ -72,7 +72,7 @@ class CaptureSource:
                  fps: float | None = None, size: tuple[int, int] | None = None, max_failed_reads: int = 5):
         self.target, self.name, self.live, self.api, self.loop = target, name, live, api, loop
         self.size, self.max_failed_reads = size, max_failed_reads
-        self._pace = _Paced(None if live else fps)
+        self._pace = _Paced(fps)  # only replays are given one: a file with `fps` plays at that rate
         self._cap: cv2.VideoCapture | None = None
         self._index = 0
 
@@ -116,7 +116,10 @@ class CaptureSource:
 
 
 class FolderReplay:
-    """Images from a folder in name order (re-listed at each pass, so files can be added)."""
+    """Images from a folder in name order (re-listed at each pass, so files can be added).
+
+    Without `loop` every file is replayed once: reopened after the folder went away (unmounted, moved),
+    the replay goes on with the files it has not read yet, and once it has ended it stays ended."""
 
     def __init__(self, folder: Path, loop: bool = False, fps: float | None = None):
         self.folder, self.loop = Path(folder), loop
@@ -126,25 +129,32 @@ class FolderReplay:
         self._files: list[Path] = []
         self._pos = 0
         self._index = 0
+        self._replayed: set[str] = set()  # names read so far (without loop)
+        self._ended = False
 
     def open(self) -> None:
         if not self.folder.is_dir():
             raise SourceLost(f"{self.name}: not a folder (missing or unmounted?)")
-        self._files, self._pos = list_images(self.folder), 0
+        files = [] if self._ended else list_images(self.folder)
+        self._files = [f for f in files if f.name not in self._replayed]
+        self._pos = 0
 
     def read(self) -> Frame | None:
         if self._pos >= len(self._files):
             if not self.loop:
+                self._ended = True
                 return None
             self.open()
             if not self._files:
                 raise SourceLost(f"{self.name}: no images left to replay")
         path = self._files[self._pos]
-        self._pos += 1
         self._pace.wait()
-        self._index += 1
         if not self.folder.is_dir():
-            raise SourceLost(f"{self.name}: folder disappeared")
+            raise SourceLost(f"{self.name}: folder disappeared")  # this file is read after the reopen
+        self._pos += 1
+        self._index += 1
+        if not self.loop:
+            self._replayed.add(path.name)
         # A bad file raises ImageError naming it: the caller counts it and goes on with the next.
         return Frame(read_image(path), time.time(), self._index - 1, {"file": path.name})
 
@@ -211,8 +221,10 @@ class ReconnectingSource:
     """
 
     def __init__(self, source, initial_delay_s: float = 0.5, max_delay_s: float = 30.0, on_state=None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, bad_frames_before_backoff: int = 5):
         self.source = source
+        self.bad_frames_before_backoff = bad_frames_before_backoff
+        self._bad_in_a_row = 0
         self.initial_delay_s, self.max_delay_s = initial_delay_s, max_delay_s
         self.on_state = on_state or (lambda state, detail: None)
         self.stop_event = stop or threading.Event()
@@ -257,16 +269,31 @@ class ReconnectingSource:
                 self._lost(str(e))
                 continue
             except ImageError as e:
-                self.bad_frames += 1
-                log.warning("source %s: skipped a bad frame: %s", self.name, e)
+                self._bad_frame(e)
                 continue
             if frame is None:
                 self._set("ended")
                 return None
             self._delay = self.initial_delay_s
+            self._bad_in_a_row = 0
             self._set("streaming")
             return frame
         return None
+
+    def _bad_frame(self, error: Exception) -> None:
+        """Count and skip a bad frame. A source that gives nothing but bad frames (a folder of corrupt
+        files on loop, a camera sending garbage) is not spun on: after a few in a row it is reported
+        `lost` and read again with the reconnect backoff, one log line per wait."""
+        self.bad_frames += 1
+        self._bad_in_a_row += 1
+        n = self._bad_in_a_row
+        if n < self.bad_frames_before_backoff:
+            log.warning("source %s: skipped a bad frame: %s", self.name, error)
+            return
+        self._set("lost", f"{n} bad frames in a row, the last: {error}")
+        log.warning("source %s: %d bad frames in a row; next read in %.1f s", self.name, n, self._delay)
+        self.stop_event.wait(self._delay)
+        self._delay = min(self._delay * 2, self.max_delay_s)
 
     def _lost(self, why: str) -> None:
         self._set("lost", why)

@@ -26,14 +26,14 @@ from .errors import EdgeError
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+_PARTS_TABLE = """
 CREATE TABLE IF NOT EXISTS parts (
     part_id        TEXT PRIMARY KEY,
     station        TEXT NOT NULL,
     captured_at    REAL NOT NULL,
     trigger        TEXT NOT NULL,
     verdict        TEXT NOT NULL,
-    score          REAL NOT NULL,
+    score          REAL,            -- NULL: the part could not be scored (verdict "error")
     threshold      REAL NOT NULL,
     regions        TEXT NOT NULL,
     findings       TEXT,
@@ -50,11 +50,13 @@ CREATE TABLE IF NOT EXISTS parts (
     feedback_note  TEXT,
     messages       TEXT,            -- [[topic, payload], ...] to publish for this part
     published      INTEGER NOT NULL DEFAULT 0
-);
+)"""
+_PARTS_INDEXES = """
 CREATE INDEX IF NOT EXISTS parts_time ON parts (captured_at);
 CREATE INDEX IF NOT EXISTS parts_verdict_time ON parts (verdict, captured_at);
 CREATE INDEX IF NOT EXISTS parts_unpublished ON parts (published) WHERE published = 0;
 """
+_SCHEMA = _PARTS_TABLE + ";\n" + _PARTS_INDEXES
 
 FEEDBACK_LABELS = ("defect", "false_alarm")
 
@@ -83,7 +85,25 @@ class TraceStore(SqliteStore):
         except OSError as e:
             raise StoreError(f"cannot create traceability store in {self.root}: {e}") from e
         super().__init__(self.root / "parts.sqlite", _SCHEMA)
+        self._allow_null_score()
         self._files_bytes = self._sql("SELECT COALESCE(SUM(files_bytes), 0) FROM parts WHERE files_purged = 0")[0][0]
+
+    def _allow_null_score(self) -> None:
+        """Migrate a database made when `score` was NOT NULL (a part that could not be scored had no
+        row then): SQLite cannot drop a constraint, so the table is rebuilt, rows kept, in one transaction."""
+        columns = self._sql("PRAGMA table_info(parts)")
+        if not any(name == "score" and notnull for _, name, _, notnull, _, _ in columns):
+            return
+        names = ", ".join(name for _, name, *_ in columns)
+        with self._transaction() as conn:
+            conn.execute("ALTER TABLE parts RENAME TO parts_before_null_score")
+            conn.execute(_PARTS_TABLE)
+            conn.execute(f"INSERT INTO parts ({names}) SELECT {names} FROM parts_before_null_score")
+            conn.execute("DROP TABLE parts_before_null_score")
+            for statement in filter(str.strip, _PARTS_INDEXES.split(";")):
+                conn.execute(statement)
+        log.info("traceability: %s migrated (parts.score may be NULL for parts that could not be scored)",
+                 self.path)
 
     # -- writing ------------------------------------------------------------------------------
 

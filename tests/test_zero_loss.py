@@ -1,0 +1,299 @@
+"""Zero parts lost on the failure paths of the line runtime (real Mosquitto, real SQLite, real scorer).
+
+A part the scorer cannot take still leaves with a result (verdict "error"); a command that cannot be
+parsed, or is retained, is refused with a reply; a second station on one storage folder is refused;
+sources pace, do not replay twice and back off from bad frames.
+"""
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from edge.config import load_config
+from edge.errors import EdgeError
+from edge.runtime import Runtime
+from edge.store import TraceStore
+from edge.synthetic import SyntheticLine
+from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
+from station_helpers import write_config
+
+pytestmark = needs_mosquitto
+
+ROI = [16, 16, 224, 224]  # fits the 256 px synthetic parts, not a 160 px frame
+
+
+@pytest.fixture(scope="module")
+def tiled_state(default_pack, tmp_path_factory) -> Path:
+    """A station state enrolled with tiling scale 1 and a fixed ROI rect (8 good synthetic parts)."""
+    from edge.roi import RoiSpec
+    from edge.state import enroll
+    from edge.synthetic import write_good_parts
+    from edge.tiling import TilingSpec
+
+    root = tmp_path_factory.mktemp("tiled")
+    spec = TilingSpec(scale=1.0, roi=RoiSpec.from_dict({"kind": "rect", "rect": ROI}))
+    enroll(default_pack, write_good_parts(root / "good", 8), root / "state", quiet=True, log=lambda m: None,
+           tiling=spec)
+    return root / "state"
+
+
+def start(config_path: Path) -> Runtime:
+    return Runtime(load_config(config_path), config_path).start()
+
+
+def finish(rt: Runtime, timeout: float = 60) -> None:
+    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
+               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
+    rt.stop()
+
+
+def wait_topic(sub: Subscriber, topic: str, n: int, timeout: float = 30) -> list[dict]:
+    wait_until(lambda: len(sub.unique_by_topic().get(topic, [])) >= n, timeout, f"{n} messages on {topic}")
+    return sub.unique_by_topic()[topic]
+
+
+@pytest.mark.timeout(120)
+def test_parts_the_scorer_cannot_take_leave_as_errors_and_the_rest_score(broker, tmp_path, default_pack_dir,
+                                                                       tiled_state):
+    # The drill from the issue: every other frame is smaller than the configured ROI rect.
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    line = SyntheticLine(seed=0, defect_rate=0.0)
+    for i in range(6):
+        img = line.part(i).image
+        cv2.imwrite(str(folder / f"{i:02d}.png"), img if i % 2 == 0 else img[:160, :160])
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, tiled_state, broker.port, {"kind": "folder", "path": str(folder)},
+                       tiling={"scale": 1.0}, roi={"kind": "rect", "rect": ROI},
+                       pipeline={"batch_size": 4})  # a failing frame inside a batch costs only itself
+    rt = start(cfg)
+    finish(rt)
+    got = wait_topic(sub, "test/s1/result", 6)
+    assert [r["source"]["file"] for r in got] == [f"{i:02d}.png" for i in range(6)]
+    for i, r in enumerate(got):
+        if i % 2:
+            assert r["verdict"] == "error" and r["score"] is None, r
+            assert "reaches outside the 160x160 frame" in r["error"], r["error"]
+        else:
+            assert r["verdict"] == "normal" and r["score"] > 0 and "error" not in r, r
+    assert rt.counts["errors"] == 3 and rt.counts["parts"] == 6 and rt.counts["output_errors"] == 0
+    store = TraceStore(tmp_path / "var")
+    rows = {p["part_id"]: p for p in store.query(limit=100)}
+    assert len(rows) == 6
+    assert sorted(p["verdict"] for p in rows.values()) == ["error"] * 3 + ["normal"] * 3
+    assert all(p["score"] is None for p in rows.values() if p["verdict"] == "error")
+    assert all(p["published"] for p in rows.values())
+    assert {r["part_id"] for r in got if r["verdict"] == "error"} == {k for k, p in rows.items() if p["verdict"] == "error"}
+    store.close()
+
+
+def test_a_database_with_score_not_null_is_migrated_and_keeps_its_rows(tmp_path):
+    db = tmp_path / "parts.sqlite"
+    old_schema = ("CREATE TABLE parts (part_id TEXT PRIMARY KEY, station TEXT NOT NULL, captured_at REAL NOT NULL, "
+                  "trigger TEXT NOT NULL, verdict TEXT NOT NULL, score REAL NOT NULL, threshold REAL NOT NULL, "
+                  "regions TEXT NOT NULL, findings TEXT, latency_ms REAL, model_id TEXT, files_dir TEXT, "
+                  "files_bytes INTEGER NOT NULL DEFAULT 0, files_purged INTEGER NOT NULL DEFAULT 0, explanation TEXT, "
+                  "explanation_status TEXT, feedback TEXT, feedback_by TEXT, feedback_at REAL, feedback_note TEXT, "
+                  "messages TEXT, published INTEGER NOT NULL DEFAULT 0)")
+    conn = sqlite3.connect(db)
+    conn.execute(old_schema)
+    conn.execute("INSERT INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, regions) "
+                 "VALUES ('old-1', 's1', ?, 'free_run', 'normal', 1.5, 2.0, '[]')", (time.time(),))
+    conn.commit()
+    with pytest.raises(sqlite3.IntegrityError):  # what lost the parts before
+        conn.execute("INSERT INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, regions) "
+                     "VALUES ('x', 's1', 0, 'free_run', 'error', NULL, 2.0, '[]')")
+    conn.close()
+    store = TraceStore(tmp_path)
+    assert store.get("old-1")["score"] == 1.5
+    store.add_part("err-1", "s1", time.time(), "free_run", {"verdict": "error", "score": None, "threshold": 2.0,
+                                                             "regions": []}, "m")
+    assert store.get("err-1")["score"] is None and store.get("err-1")["verdict"] == "error"
+    assert store.count() == 2
+    store.close()
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"parts_time", "parts_verdict_time", "parts_unpublished"} <= names
+    TraceStore(tmp_path).close()  # a migrated database opens as is
+
+
+def send(port: int, topic: str, payload, retain: bool = False) -> None:
+    import paho.mqtt.publish as publish
+
+    publish.single(topic, payload if isinstance(payload, (str, bytes)) else json.dumps(payload), qos=1,
+                   retain=retain, hostname="127.0.0.1", port=port)
+
+
+@pytest.mark.timeout(120)
+def test_every_command_payload_gets_a_reply_and_retained_commands_are_not_executed(broker, tmp_path,
+                                                                                   default_pack_dir, enrolled_state):
+    # Left on the broker by someone before the station starts: replayed to it at subscription.
+    send(broker.port, "test/s1/cmd/trigger", {"part_id": "RET-1", "request_id": "ret"}, retain=True)
+    send(broker.port, "test/s1/cmd/reload", {"request_id": "ret-reload"}, retain=True)
+    sub = Subscriber(broker.port, "test/s1/+")  # not cmd/#: the test's own payloads are not JSON
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "count": None}, trigger={"mode": "mqtt"})
+    rt = start(cfg)
+    try:
+        replies = lambda: sub.unique_by_topic().get("test/s1/reply", [])  # noqa: E731
+        wait_until(lambda: len(replies()) >= 2, 15, "replies to the retained commands")
+        for r in replies():
+            assert not r["ok"] and r["retained"] and "ignored because it is retained" in r["error"], r
+        assert {r["request_id"] for r in replies()} == {"ret", "ret-reload"}
+        bad = [("trigger", '{"request_id": "deep", "part_id": ' + "[" * 5000 + "]" * 5000 + "}", "deep",
+                "nested too deeply"),
+               ("trigger", '{"request_id": "big", "part_id": ' + "9" * 5000 + "}", "big", "digits"),
+               ("trigger", b'{"request_id": "latin", "part_id": "caf\xe9"}', "latin", "not UTF-8 (byte 0xe9"),
+               ("reload", b"", None, "empty payload"),
+               ("enroll-good", "[" * 9000, None, "nested too deeply")]
+        for name, payload, _, _ in bad:
+            send(broker.port, f"test/s1/cmd/{name}", payload)
+        wait_until(lambda: len(replies()) >= 2 + len(bad), 15, "a reply to every bad command")
+        got = replies()[2:]
+        for (name, _, rid, expected), r in zip(bad, got):
+            assert r["command"] == name and r["request_id"] == rid and not r["ok"], r
+            assert expected in r["error"], (expected, r["error"])
+            assert "retained" not in r
+        send(broker.port, "test/s1/cmd/trigger", {"part_id": "OK-1", "request_id": "ok"})
+        wait_topic(sub, "test/s1/result", 1)
+        results = sub.unique_by_topic()["test/s1/result"]
+        assert [r["part_id"] for r in results] == ["OK-1"]  # RET-1 was never inspected
+        assert not any(r["command"] == "reload" and r["ok"] for r in replies())  # nor a reload run
+        assert rt.health()["counts"]["bad_commands"] == 2 + len(bad)
+        assert rt._threads[1].is_alive() and rt.publisher.stats()["connected"]
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(120)
+def test_one_station_per_storage_folder_and_no_stale_lock_after_sigkill(broker, tmp_path, default_pack_dir,
+                                                                        enrolled_state):
+    from edge.station_lock import StationLockError
+
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "count": None, "fps": 20})
+    first = start(cfg)
+    try:
+        second = Runtime(load_config(cfg), cfg)
+        with pytest.raises(StationLockError, match=rf"in use by another station \(PID {os.getpid()}"):
+            second.start()
+        assert first._threads[1].is_alive() and first.lock.held  # the refusal did not disturb the owner
+        second.store.close()
+    finally:
+        first.stop()
+    assert not first.lock.held
+
+    # A holder killed with SIGKILL: the kernel drops its flock, the next station starts.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from edge.station_lock import StationLock; "
+         f"StationLock({str(tmp_path / 'var')!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        blocked = Runtime(load_config(cfg), cfg)
+        with pytest.raises(StationLockError, match=rf"PID {holder.pid}\b"):
+            blocked.start()
+        blocked.store.close()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "var" / "station.lock").read_text().strip() == str(holder.pid)  # the file stays, unheld
+    again = start(cfg)
+    try:
+        wait_until(lambda: again.counts["parts"] >= 2, 30, "the restarted station to score")
+        assert (tmp_path / "var" / "station.lock").read_text().strip() == str(os.getpid())
+    finally:
+        again.stop()
+
+
+def parts_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    line = SyntheticLine(seed=seed, defect_rate=0.0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i:02d}.png")
+        cv2.imwrite(str(paths[-1]), line.part(i).image)
+    return paths
+
+
+def epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(120)
+def test_a_video_file_with_fps_is_played_at_that_rate(broker, tmp_path, default_pack_dir, enrolled_state):
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (256, 256))
+    assert writer.isOpened()
+    line = SyntheticLine(seed=0, defect_rate=0.0)
+    for i in range(6):
+        writer.write(line.part(i).image)
+    writer.release()
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "file", "path": str(video), "fps": 5})
+    rt = start(cfg)
+    finish(rt)
+    got = wait_topic(sub, "test/s1/result", 6 - rt._queue.dropped)
+    stamps = [epoch(r["timestamp"]) for r in got]
+    assert rt._queue.dropped == 0 and len(got) == 6
+    assert stamps[-1] - stamps[0] >= 5 * 0.2 - 0.05, stamps  # 5 periods of 0.2 s (it was read in ~50 ms)
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_that_goes_away_mid_replay_is_not_replayed_twice(broker, tmp_path, default_pack_dir,
+                                                                  enrolled_state):
+    folder = tmp_path / "frames"
+    parts_images(folder, 6)
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "folder", "path": str(folder), "fps": 4,
+                        "reconnect": {"initial_delay_s": 0.1, "max_delay_s": 0.2}})
+    rt = start(cfg)
+    wait_topic(sub, "test/s1/result", 2)
+    folder.rename(tmp_path / "unmounted")
+    wait_until(lambda: rt.source.state == "lost", 10, "the source to be lost")
+    time.sleep(0.3)
+    (tmp_path / "unmounted").rename(folder)
+    finish(rt)
+    files = [r["source"]["file"] for r in sub.unique_by_topic()["test/s1/result"]]
+    assert rt.counts["source_lost"] >= 1 and rt._queue.dropped == 0
+    assert files == [f"{i:02d}.png" for i in range(6)], files  # each once, in order, none skipped
+
+
+@pytest.mark.timeout(60)
+def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_path, default_pack_dir,
+                                                                   enrolled_state, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i:02d}.png").write_bytes(b"not an image " * 10)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "folder", "path": str(folder), "loop": True,
+                        "reconnect": {"initial_delay_s": 0.05, "max_delay_s": 0.4}})
+    rt = start(cfg)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge.sources"):
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            time.sleep(3.0)
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        bad = rt.source.bad_frames
+        lines = [r for r in caplog.records if r.name == "edge.sources"]
+        assert 5 <= bad <= 30, bad  # 4 logged, then waits of 0.05, 0.1, 0.2, 0.4, 0.4, ...
+        assert len(lines) <= 2 * bad, len(lines)
+        assert cpu < 0.5 * wall, (cpu, wall)  # a spinning capture thread takes a whole core
+        assert rt.health()["source"]["state"] == "lost" and "bad frames in a row" in rt.source.detail
+        assert rt.counts["parts"] == 0 and rt._threads[1].is_alive()
+    finally:
+        rt.stop()
