@@ -7,7 +7,8 @@
 # This build names its instruction-set levels explicitly and never compiles AMX or AVX-512 in:
 #   x86-64  : SSE4.2 AVX AVX2 FMA F16C BMI2 (x86-64-v3: every AMD/Intel server CPU since 2013-2015)
 #   aarch64 : armv8.2-a+dotprod+fp16 (Jetson Orin's Cortex-A78AE, Graviton 2 and later)
-# The wheel is cached in .cache/wheels/ under a name that carries the flags, so pip's own wheel cache
+# The wheel is cached in ~/.cache/anomaly-edge/wheels/ under a name that carries the flags (and the
+# version and CPU architecture), so pip's own wheel cache
 # (which does not know about CMAKE_ARGS) can never hand back a natively built one.
 #
 # usage: scripts/build-llama-cpp.sh VENV [--flavour portable|native|avx512]   (native, avx512: benchmarks only)
@@ -16,7 +17,6 @@ VENV=${1:?usage: build-llama-cpp.sh VENV [--flavour portable|native]}
 FLAVOUR=portable
 if [ "${2:-}" = "--flavour" ]; then FLAVOUR=${3:?--flavour needs portable or native}; fi
 SPEC=${LLAMA_CPP_SPEC:-llama-cpp-python==0.3.36}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
 ARCH=$(uname -m)
 COMMON="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF"
 case "$FLAVOUR:$ARCH" in
@@ -33,7 +33,8 @@ case "$FLAVOUR:$ARCH" in
 esac
 CMAKE_ARGS_ALL="$FLAGS $COMMON"
 TAG=$(printf '%s %s %s' "$SPEC" "$ARCH" "$CMAKE_ARGS_ALL" | sha256sum | cut -c1-12)
-WHEELS="$HERE/.cache/wheels/llama-cpp-$FLAVOUR-$ARCH-$TAG"
+CACHE=${ANOMALY_EDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/anomaly-edge}
+WHEELS="$CACHE/wheels/llama-cpp-$FLAVOUR-$ARCH-$TAG"
 if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building $SPEC ($FLAVOUR, $ARCH) — a few minutes on 2 cores"
   echo "  CMAKE_ARGS=$CMAKE_ARGS_ALL"
