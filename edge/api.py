@@ -273,8 +273,8 @@ class ApiClient:
     def __init__(self, socket_path: str | Path, timeout: float = 30.0):
         self.socket_path, self.timeout = str(socket_path), timeout
 
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        conn = _UnixConnection(self.socket_path, self.timeout)
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
             conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
@@ -319,5 +319,6 @@ class ApiClient:
     def get(self, path: str) -> dict:
         return self.request("GET", path)
 
-    def post(self, path: str, body: dict | None = None) -> dict:
-        return self.request("POST", path, body or {})
+    def post(self, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        """`timeout`: seconds to wait for the reply (default: the client's), e.g. longer for an enrollment."""
+        return self.request("POST", path, body or {}, timeout)

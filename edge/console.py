@@ -30,6 +30,7 @@ from .errors import EdgeError
 COMMANDS = ("list", "open", "ask", "defect", "false-alarm", "status", "help", "quit", "exit")
 SHADES = " .:-=+*%"
 WIDTH = 80
+ENROLL_TIMEOUT_S = 600.0
 
 
 def parse_when(text: str, now: float | None = None) -> float:
@@ -182,7 +183,9 @@ class Console:
             raise EdgeError("usage: defect | false-alarm [--enroll]")
         if enroll:
             self.say("enrolling the part as good and recalibrating (this takes a few seconds) ...")
-        out = self.api.post(f"/parts/{p['part_id']}/feedback", {"label": label, "by": self.user, "enroll": enroll})
+        # Re-enrolling rebuilds the bank and the threshold: up to minutes on a busy 2-core box.
+        out = self.api.post(f"/parts/{p['part_id']}/feedback", {"label": label, "by": self.user, "enroll": enroll},
+                            timeout=ENROLL_TIMEOUT_S if enroll else None)
         self.part = out["part"]
         self.say(f"recorded: {p['part_id']} is {'a defect' if label == 'defect' else 'a false alarm'} "
                  f"(by {self.user})")

@@ -38,10 +38,10 @@ def spawn_console(socket_path: Path) -> pexpect.spawn:
     return child
 
 
-def command(child: pexpect.spawn, line: str, *expect: str) -> None:
+def command(child: pexpect.spawn, line: str, *expect: str, timeout: float = 60) -> None:
     child.sendline(line)
     for pattern in expect:
-        child.expect(pattern)
+        child.expect(pattern, timeout=timeout)
 
 
 @needs_mosquitto
@@ -77,7 +77,7 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         command(child, "list --since yesterday", "cannot read the time 'yesterday'")
         command(child, "frobnicate", "unknown command 'frobnicate'")
         command(child, "false-alarm --enroll", "enrolling the part as good", "recorded: P-1 is a false alarm",
-                r"enrolled as good: 17 references, threshold [\d.]+ -> [\d.]+")
+                r"enrolled as good: 17 references, threshold [\d.]+ -> [\d.]+", timeout=300)  # a rebuild
         trigger(broker.port, "P-2")
         wait_until(lambda: len(api.get("/parts?limit=5")["parts"]) == 2, 30, "part P-2 scored")
         command(child, "list all", r"P-2\s+\d\d:\d\d:\d\d\s+[\d.]+ ok")
