@@ -54,6 +54,28 @@ def few_shot_views(image: np.ndarray, mode: str, labels: bool = False) -> list[n
     return views
 
 
+# Nuisance views of a single shot, scored at calibration but never enrolled: how far lighting drift,
+# focus and sensor noise alone move a good part's score.
+JITTER = (("contrast", 0.8), ("contrast", 1.25), ("brightness", -25.0), ("brightness", 25.0), ("blur", 1.0),
+          ("noise", 4.0))
+
+
+def jittered_views(image: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind, amount in JITTER:
+        if kind == "contrast":
+            out.append(photometric(image, amount, 0.0))
+        elif kind == "brightness":
+            out.append(photometric(image, 1.0, amount))
+        elif kind == "blur":
+            out.append(cv2.GaussianBlur(image, (0, 0), amount))
+        else:
+            noisy = image.astype(np.float32) + rng.normal(0, amount, image.shape)
+            out.append(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
+    return out
+
+
 def l2_normalise(features: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Each patch vector (last axis) scaled to unit length."""
     features = np.asarray(features, np.float32)
@@ -154,3 +176,45 @@ def synthetic_defects(image: np.ndarray, n: int, seed: int = 0) -> list[np.ndarr
     """n defective copies of a good reference, alternating cut-paste and noise-blend defects."""
     rng = np.random.default_rng(seed)
     return [(cut_paste if i % 2 == 0 else noise_blend)(image, rng)[0] for i in range(n)]
+
+
+HEAD_KINDS = ("subspace", "nn+subspace")
+
+
+class FewShotHead:
+    """The few-shot patch scorer: the subspace residual, alone or plus the bank's nearest-neighbour
+    distance, each divided by its scale on the references (so the two add in comparable units).
+
+    `patch_scores(features, bank)` takes N x h x w x C features and returns N x h x w scores."""
+
+    def __init__(self, kind: str, views: str, subspace: SubspaceHead, subspace_scale: float,
+                 nn_scale: float | None = None):
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"few-shot head {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
+        if kind == "nn+subspace" and not nn_scale:
+            raise ValueError("head nn+subspace needs the nearest-neighbour scale")
+        self.kind, self.views, self.subspace = kind, views, subspace
+        self.subspace_scale = float(subspace_scale)
+        self.nn_scale = None if nn_scale is None else float(nn_scale)
+
+    def flat_scores(self, rows: np.ndarray, bank=None) -> np.ndarray:
+        s = self.subspace.residual(rows) / self.subspace_scale
+        if self.kind == "nn+subspace":
+            s += np.sqrt(bank.nearest_sqdist(rows)) / self.nn_scale
+        return s
+
+    def patch_scores(self, features: np.ndarray, bank=None) -> np.ndarray:
+        n, h, w, c = features.shape
+        return self.flat_scores(features.reshape(-1, c), bank).reshape(n, h, w)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "views": self.views, "dims": self.subspace.dims,
+                "subspace_scale": self.subspace_scale, "nn_scale": self.nn_scale}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.subspace.mean, "basis": self.subspace.basis}
+
+    @classmethod
+    def from_parts(cls, d: dict, arrays) -> "FewShotHead":
+        return cls(d["kind"], d["views"], SubspaceHead(arrays["mean"], arrays["basis"]), d["subspace_scale"],
+                   d.get("nn_scale"))
