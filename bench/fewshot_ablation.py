@@ -5,7 +5,7 @@ references (seeds as eval draws them) and scores the same test split, image AURO
 the full metrics for the chosen configuration). Variants, one lever at a time:
 
   views      none | rot8 (flips/rot90) | rot8+shift | rot8+shift+photo (brightness/contrast jitter)
-  features   raw | l2 (each patch vector L2-normalised)
+  features   raw | l2 (each patch vector L2-normalised) | centred (each image's mean feature subtracted)
   head       nn (nearest-neighbour bank) | pca (SubspaceAD residual, 99% variance) | nn+pca (each
              divided by its median on the references, summed)
   top        image score = mean of the top fraction of the map (0.05 | 0.01)
@@ -79,7 +79,7 @@ def main() -> None:
             frames = [v for r in refs for v in few_shot_views(r, views)]
             ref_feats = extractor.patch_features_batched(frames)
             for feat_mode in args.features.split(","):
-                rf = l2_normalise(ref_feats) if feat_mode == "l2" else ref_feats
+                rf = transform(ref_feats, feat_mode)
                 flat = rf.reshape(-1, c)
                 heads = args.heads.split(",")
                 patch = {}
@@ -108,12 +108,20 @@ def main() -> None:
     summarise(rows)
 
 
+def transform(feats: np.ndarray, mode: str) -> np.ndarray:
+    """raw | l2 (unit patch vectors) | centred (each image's mean patch feature subtracted)."""
+    if mode == "l2":
+        return l2_normalise(feats)
+    if mode == "centred":
+        return feats - feats.mean(axis=(1, 2), keepdims=True)
+    return feats
+
+
 def score_test(test, feat_mode, fn) -> np.ndarray:
     n, h, w, c = test.shape
     out = np.empty((n, h * w), np.float32)
     for b0 in range(0, n, 32):
-        q = np.asarray(test[b0:b0 + 32], np.float32).reshape(-1, c)
-        q = l2_normalise(q) if feat_mode == "l2" else q
+        q = transform(np.asarray(test[b0:b0 + 32], np.float32), feat_mode).reshape(-1, c)
         out[b0:b0 + 32] = fn(q).reshape(-1, h * w)
     return out.reshape(n, h, w)
 

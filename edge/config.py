@@ -212,6 +212,9 @@ class StationConfig(_Strict):
     # Which of the state's scorers runs: auto = edge.student.DEFAULT_SCORER when the state holds a
     # student (chosen by measurement, docs/evaluation.md), else the memory bank.
     scorer: Literal["auto", "bank", "student"] = "auto"
+    # False-reject rate the automatic threshold aims at when the line re-enrolls (enroll-good); null
+    # keeps what the state was calibrated for.
+    target_false_reject: float | None = Field(default=None, gt=0, lt=0.5)
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()

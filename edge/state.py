@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from .bank import MemoryBank, greedy_coreset
-from .calibration import TARGET_FALSE_REJECT, Calibration, calibrate, calibrate_few_shot
+from .calibration import TARGET_FALSE_REJECT, Calibration, calibrate, calibrate_few_shot, check_target_false_reject
 from .decide import image_score
 from .errors import StateError
 from .fewshot import FewShotHead, SubspaceHead, few_shot_views, jittered_views, synthetic_defects
@@ -495,7 +495,7 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
 
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
            extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None,
-           train_student=None) -> StationState:
+           train_student=None, target_false_reject: float | None = None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
@@ -503,8 +503,12 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
     `tiling` (a TilingSpec) the bank and threshold are built from tiles as `TiledScorer` cuts them.
     `train_student(images, out)`, when given (export.student: needs torch), trains the learned
     scorer on all references, writes its graph into `out` and returns its StudentSpec.
+    `target_false_reject` (default: what the state was calibrated for, else TARGET_FALSE_REJECT) is the
+    false-reject rate the threshold aims at.
     """
     out = Path(out)
+    if shots is not None and shots < 1:
+        raise StateError(f"shots {shots}: enrollment needs at least 1 good image")
     if tiling is not None and train_student is not None:
         raise StateError("the learned scorer scores whole frames: enroll a tiled station with --scorer bank")
     existing: list[str] = []
@@ -519,6 +523,12 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         if previous.pack_encoder_sha256 != pack.encoder_sha256:
             log(f"{out}: was enrolled with pack {previous.pack_model_id}; rebuilding its {len(existing)} references "
                 f"for {pack.model_id}")
+    if target_false_reject is None:
+        target_false_reject = previous.calibration.target_false_reject if previous is not None else TARGET_FALSE_REJECT
+    try:
+        target_false_reject = check_target_false_reject(target_false_reject)
+    except ValueError as e:
+        raise StateError(str(e)) from None
     new_images, new_paths, skipped = read_images(choose_shots(list(good), shots, seed), log)
     new_names = [p.name for p in new_paths]
     if not new_images and not existing:
@@ -539,7 +549,8 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         all_images = [read_image(out / GOOD_DIR / n) for n in existing] + [read_image(staging / n) for n in names]
         log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
         if tiling is None:
-            state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
+            state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet,
+                                target_false_reject=target_false_reject)
         else:
             from .tiling import build_tiled_state
 
