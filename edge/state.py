@@ -304,13 +304,15 @@ def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = 
     return MemoryBank(chosen, groups=scorer.bank_groups)
 
 
-def sampled_bank(features: np.ndarray, scorer: ScorerSpec, seed: int) -> MemoryBank:
-    """At most `scorer.max_bank_patches` rows drawn at random (no coreset), PCA-projected as the pack says."""
+def sampled_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, subspace: SubspaceHead) -> MemoryBank:
+    """At most `scorer.max_bank_patches` rows drawn at random (no coreset), projected onto the leading
+    `scorer.projection_dim` axes of `subspace` (the references' principal axes) when the pack projects."""
     flat = features.reshape(-1, features.shape[-1])
     if len(flat) > scorer.max_bank_patches:
         flat = flat[np.sort(np.random.default_rng(seed).choice(len(flat), scorer.max_bank_patches, replace=False))]
     if scorer.projection_dim:
-        return MemoryBank.with_pca(flat, scorer.projection_dim)
+        axes = subspace.basis[:, : scorer.projection_dim]
+        return MemoryBank((flat - subspace.mean) @ axes, subspace.mean, axes)
     return MemoryBank(flat, groups=scorer.bank_groups)
 
 
@@ -379,16 +381,19 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     )
 
 
-def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int,
-             bank: MemoryBank | None = None) -> tuple[FewShotHead, MemoryBank]:
-    """The few-shot head (and the bank) fitted to N x h x w x C reference features."""
+def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int) -> FewShotHead:
+    """The few-shot head fitted to N x h x w x C (or rows x C) reference features."""
     rows = feats.reshape(-1, feats.shape[-1])
     subspace = SubspaceHead.fit(rows, seed=seed)
     sample = rows[:: max(1, len(rows) // 20000)]
     scale = float(np.median(subspace.residual(sample))) or 1.0
-    bank = bank if bank is not None else build_bank(feats, pack.scorer, seed, quiet=True)
     nn_scale = _nn_scale(feats, pack, seed) if kind == "nn+subspace" else None
-    return FewShotHead(kind, views, subspace, scale, nn_scale), bank
+    return FewShotHead(kind, views, subspace, scale, nn_scale)
+
+
+def _head_bank(head: FewShotHead, feats: np.ndarray, pack: Pack, seed: int) -> MemoryBank | None:
+    """The bank a head searches (None for the subspace head alone, which does not search)."""
+    return build_bank(feats, pack.scorer, seed, quiet=True) if head.kind != "subspace" else None
 
 
 def _nn_scale(feats: np.ndarray, pack: Pack, seed: int) -> float:
@@ -429,9 +434,8 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
     scores = []
     for region in range(4):
         others = view_features[:fitted_on][grids[:fitted_on] != region]
-        part_head, part_bank = fit_head(head.kind, head.views, others[None], pack, seed + region,
-                                        bank=build_bank(others, pack.scorer, seed, quiet=True)
-                                        if head.kind != "subspace" else MemoryBank(others[:1]))
+        part_head = fit_head(head.kind, head.views, others, pack, seed + region)
+        part_bank = _head_bank(part_head, others, pack, seed + region)
         for v in range(len(view_features)):
             own = grids[v] == region
             if not own.any():
@@ -448,9 +452,8 @@ def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarra
     scores = []
     for i in range(len(per_shot)):
         others = np.concatenate(per_shot[:i] + per_shot[i + 1:])
-        bank = build_bank(others, pack.scorer, seed + 1 + i, quiet=True) if head.kind != "subspace" else None
-        part_head, part_bank = fit_head(head.kind, head.views, others, pack, seed + 1 + i,
-                                        bank=bank if bank is not None else MemoryBank(others[0, 0, :1]))
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + i)
+        part_bank = _head_bank(part_head, others, pack, seed + 1 + i)
         scores.append(head_image_scores(part_head, part_bank, per_shot[i], pack))
     return np.concatenate(scores)
 
@@ -467,13 +470,13 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
             per_shot.append(extractor.patch_features_batched(few_shot_views(img, views)))
             bar.update(1)
     feats = np.concatenate(per_shot)
+    head = fit_head(kind, views, feats, pack, seed)
     if kind == "subspace":
-        # The subspace head scores without the bank; it is kept (a random sample, not a coreset, to keep
-        # enrollment in seconds) so the state stays a valid bank state for every other tool.
-        bank = sampled_bank(feats, pack.scorer, seed)
+        # The subspace head scores without the bank; it is kept (a random sample, not a coreset, in the
+        # head's own principal axes: no second decomposition) so the state stays a valid bank state.
+        bank = sampled_bank(feats, pack.scorer, seed, head.subspace)
     else:
         bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
-    head, bank = fit_head(kind, views, feats, pack, seed, bank)
     if len(images) == 1:
         jitter = extractor.patch_features_batched(jittered_views(images[0], seed))
         normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter)
