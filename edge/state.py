@@ -1,9 +1,11 @@
 """Station state: the memory bank of normal patches and the calibrated threshold, beside the pack.
 
 `enroll` builds it from good reference images: patch features -> coreset-subsampled bank, and a
-threshold calibrated on k-fold held-out scores of the references themselves (with augmented views
-when there is a single reference). Enrolling more images later rebuilds both from all references
-kept in the state's `good/` folder.
+threshold calibrated on k-fold held-out scores of the references themselves. With at most
+FEW_SHOT_MAX_SHOTS references enrollment is few-shot instead: augmented views of every shot, the
+subspace head of `edge.fewshot` (saved as `head-<sha>.npz`), and a threshold from held-out views
+capped below synthetic-defect scores. Enrolling more images later rebuilds all of it from the
+references kept in the state's `good/` folder.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ GOOD_DIR = "good"
 ROI_REFERENCE = "roi-reference.png"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
-# Up to this many references, enrollment is few-shot: augmented views of every shot in the bank, the
-# subspace head, and the held-out + synthetic-defect threshold (docs/evaluation.md, "Few-shot").
+# Up to this many references, enrollment is few-shot: augmented views of every shot, the subspace
+# head, and the held-out + synthetic-defect threshold (docs/evaluation.md, "Few shots").
 FEW_SHOT_MAX_SHOTS = 16
 FEW_SHOT_VIEWS = "rot8+shift"
 FEW_SHOT_HEAD = "subspace"
@@ -359,7 +361,8 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     check_reference_sizes(images, references)
     extractor = extractor or FeatureExtractor(pack)
     if few_shot is None:
-        few_shot = len(images) <= FEW_SHOT_MAX_SHOTS
+        # AnomalyGPT packs score their few-shot branch with the bank itself: they keep the bank path.
+        few_shot = len(images) <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
     if few_shot:
         return build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
     single = len(images) == 1
