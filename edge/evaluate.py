@@ -114,7 +114,8 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
     result = {
         "dataset": str(Path(data)),
         "pack": pack.model_id,
-        "scorer": "bank" if scorer.bank is not None else "student",
+        "scorer": ("student" if scorer.bank is None else
+                   "bank" if getattr(scorer, "head", None) is None else scorer.head.kind),
         "shots": len(ref_images),
         "seed": seed,
         "n_test": int(len(scores_a)),
@@ -189,11 +190,14 @@ def summary_markdown(r: dict) -> str:
     rows = [
         ("image AUROC", f"{r['image_auroc']:.3f}"), ("pixel AUROC", _fmt(r["pixel_auroc"])),
         ("AUPRO (30% FPR)", _fmt(r["aupro"])),
-        ("automatic threshold", f"{r['threshold']:.4f}"),
+        ("automatic threshold", f"{r['threshold']:.4f} ({r.get('threshold_source', 'holdout')})"),
         ("verdict accuracy", f"{r['accuracy']:.3f}"), ("balanced accuracy", f"{r['balanced_accuracy']:.3f}"),
         ("oracle balanced accuracy", f"{r['oracle_balanced_accuracy']:.3f}"),
         ("F1", f"{r['f1']:.3f}"), ("false-reject rate", f"{r['false_reject_rate']:.3f}"),
         ("miss rate", f"{r['miss_rate']:.3f}"),
+        ("mean p-value good / defective", " / ".join(f"{v:.3f}" if v is not None else "n/a" for v in
+                                                       (r["p_value"]["mean_good"], r["p_value"]["mean_defective"]))
+         if r.get("p_value") else "n/a"),
         ("frames/s (scoring)", f"{r['frames_per_second']:.1f}"), ("enrollment", f"{r['enroll_seconds']:.1f} s"),
     ]
     if r.get("bank_patches") is not None:
