@@ -110,7 +110,10 @@ def main() -> int:
     extractor = FeatureExtractor(pack)
     state = build_state(pack, line.good(args.references), extractor, seed=0)
     enroll_s = time.perf_counter() - t
-    scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+    # With <= 16 references the state is few-shot (subspace head, no search); the p-value is computed
+    # for every frame, as the runtime does.
+    scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
+                    calibration=state.calibration)
     graph_dir = None
     if args.scorer == "student":
         import tempfile
@@ -135,8 +138,9 @@ def main() -> int:
           + (f" --scorer student --student-steps {args.student_steps}" if args.scorer == "student" else ""))
     print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}, "
           f"load average (1 min) at the end {os.getloadavg()[0]:.2f}, scorer {args.scorer}")
+    head = f", few-shot head {state.head.kind} ({state.head.subspace.dims} dims)" if state.head is not None else ""
     print(f"pack {pack.model_id}, input {pack.input.height}x{pack.input.width}, bank {len(state.bank)} patches "
-          f"x {state.bank.channels} ch from {args.references} references (enrollment {enroll_s:.1f} s)")
+          f"x {state.bank.channels} ch from {args.references} references (enrollment {enroll_s:.1f} s){head}")
     print()
     print("| batch | frames/s | p50 ms/call | p99 ms/call | encoder ms/frame | search+map ms/frame | decide ms/frame |")
     print("|---|---|---|---|---|---|---|")

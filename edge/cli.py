@@ -123,7 +123,7 @@ def _enroll(pack, good, args) -> int:
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
                    log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
-                   train_student=_student_trainer(args, pack))
+                   train_student=_student_trainer(args, pack), target_false_reject=args.target_false_reject)
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", required=True, help="station state folder (created or extended)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.add_argument("--target-false-reject", type=float, default=None, metavar="RATE",
+                   help="false-reject rate the automatic threshold aims at, in (0, 0.5) (default: the state's, else 0.05)")
     _add_student_options(n)
     _add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)

@@ -220,6 +220,9 @@ class StationConfig(_Strict):
     # scorer: student with a student whose training did not complete (stopped by the time budget) is
     # refused at start and reload unless this is true; auto never picks such a student.
     student_allow_undertrained: bool = False
+    # False-reject rate the automatic threshold aims at when the line re-enrolls (enroll-good); null
+    # keeps what the state was calibrated for.
+    target_false_reject: float | None = Field(default=None, gt=0, lt=0.5)
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()

@@ -39,6 +39,9 @@ class Result:
     regions: list[Region] = field(default_factory=list)
     frame_size: tuple[int, int] = (0, 0)  # (height, width) of the frame that was scored
     latency_ms: float = 0.0
+    # Conformal p-value against the held-out good scores: share of them at or above this score,
+    # (1 + #{s_i >= score}) / (n + 1); None when the scorer has no calibration scores.
+    p_value: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -64,6 +67,7 @@ class Result:
             "verdict": self.verdict,
             "regions": [r.to_dict() for r in self.regions],
             "latency_ms": round(self.latency_ms, 3),
+            **({"p_value": round(self.p_value, 6)} if self.p_value is not None else {}),
         }
 
 
@@ -97,11 +101,11 @@ def find_regions(anomaly_map: np.ndarray, mask: np.ndarray, frame_size: tuple[in
 
 
 def decide(anomaly_map: np.ndarray, score: float, threshold: float, frame_size: tuple[int, int],
-           latency_ms: float = 0.0) -> Result:
+           latency_ms: float = 0.0, p_value: float | None = None) -> Result:
     """The verdict of a scored map: anomalous at or above the threshold; the mask is the map at or
     above it too, and its connected regions are reported (frame pixels) for anomalous frames."""
     anomalous = score >= threshold
     mask = anomaly_map >= threshold
     regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
     return Result(score=score, threshold=threshold, anomalous=anomalous, anomaly_map=anomaly_map,
-                  mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms)
+                  mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms, p_value=p_value)

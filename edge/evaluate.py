@@ -64,7 +64,7 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
 
 def _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s, skipped_refs, report_dir,
                 n_overlays, quiet, log) -> dict:
-    scores, labels, kinds, paths = [], [], [], []
+    scores, labels, kinds, paths, p_values = [], [], [], [], []
     maps, masks, skipped = [], [], []
     keep_for_overlay = []
     score_s = 0.0
@@ -88,6 +88,7 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
             score_s += time.perf_counter() - t
             for (s, mask), img, r in zip(batch, batch_imgs, results):
                 scores.append(r.score)
+                p_values.append(r.p_value if r.p_value is not None else calibration.p_value(r.score))
                 labels.append(int(s.anomalous))
                 kinds.append(s.kind)
                 paths.append(str(s.path))
@@ -114,7 +115,8 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
     result = {
         "dataset": str(Path(data)),
         "pack": pack.model_id,
-        "scorer": "bank" if scorer.bank is not None else "student",
+        "scorer": ("student" if scorer.bank is None else
+                   "bank" if getattr(scorer, "head", None) is None else scorer.head.kind),
         "shots": len(ref_images),
         "seed": seed,
         "n_test": int(len(scores_a)),
@@ -123,6 +125,9 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
         "pixel_auroc": metrics.pixel_auroc(maps, masks) if has_masks else None,
         "aupro": metrics.aupro(maps, masks, fpr_limit=0.3) if has_masks else None,
         "threshold": th,
+        "threshold_source": calibration.source,
+        "target_false_reject": calibration.target_false_reject,
+        "p_value": _p_value_stats(np.asarray(p_values), labels_a),
         "accuracy": tm["accuracy"],
         "balanced_accuracy": tm["balanced_accuracy"],
         "f1": tm["f1"],
@@ -132,7 +137,7 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
         "oracle_balanced_accuracy": float(oracle_bacc),
         "frames_per_second": len(scores_a) / score_s if score_s > 0 else 0.0,
         "enroll_seconds": enroll_s,
-        "calibration": {k: v for k, v in calibration.to_dict().items() if k != "normal_scores"},
+        "calibration": {k: v for k, v in calibration.to_dict().items() if k not in ("normal_scores", "synthetic_scores")},
         "per_kind_detection": {k: float(np.mean(scores_a[np.asarray(kinds) == k] >= th)) for k in sorted(set(kinds))},
         "skipped": skipped_refs + skipped,
         **info,
@@ -140,6 +145,17 @@ def _score_test(pack, data, category, scorer, calibration, info, ref_images, see
     if report_dir is not None:
         _write_report(Path(report_dir), result, (fpr, tpr), scores_a, labels_a, keep_for_overlay, scorer, n_overlays)
     return result
+
+
+def _p_value_stats(p_values: np.ndarray, labels: np.ndarray) -> dict:
+    """Mean and median conformal p-value on good and on defective test parts (good should spread over
+    (0, 1], defective sit near 1 / (n + 1))."""
+    out = {}
+    for name, sel in (("good", labels == 0), ("defective", labels == 1)):
+        v = p_values[sel]
+        out[f"mean_{name}"] = float(v.mean()) if v.size else None
+        out[f"median_{name}"] = float(np.median(v)) if v.size else None
+    return out
 
 
 def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scorer: Scorer, n_overlays: int) -> None:
@@ -175,11 +191,14 @@ def summary_markdown(r: dict) -> str:
     rows = [
         ("image AUROC", f"{r['image_auroc']:.3f}"), ("pixel AUROC", _fmt(r["pixel_auroc"])),
         ("AUPRO (30% FPR)", _fmt(r["aupro"])),
-        ("automatic threshold", f"{r['threshold']:.4f}"),
+        ("automatic threshold", f"{r['threshold']:.4f} ({r.get('threshold_source', 'holdout')})"),
         ("verdict accuracy", f"{r['accuracy']:.3f}"), ("balanced accuracy", f"{r['balanced_accuracy']:.3f}"),
         ("oracle balanced accuracy", f"{r['oracle_balanced_accuracy']:.3f}"),
         ("F1", f"{r['f1']:.3f}"), ("false-reject rate", f"{r['false_reject_rate']:.3f}"),
         ("miss rate", f"{r['miss_rate']:.3f}"),
+        ("mean p-value good / defective", " / ".join(f"{v:.3f}" if v is not None else "n/a" for v in
+                                                       (r["p_value"]["mean_good"], r["p_value"]["mean_defective"]))
+         if r.get("p_value") else "n/a"),
         ("frames/s (scoring)", f"{r['frames_per_second']:.1f}"), ("enrollment", f"{r['enroll_seconds']:.1f} s"),
     ]
     if r.get("bank_patches") is not None:

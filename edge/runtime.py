@@ -632,7 +632,7 @@ class Runtime:
         old = self.scorer.threshold
         with self._state_lock:
             state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
-                           tiling=self.config.tiling_spec())
+                           tiling=self.config.tiling_spec(), target_false_reject=self.config.target_false_reject)
             self.state = state
             self.scorer = self._scorer_for(state)
         log.info("enrolled part %s as good (by %s): %d references, threshold %.4f -> %.4f", part_id, by,

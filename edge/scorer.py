@@ -106,11 +106,16 @@ def image_scores(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarr
 class Scorer:
     """Scores frames against one station's memory bank with its calibrated threshold."""
 
-    def __init__(self, pack: Pack, bank: MemoryBank | None, threshold: float, extractor: FeatureExtractor | None = None):
+    def __init__(self, pack: Pack, bank: MemoryBank | None, threshold: float, extractor: FeatureExtractor | None = None,
+                 head=None, calibration=None):
+        """`head`: the state's FewShotHead (None: nearest-neighbour distances only); `calibration`: the
+        state's Calibration, which gives each result its conformal p-value."""
         self.pack = pack
         self.bank = bank
         self.threshold = float(threshold)
         self.extractor = extractor or FeatureExtractor(pack)
+        self.head = head
+        self.calibration = calibration
 
     @classmethod
     def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
@@ -121,15 +126,19 @@ class Scorer:
             return AnomalyGptScorer.from_state(pack, state, backend)
         from .cuda import gpu_bank  # the bank on the GPU's nn_min kernel where CUDA is usable
 
-        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend))
+        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend),
+                   head=state.head, calibration=state.calibration)
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
+        if self.head is not None:
+            return grid_maps(self.head.patch_scores(features, self.bank), self.pack)
         return anomaly_maps(self.bank, features, self.pack)
 
     def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
         score = image_score(anomaly_map, self.pack.scorer.top_fraction)
-        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms)
+        p_value = self.calibration.p_value(score) if self.calibration is not None else None
+        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms, p_value=p_value)
 
     def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
         """Score a batch of frames (grey or BGR uint8, any size)."""

@@ -1,9 +1,11 @@
 """Station state: the memory bank of normal patches and the calibrated threshold, beside the pack.
 
 `enroll` builds it from good reference images: patch features -> coreset-subsampled bank, and a
-threshold calibrated on k-fold held-out scores of the references themselves (with augmented views
-when there is a single reference). Enrolling more images later rebuilds both from all references
-kept in the state's `good/` folder.
+threshold calibrated on k-fold held-out scores of the references themselves. With at most
+FEW_SHOT_MAX_SHOTS references enrollment is few-shot instead: augmented views of every shot, the
+subspace head of `edge.fewshot` (saved as `head-<sha>.npz`), and a threshold from held-out views
+capped below synthetic-defect scores. Enrolling more images later rebuilds all of it from the
+references kept in the state's `good/` folder.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import yaml
 from tqdm import tqdm
 
 from .bank import MemoryBank, greedy_coreset
-from .calibration import Calibration, calibrate
+from .calibration import TARGET_FALSE_REJECT, Calibration, calibrate, calibrate_few_shot, check_target_false_reject
 from .decide import image_score
 from .errors import StateError
+from .fewshot import FewShotHead, SubspaceHead, few_shot_views, jittered_views, synthetic_defects
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
-from .scorer import FeatureExtractor, image_scores, pack_maps
+from .scorer import FeatureExtractor, grid_maps, image_scores, pack_maps
 from .student import StudentSpec
 
 if TYPE_CHECKING:  # tiling imports this module
@@ -39,6 +42,13 @@ GOOD_DIR = "good"
 ROI_REFERENCE = "roi-reference.png"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
+# Up to this many references, enrollment is few-shot: augmented views of every shot, the subspace
+# head, and the held-out + synthetic-defect threshold (docs/evaluation.md, "Few shots").
+FEW_SHOT_MAX_SHOTS = 16
+FEW_SHOT_VIEWS = "rot8+shift"
+FEW_SHOT_HEAD = "subspace"
+SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
+MAX_SIZE_RATIO = 16.0  # largest / smallest reference area enrollment accepts
 
 
 @dataclass
@@ -52,6 +62,7 @@ class StationState:
     tile_banks: list[MemoryBank] = field(default_factory=list)  # per-tile banks of positions 1.. (bank is 0)
     layout: Layout | None = None  # the tiling enrolled with (None: whole-frame scoring)
     student: StudentSpec | None = None  # the learned scorer, when trained (enroll --scorer student)
+    head: FewShotHead | None = None  # the few-shot patch scorer (None: nearest-neighbour bank only)
     root: Path | None = None  # the folder it was loaded from or saved to
 
     @property
@@ -103,8 +114,15 @@ class StationState:
         if self.student is not None:
             self.student.check_file(root)
             doc["student"] = self.student.to_dict()
+        if self.head is not None:
+            arrays = self.head.arrays()
+            digest = _arrays_digest(arrays)
+            name = f"head-{digest[:16]}.npz"
+            _atomic_write(root / name, lambda f: np.savez(f, **arrays))
+            keep.add(name)
+            doc["head"] = {**self.head.to_dict(), "file": name, "sha256": digest}
         _atomic_write(root / STATE_FILE, lambda f: f.write(yaml.safe_dump(doc, sort_keys=False).encode()))
-        for old in [*root.glob("bank-*.npz"), *root.glob("student-*.onnx")]:
+        for old in [*root.glob("bank-*.npz"), *root.glob("student-*.onnx"), *root.glob("head-*.npz")]:
             if old.name not in keep:
                 old.unlink(missing_ok=True)
         self.root = root
@@ -133,11 +151,24 @@ def bank_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
 
 
 def bank_digest(bank: MemoryBank) -> str:
+    return _arrays_digest(bank_arrays(bank))
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
-    for name, array in bank_arrays(bank).items():
+    for name, array in arrays.items():
         h.update(name.encode())
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
+
+
+def _load_head(root: Path, entry: dict, path: Path) -> FewShotHead:
+    head_path = root / entry["file"]
+    with np.load(head_path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if _arrays_digest(arrays) != entry.get("sha256"):
+        raise StateError(f"{head_path}: few-shot head does not match the sha256 in {path}")
+    return FewShotHead.from_parts(entry, arrays)
 
 
 def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
@@ -167,6 +198,8 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
         if doc.get("student") is not None:
             state.student = StudentSpec.from_dict(doc["student"])
             state.student.check_file(root)
+        if doc.get("head") is not None:  # absent in states written before few-shot enrollment
+            state.head = _load_head(root, doc["head"], path)
     except StateError:
         raise
     except Exception as e:
@@ -273,6 +306,18 @@ def build_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, desc: str = 
     return MemoryBank(chosen, groups=scorer.bank_groups)
 
 
+def sampled_bank(features: np.ndarray, scorer: ScorerSpec, seed: int, subspace: SubspaceHead) -> MemoryBank:
+    """At most `scorer.max_bank_patches` rows drawn at random (no coreset), projected onto the leading
+    `scorer.projection_dim` axes of `subspace` (the references' principal axes) when the pack projects."""
+    flat = features.reshape(-1, features.shape[-1])
+    if len(flat) > scorer.max_bank_patches:
+        flat = flat[np.sort(np.random.default_rng(seed).choice(len(flat), scorer.max_bank_patches, replace=False))]
+    if scorer.projection_dim:
+        axes = subspace.basis[:, : scorer.projection_dim]
+        return MemoryBank((flat - subspace.mean) @ axes, subspace.mean, axes)
+    return MemoryBank(flat, groups=scorer.bank_groups)
+
+
 def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = False) -> np.ndarray:
     """Image scores of reference images, each scored against a bank built without it (k-fold)."""
     n = len(features)
@@ -292,21 +337,43 @@ def holdout_scores(pack: Pack, features: np.ndarray, seed: int, quiet: bool = Fa
     return np.concatenate(scores)
 
 
+def check_reference_sizes(images: list[np.ndarray], names: list[str] | None = None) -> None:
+    """Refuse references whose sizes differ wildly (more than MAX_SIZE_RATIO in area): one station sees
+    one kind of part, and a mix of crops and whole frames would make a meaningless bank."""
+    areas = [img.shape[0] * img.shape[1] for img in images]
+    big, small = int(np.argmax(areas)), int(np.argmin(areas))
+    if areas[big] > MAX_SIZE_RATIO * areas[small]:
+        label = (lambda i: names[i]) if names and len(names) == len(images) else (lambda i: f"image {i}")
+        raise StateError(f"reference sizes differ too much: {label(big)} is {images[big].shape[1]}x{images[big].shape[0]} px, "
+                         f"{label(small)} is {images[small].shape[1]}x{images[small].shape[0]} px (more than "
+                         f"{MAX_SIZE_RATIO:g}x the area); enroll one kind of frame per station")
+
+
 def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor | None = None, seed: int = 0,
-                references: list[str] | None = None, quiet: bool = False) -> StationState:
-    """Memory bank + calibrated threshold from good reference frames (in memory)."""
+                references: list[str] | None = None, quiet: bool = False,
+                target_false_reject: float = TARGET_FALSE_REJECT, few_shot: bool | None = None) -> StationState:
+    """Memory bank + calibrated threshold from good reference frames (in memory).
+
+    `few_shot` (default: at most FEW_SHOT_MAX_SHOTS references) enrolls augmented views of every
+    shot, adds the subspace head and calibrates with held-out views and synthetic defects."""
     if not images:
-        raise StateError("no good reference images to enroll")
+        raise StateError("no good reference images to enroll (need at least 1)")
+    check_reference_sizes(images, references)
     extractor = extractor or FeatureExtractor(pack)
+    if few_shot is None:
+        # AnomalyGPT packs score their few-shot branch with the bank itself: they keep the bank path.
+        few_shot = len(images) <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
+    if few_shot:
+        return build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
     single = len(images) == 1
     frames = augmented_views(images[0]) if single else images
     with _progress("extracting features", len(frames), quiet, unit="img") as bar:
         feats = extractor.patch_features_batched(frames, progress=bar.update)
     if single:
-        normal_scores = single_reference_scores(pack, feats, images[0].shape[:2])
+        normal_scores, source = single_reference_scores(pack, feats, images[0].shape[:2]), "quadrants"
     else:
-        normal_scores = holdout_scores(pack, feats, seed, quiet=quiet)
-    calibration = calibrate(normal_scores)
+        normal_scores, source = holdout_scores(pack, feats, seed, quiet=quiet), "holdout"
+    calibration = calibrate(normal_scores, target_false_reject, source=source)
     bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
     return StationState(
         pack_model_id=pack.model_id,
@@ -317,9 +384,124 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     )
 
 
+def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int) -> FewShotHead:
+    """The few-shot head fitted to N x h x w x C (or rows x C) reference features."""
+    rows = feats.reshape(-1, feats.shape[-1])
+    subspace = SubspaceHead.fit(rows, seed=seed)
+    sample = rows[:: max(1, len(rows) // 20000)]
+    scale = float(np.median(subspace.residual(sample))) or 1.0
+    nn_scale = _nn_scale(feats, pack, seed) if kind == "nn+subspace" else None
+    return FewShotHead(kind, views, subspace, scale, nn_scale)
+
+
+def _head_bank(head: FewShotHead, feats: np.ndarray, pack: Pack, seed: int) -> MemoryBank | None:
+    """The bank a head searches (None for the subspace head alone, which does not search)."""
+    return build_bank(feats, pack.scorer, seed, quiet=True) if head.kind != "subspace" else None
+
+
+def _nn_scale(feats: np.ndarray, pack: Pack, seed: int) -> float:
+    """Median nearest distance of half of the references' patches to a bank of the other half (halves:
+    the first and second half of the views, or the top and bottom of a single view)."""
+    if len(feats) >= 2:
+        a, b = feats[: len(feats) // 2], feats[len(feats) // 2:]
+    else:
+        a, b = feats[:, : feats.shape[1] // 2], feats[:, feats.shape[1] // 2:]
+    bank = build_bank(a, pack.scorer, seed, quiet=True)
+    return float(np.median(np.sqrt(bank.nearest_sqdist(b.reshape(-1, b.shape[-1]))))) or 1.0
+
+
+def head_image_scores(head: FewShotHead, bank: MemoryBank, feats: np.ndarray, pack: Pack) -> np.ndarray:
+    maps = grid_maps(head.patch_scores(feats, bank), pack)
+    return np.array([image_score(m, pack.scorer.top_fraction) for m in maps])
+
+
+def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.ndarray, frame_shape: tuple[int, int],
+                             seed: int, jitter_features: np.ndarray | None = None) -> np.ndarray:
+    """One shot's held-out scores: every view's patches from one quadrant of the part scored by a head
+    fitted to all views' patches from the other three (as `single_reference_scores` does for the bank).
+    `jitter_features` (untransformed geometry, re-lit / blurred / noisy copies of the shot) are scored
+    the same way, against the enrolled views only: they stand in for the part-to-part variation one
+    shot cannot show."""
+    h, w = frame_shape
+    labels = np.zeros((h, w), np.uint8)
+    labels[: h // 2, w // 2:] = 1
+    labels[h // 2:, : w // 2] = 2
+    labels[h // 2:, w // 2:] = 3
+    gh, gw = view_features.shape[1:3]
+    grids = np.stack([cv2.resize(v, (gw, gh), interpolation=cv2.INTER_NEAREST)
+                      for v in few_shot_views(labels, head.views, labels=True)])
+    fitted_on = len(view_features)
+    if jitter_features is not None:
+        grids = np.concatenate([grids, np.repeat(grids[:1], len(jitter_features), axis=0)])
+        view_features = np.concatenate([view_features, jitter_features])
+    scores = []
+    for region in range(4):
+        others = view_features[:fitted_on][grids[:fitted_on] != region]
+        part_head = fit_head(head.kind, head.views, others, pack, seed + region)
+        part_bank = _head_bank(part_head, others, pack, seed + region)
+        for v in range(len(view_features)):
+            own = grids[v] == region
+            if not own.any():
+                continue
+            patch = np.empty((gh, gw), np.float32)
+            patch[own] = part_head.flat_scores(view_features[v][own], part_bank)
+            patch[~own] = np.median(patch[own])  # only the held-out quadrant is scored
+            scores.append(image_score(grid_maps(patch[None], pack)[0], pack.scorer.top_fraction))
+    return np.asarray(scores)
+
+
+def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarray], seed: int) -> np.ndarray:
+    """Leave-one-shot-out: each shot's views scored by a head (and bank) fitted to the other shots' views."""
+    scores = []
+    for i in range(len(per_shot)):
+        others = np.concatenate(per_shot[:i] + per_shot[i + 1:])
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + i)
+        part_bank = _head_bank(part_head, others, pack, seed + 1 + i)
+        scores.append(head_image_scores(part_head, part_bank, per_shot[i], pack))
+    return np.concatenate(scores)
+
+
+def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int = 0,
+                         references: list[str] | None = None, quiet: bool = False,
+                         target_false_reject: float = TARGET_FALSE_REJECT, views: str = FEW_SHOT_VIEWS,
+                         kind: str = FEW_SHOT_HEAD) -> StationState:
+    """Few-shot enrollment: every shot's augmented views in the bank and the subspace head, the threshold
+    from held-out views (quadrants of a single shot, or leave-one-shot-out) and synthetic defects."""
+    per_shot = []
+    with _progress("extracting features of augmented views", len(images), quiet, unit="shot") as bar:
+        for img in images:
+            per_shot.append(extractor.patch_features_batched(few_shot_views(img, views)))
+            bar.update(1)
+    feats = np.concatenate(per_shot)
+    head = fit_head(kind, views, feats, pack, seed)
+    if kind == "subspace":
+        # The subspace head scores without the bank; it is kept (a random sample, not a coreset, in the
+        # head's own principal axes: no second decomposition) so the state stays a valid bank state.
+        bank = sampled_bank(feats, pack.scorer, seed, head.subspace)
+    else:
+        bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
+    if len(images) == 1:
+        jitter = extractor.patch_features_batched(jittered_views(images[0], seed))
+        normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter)
+        source = "quadrants+jitter"
+    else:
+        normal, source = few_shot_loso_scores(pack, head, per_shot, seed), "loso"
+    per_image = -(-SYNTHETIC_DEFECTS // len(images))
+    defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
+    synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)
+    calibration = calibrate_few_shot(normal, synthetic, source, target_false_reject=target_false_reject)
+    return StationState(
+        pack_model_id=pack.model_id, pack_encoder_sha256=pack.encoder_sha256, bank=bank, calibration=calibration,
+        references=list(references or []), head=head,
+        info={"shots": len(images), "augmented_views": len(feats), "seed": seed, "bank_patches": len(bank),
+              "candidate_patches": int(np.prod(feats.shape[:3])), "head": kind, "views": views,
+              "subspace_dims": head.subspace.dims, "synthetic_defects": len(defects)},
+    )
+
+
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
            extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None,
-           train_student=None) -> StationState:
+           train_student=None, target_false_reject: float | None = None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
@@ -327,8 +509,12 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
     `tiling` (a TilingSpec) the bank and threshold are built from tiles as `TiledScorer` cuts them.
     `train_student(images, out)`, when given (export.student: needs torch), trains the learned
     scorer on all references, writes its graph into `out` and returns its StudentSpec.
+    `target_false_reject` (default: what the state was calibrated for, else TARGET_FALSE_REJECT) is the
+    false-reject rate the threshold aims at.
     """
     out = Path(out)
+    if shots is not None and shots < 1:
+        raise StateError(f"shots {shots}: enrollment needs at least 1 good image")
     if tiling is not None and train_student is not None:
         raise StateError("the learned scorer scores whole frames: enroll a tiled station with --scorer bank")
     existing: list[str] = []
@@ -343,6 +529,12 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         if previous.pack_encoder_sha256 != pack.encoder_sha256:
             log(f"{out}: was enrolled with pack {previous.pack_model_id}; rebuilding its {len(existing)} references "
                 f"for {pack.model_id}")
+    if target_false_reject is None:
+        target_false_reject = previous.calibration.target_false_reject if previous is not None else TARGET_FALSE_REJECT
+    try:
+        target_false_reject = check_target_false_reject(target_false_reject)
+    except ValueError as e:
+        raise StateError(str(e)) from None
     new_images, new_paths, skipped = read_images(choose_shots(list(good), shots, seed), log)
     new_names = [p.name for p in new_paths]
     if not new_images and not existing:
@@ -363,7 +555,8 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         all_images = [read_image(out / GOOD_DIR / n) for n in existing] + [read_image(staging / n) for n in names]
         log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
         if tiling is None:
-            state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet)
+            state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet,
+                                target_false_reject=target_false_reject)
         else:
             from .tiling import build_tiled_state
 

@@ -190,15 +190,16 @@ class StudentSpec:
 class StudentScorer(Scorer):
     """Scores frames with the fused teacher-student graph; same interface as the bank `Scorer`."""
 
-    def __init__(self, pack: Pack, graph: str | Path, threshold: float, threads: int | None = None):
+    def __init__(self, pack: Pack, graph: str | Path, threshold: float, threads: int | None = None,
+                 calibration=None):
         grid = tuple(pack.encoder.feature_shape[1:])
         backend = OnnxRuntimeBackend(pack, threads=threads, path=Path(graph), output=OUTPUT,
                                      output_shape=(1, *grid))
-        super().__init__(pack, None, threshold, FeatureExtractor(pack, backend))
+        super().__init__(pack, None, threshold, FeatureExtractor(pack, backend), calibration=calibration)
 
     @classmethod
     def from_spec(cls, pack: Pack, root: str | Path, spec: StudentSpec) -> "StudentScorer":
-        return cls(pack, spec.check_file(Path(root)), spec.calibration.threshold)
+        return cls(pack, spec.check_file(Path(root)), spec.calibration.threshold, calibration=spec.calibration)
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         return grid_maps(features[..., 0], self.pack)

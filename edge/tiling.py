@@ -206,8 +206,9 @@ class TiledScorer:
     """Scores high-resolution frames tile by tile against a station's bank(s) and threshold."""
 
     def __init__(self, pack: Pack, banks: list[MemoryBank], threshold: float, layout: Layout,
-                 extractor: FeatureExtractor | None = None):
+                 extractor: FeatureExtractor | None = None, calibration=None):
         self.pack = pack
+        self.calibration = calibration  # gives each result its conformal p-value
         self.banks = banks
         self.bank = banks[0] if banks else None
         self.threshold = float(threshold)
@@ -225,7 +226,7 @@ class TiledScorer:
         from .cuda import gpu_bank  # each bank on the GPU's nn_min kernel where CUDA is usable
 
         return cls(pack, [gpu_bank(b) for b in state.banks], state.calibration.threshold, state.layout,
-                   extractor or FeatureExtractor(pack, backend))
+                   extractor or FeatureExtractor(pack, backend), calibration=state.calibration)
 
     def roi_mask(self, frame_size: tuple[int, int]) -> np.ndarray | None:
         if frame_size not in self._masks:
@@ -250,7 +251,8 @@ class TiledScorer:
         """Verdict, mask and regions (frame pixels) from a frame map at tile resolution."""
         if score is None:
             score = roi_score(anomaly_map, self.pack, self.grid, None)
-        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms)
+        p_value = self.calibration.p_value(score) if self.calibration is not None else None
+        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms, p_value=p_value)
 
     def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
         t0 = time.perf_counter()
@@ -374,7 +376,8 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
         if student is not None:
             return student
     if extractor is not None:
-        return Scorer(pack, state.bank, state.calibration.threshold, extractor)
+        return Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
+                      calibration=state.calibration)
     return Scorer.from_state(pack, state, backend)
 
 

@@ -17,7 +17,8 @@ def line():
 @pytest.fixture(scope="module")
 def station(default_pack, line):
     state = build_state(default_pack, line.good(10), seed=0, quiet=True)
-    return state, Scorer(default_pack, state.bank, state.calibration.threshold)
+    return state, Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head,
+                         calibration=state.calibration)
 
 
 def test_bank_search_equals_brute_force():
@@ -90,18 +91,23 @@ def test_batch_scoring_equals_one_at_a_time(station, line):
         assert a.score == pytest.approx(b.score, rel=1e-4)
 
 
-def test_threshold_comes_from_held_out_normal_scores(station):
+def test_threshold_comes_from_held_out_normal_scores(station, default_pack, line):
     state, _ = station
     c = state.calibration
-    assert c.n_scores == 10
-    assert c.threshold > c.median > 0 and c.spread > 0
+    assert c.n_scores == 10 * 12 and c.source == "loso+synthetic"  # leave-one-shot-out, 12 views per shot
+    assert c.median > 0 and c.spread > 0 and c.threshold <= c.median + 1.645 * c.spread + 1e-9
+    # Above FEW_SHOT_MAX_SHOTS (forced here) the bank's k-fold hold-out calibrates, as before.
+    bank_state = build_state(default_pack, line.good(10), seed=0, quiet=True, few_shot=False)
+    b = bank_state.calibration
+    assert b.n_scores == 10 and b.source == "holdout" and bank_state.head is None
+    assert b.threshold > b.median > 0 and b.spread > 0
 
 
 def test_single_shot_enrolls_with_augmented_views(default_pack, line):
     state = build_state(default_pack, line.good(1), seed=0, quiet=True)
-    assert state.info["augmented_views"] == 10
-    assert state.calibration.n_scores == 40  # 4 quadrants x 10 views
-    scorer = Scorer(default_pack, state.bank, state.calibration.threshold)
+    assert state.info["augmented_views"] == 12
+    assert state.calibration.n_scores == 4 * (12 + 6)  # 4 quadrants x (12 views + 6 re-lit/blurred/noisy copies)
+    scorer = Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head)
     scores = {bool(p.defect): [] for p in line.parts(16)}
     for p in line.parts(16):
         scores[bool(p.defect)].append(scorer.score_one(p.image).score)
@@ -121,8 +127,8 @@ def test_enrolling_more_images_updates_bank_and_threshold(default_pack, tmp_path
     s1 = enroll(default_pack, first, tmp_path / "state", quiet=True, log=lambda m: None)
     s2 = enroll(default_pack, sorted(good.iterdir()), tmp_path / "state", quiet=True, log=lambda m: None)
     assert len(s1.references) == 3 and len(s2.references) == 6
-    assert len(s2.bank) > len(s1.bank)
-    assert s2.calibration.n_scores == 6 and s2.calibration.threshold != s1.calibration.threshold
+    assert s2.info["candidate_patches"] > s1.info["candidate_patches"]
+    assert s2.calibration.n_scores == 6 * 12 and s2.calibration.threshold != s1.calibration.threshold
     reloaded = load_state(tmp_path / "state", default_pack)
     assert reloaded.calibration.threshold == s2.calibration.threshold
     np.testing.assert_array_equal(reloaded.bank.features, s2.bank.features)

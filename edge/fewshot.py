@@ -1,0 +1,220 @@
+"""Few-shot enrollment pieces: augmented views of each shot, L2-normalised patch features and the
+PCA-subspace residual head (SubspaceAD idea: normal patches live near a low-dimensional subspace of
+feature space; a patch's score is its squared distance to that subspace).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+VIEW_MODES = ("none", "rot8", "rot8+shift", "rot8+shift+photo")
+SHIFTS = ((0.04, 0.03), (-0.03, -0.04), (0.05, -0.02), (-0.02, 0.05))
+# (contrast about the image mean, brightness offset) pairs: slow lighting drift on the line.
+PHOTOMETRIC = ((0.85, 0.0), (1.15, 0.0), (1.0, -18.0), (1.0, 18.0))
+
+
+def flips_and_rotations(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 images of the dihedral group: rotations by 0/90/180/270 degrees, with and without a flip."""
+    views = []
+    for flipped in (image, cv2.flip(image, 1)):
+        for k in range(4):
+            views.append(np.ascontiguousarray(np.rot90(flipped, k)))
+    return views
+
+
+def shifted(image: np.ndarray, dx: float, dy: float, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """The frame moved by (dx, dy) of its width/height, reflect-padded."""
+    h, w = image.shape[:2]
+    m = np.float32([[1, 0, dx * w], [0, 1, dy * h]])
+    return cv2.warpAffine(image, m, (w, h), flags=interpolation, borderMode=cv2.BORDER_REFLECT)
+
+
+def photometric(image: np.ndarray, contrast: float, brightness: float) -> np.ndarray:
+    """Contrast about the image mean and a brightness offset, clipped to uint8."""
+    f = image.astype(np.float32)
+    out = (f - f.mean()) * contrast + f.mean() + brightness
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def few_shot_views(image: np.ndarray, mode: str, labels: bool = False) -> list[np.ndarray]:
+    """The views of one reference that enrollment puts in the bank (`mode` one of VIEW_MODES).
+
+    `labels`: `image` is a label map pushed through the same geometry (nearest-neighbour shifts, no
+    photometric change), so each view's pixels can be traced back to where they came from."""
+    if mode not in VIEW_MODES:
+        raise ValueError(f"view mode {mode!r}: expected one of {', '.join(VIEW_MODES)}")
+    if mode == "none":
+        return [image]
+    views = flips_and_rotations(image)
+    if "shift" in mode:
+        interpolation = cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR
+        views += [shifted(image, dx, dy, interpolation) for dx, dy in SHIFTS]
+    if "photo" in mode:
+        views += [image.copy() if labels else photometric(image, c, b) for c, b in PHOTOMETRIC]
+    return views
+
+
+# Nuisance views of a single shot, scored at calibration but never enrolled: how far lighting drift,
+# focus and sensor noise alone move a good part's score.
+JITTER = (("contrast", 0.8), ("contrast", 1.25), ("brightness", -25.0), ("brightness", 25.0), ("blur", 1.0),
+          ("noise", 4.0))
+
+
+def jittered_views(image: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind, amount in JITTER:
+        if kind == "contrast":
+            out.append(photometric(image, amount, 0.0))
+        elif kind == "brightness":
+            out.append(photometric(image, 1.0, amount))
+        elif kind == "blur":
+            out.append(cv2.GaussianBlur(image, (0, 0), amount))
+        else:
+            noisy = image.astype(np.float32) + rng.normal(0, amount, image.shape)
+            out.append(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
+    return out
+
+
+def l2_normalise(features: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Each patch vector (last axis) scaled to unit length."""
+    features = np.asarray(features, np.float32)
+    return features / (np.linalg.norm(features, axis=-1, keepdims=True) + eps)
+
+
+class SubspaceHead:
+    """Mean and orthonormal basis (C x k) of the references' patch features; k keeps `variance` of it."""
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray):
+        self.mean = np.ascontiguousarray(mean, np.float32)
+        self.basis = np.ascontiguousarray(basis, np.float32)
+        if self.basis.ndim != 2 or self.basis.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"subspace basis {self.basis.shape} does not fit mean {self.mean.shape}")
+
+    @classmethod
+    def fit(cls, features: np.ndarray, variance: float = 0.99, max_rows: int = 200_000, seed: int = 0
+            ) -> "SubspaceHead":
+        flat = np.asarray(features, np.float32).reshape(-1, np.shape(features)[-1])
+        if len(flat) < 2:
+            raise ValueError("a subspace needs at least two patch features")
+        if len(flat) > max_rows:
+            flat = flat[np.random.default_rng(seed).choice(len(flat), max_rows, replace=False)]
+        mean = flat.mean(axis=0)
+        centred = flat - mean
+        cov = (centred.T @ centred).astype(np.float64) / (len(flat) - 1)
+        eigval, eigvec = np.linalg.eigh(cov)
+        eigval, eigvec = eigval[::-1].clip(min=0), eigvec[:, ::-1]
+        share = np.cumsum(eigval) / max(eigval.sum(), 1e-12)
+        k = int(min(np.searchsorted(share, variance) + 1, len(eigval) - 1))
+        return cls(mean, eigvec[:, :k].astype(np.float32))
+
+    @property
+    def dims(self) -> int:
+        return int(self.basis.shape[1])
+
+    def residual(self, features: np.ndarray) -> np.ndarray:
+        """Squared distance of each row (N x C) to the subspace, float32, >= 0."""
+        x = np.asarray(features, np.float32) - self.mean
+        coeff = x @ self.basis
+        r = np.einsum("ij,ij->i", x, x) - np.einsum("ij,ij->i", coeff, coeff)
+        return np.maximum(r, 0.0)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Value noise in 0..1: a random cells x cells grid, bicubically upsampled (a Perlin-like field)."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    up = cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+    return (up - up.min()) / max(float(up.max() - up.min()), 1e-6)
+
+
+def cut_paste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A rectangle of the part (2-6% of its area, any aspect 1:3..3:1) copied, turned, re-lit and pasted
+    elsewhere (CutPaste). Returns (image, mask)."""
+    h, w = image.shape[:2]
+    area = rng.uniform(0.02, 0.06) * h * w
+    aspect = np.exp(rng.uniform(np.log(1 / 3), np.log(3)))
+    ph = int(np.clip(np.sqrt(area / aspect), 4, h - 2))
+    pw = int(np.clip(np.sqrt(area * aspect), 4, w - 2))
+    y0, x0 = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+    patch = image[y0:y0 + ph, x0:x0 + pw]
+    patch = np.ascontiguousarray(np.rot90(patch, int(rng.integers(1, 4)))) if ph == pw else cv2.flip(patch, -1)
+    patch = photometric(patch, rng.uniform(0.6, 1.5), rng.uniform(-40, 40))
+    ph, pw = patch.shape[:2]
+    y1, x1 = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+    out = image.copy()
+    out[y1:y1 + ph, x1:x1 + pw] = patch
+    mask = np.zeros((h, w), bool)
+    mask[y1:y1 + ph, x1:x1 + pw] = True
+    return out, mask
+
+
+def noise_blend(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A Perlin-like blob region (2-10% of the part) blended with a re-lit, re-textured source: darker
+    or brighter, streaked or smoothed (DRAEM-style). Returns (image, mask)."""
+    h, w = image.shape[:2]
+    field = _smooth_noise(rng, (h, w), int(rng.integers(3, 7)))
+    share = rng.uniform(0.02, 0.10)
+    mask = field >= np.quantile(field, 1 - share)
+    f = image.astype(np.float32)
+    kind = rng.integers(3)
+    if kind == 0:  # dark or bright stain
+        source = f + rng.choice([-1, 1]) * rng.uniform(40, 90)
+    elif kind == 1:  # streaks: the part's texture stretched along one axis
+        source = cv2.resize(cv2.resize(f, (max(2, w // 16), h)), (w, h))
+        source = source + rng.uniform(-30, 30)
+    else:  # foreign texture: the part with its contrast inverted
+        source = 2 * f.mean() - f
+    alpha = rng.uniform(0.6, 1.0)
+    m = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.5)
+    if image.ndim == 3:
+        m = m[:, :, None]
+    out = np.clip(f * (1 - alpha * m) + source * alpha * m + 0.5, 0, 255).astype(np.uint8)
+    return out, mask
+
+
+def synthetic_defects(image: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]:
+    """n defective copies of a good reference, alternating cut-paste and noise-blend defects."""
+    rng = np.random.default_rng(seed)
+    return [(cut_paste if i % 2 == 0 else noise_blend)(image, rng)[0] for i in range(n)]
+
+
+HEAD_KINDS = ("subspace", "nn+subspace")
+
+
+class FewShotHead:
+    """The few-shot patch scorer: the subspace residual, alone or plus the bank's nearest-neighbour
+    distance, each divided by its scale on the references (so the two add in comparable units).
+
+    `patch_scores(features, bank)` takes N x h x w x C features and returns N x h x w scores."""
+
+    def __init__(self, kind: str, views: str, subspace: SubspaceHead, subspace_scale: float,
+                 nn_scale: float | None = None):
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"few-shot head {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
+        if kind == "nn+subspace" and not nn_scale:
+            raise ValueError("head nn+subspace needs the nearest-neighbour scale")
+        self.kind, self.views, self.subspace = kind, views, subspace
+        self.subspace_scale = float(subspace_scale)
+        self.nn_scale = None if nn_scale is None else float(nn_scale)
+
+    def flat_scores(self, rows: np.ndarray, bank=None) -> np.ndarray:
+        s = self.subspace.residual(rows) / self.subspace_scale
+        if self.kind == "nn+subspace":
+            s += np.sqrt(bank.nearest_sqdist(rows)) / self.nn_scale
+        return s
+
+    def patch_scores(self, features: np.ndarray, bank=None) -> np.ndarray:
+        n, h, w, c = features.shape
+        return self.flat_scores(features.reshape(-1, c), bank).reshape(n, h, w)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "views": self.views, "dims": self.subspace.dims,
+                "subspace_scale": self.subspace_scale, "nn_scale": self.nn_scale}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.subspace.mean, "basis": self.subspace.basis}
+
+    @classmethod
+    def from_parts(cls, d: dict, arrays) -> "FewShotHead":
+        return cls(d["kind"], d["views"], SubspaceHead(arrays["mean"], arrays["basis"]), d["subspace_scale"],
+                   d.get("nn_scale"))

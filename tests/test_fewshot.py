@@ -1,0 +1,151 @@
+"""Few-shot enrollment: exact augmented views, the subspace head, the 1-shot threshold, conformal
+p-values, aspect-ratio handling of long strips, and clear errors for bad enrollment input."""
+import numpy as np
+import pytest
+
+from edge.calibration import Calibration, calibrate
+from edge.errors import StateError
+from edge.fewshot import SubspaceHead, few_shot_views, flips_and_rotations, jittered_views, synthetic_defects
+from edge.scorer import FeatureExtractor, Scorer
+from edge.state import build_state, enroll, load_state
+from edge.synthetic import SyntheticLine, apply_defect, write_good_parts
+
+
+@pytest.fixture(scope="module")
+def line():
+    return SyntheticLine(seed=21, defect_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def one_shot(default_pack, line):
+    state = build_state(default_pack, line.good(1), seed=0, quiet=True)
+    scorer = Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head,
+                    calibration=state.calibration)
+    return state, scorer
+
+
+def test_views_are_exact_flips_and_rotations():
+    img = np.random.default_rng(0).integers(0, 255, (40, 60), dtype=np.uint8)
+    views = flips_and_rotations(img)
+    assert len(views) == 8 and len({v.tobytes() for v in views}) == 8
+    np.testing.assert_array_equal(views[1], np.rot90(img))
+    np.testing.assert_array_equal(views[4], img[:, ::-1])
+    # Each view, turned back, is the reference pixel for pixel.
+    for k in range(4):
+        np.testing.assert_array_equal(np.rot90(views[k], -k), img)
+    labels = few_shot_views(img, "rot8+shift+photo", labels=True)
+    assert len(labels) == len(few_shot_views(img, "rot8+shift+photo"))
+    assert set(np.unique(labels[-1])) <= set(np.unique(img))  # label views never invent values
+
+
+def test_rotated_reference_scores_as_the_reference(default_pack, one_shot, line):
+    state, scorer = one_shot
+    ref = line.good(1)[0]
+    scores = [r.score for r in scorer.score(flips_and_rotations(ref))]
+    # Every view was enrolled: each scores like the reference (the encoder is not exactly rotation
+    # equivariant, so not to the last digit), and all far under the threshold.
+    assert max(scores) < 1.3 * min(scores)
+    assert max(scores) < 0.5 * state.calibration.threshold
+
+
+def test_subspace_head_separates_synthetic_defects_at_one_shot(default_pack, line):
+    extractor = FeatureExtractor(default_pack)
+    ref = line.good(1)[0]
+    feats = extractor.patch_features_batched(few_shot_views(ref, "rot8+shift"))
+    head = SubspaceHead.fit(feats)
+    assert 0 < head.dims < feats.shape[-1]
+    rows = feats.reshape(-1, feats.shape[-1])
+    residual = head.residual(rows)
+    assert residual.min() >= 0
+    good = extractor.patch_features_batched(line.good(5)[1:])
+    defects = [d for d in synthetic_defects(ref, 6, seed=1)]
+    bad = extractor.patch_features_batched(defects)
+    c = feats.shape[-1]
+    good_score = np.sort(head.residual(good.reshape(-1, c)).reshape(len(good), -1), axis=1)[:, -40:].mean(1)
+    bad_score = np.sort(head.residual(bad.reshape(-1, c)).reshape(len(bad), -1), axis=1)[:, -40:].mean(1)
+    assert bad_score.min() > good_score.max()
+
+
+def test_one_shot_threshold_accepts_good_views_and_rejects_defects(one_shot, line):
+    state, scorer = one_shot
+    assert state.head is not None and state.calibration.source == "quadrants+jitter+synthetic"
+    ref = line.good(1)[0]
+    # Held-out good views: re-lit, blurred and noisy copies (drawn with another seed than enrollment's)
+    # and shifted views. The threshold aims at 5% false rejects: at most one of ten.
+    held_out = jittered_views(ref, seed=5) + few_shot_views(ref, "rot8+shift")[8:]
+    rejected = sum(r.anomalous for r in scorer.score(held_out))
+    assert rejected <= 1, f"{rejected} of {len(held_out)} held-out good views rejected"
+    rng = np.random.default_rng(4)
+    defects = [apply_defect(ref, kind, rng)[0] for kind in ("scratch", "hole", "stain", "missing_chunk")]
+    defects += synthetic_defects(ref, 4, seed=99)
+    results = scorer.score(defects)
+    assert sum(r.anomalous for r in results) >= len(defects) - 1
+
+
+def test_p_value_is_conformal_and_monotone(one_shot, line):
+    state, scorer = one_shot
+    cal = state.calibration
+    parts = list(line.parts(12, start=50))
+    results = scorer.score([p.image for p in parts])
+    n = cal.n_scores
+    for r in results:
+        assert 1 / (n + 1) <= r.p_value <= 1 and "p_value" in r.summary()
+    order = np.argsort([r.score for r in results])
+    p_sorted = [results[i].p_value for i in order]
+    assert all(a >= b for a, b in zip(p_sorted, p_sorted[1:]))
+    toy = calibrate([1.0, 2.0, 3.0, 4.0])
+    assert toy.p_value(0.0) == 1.0 and toy.p_value(2.5) == pytest.approx(3 / 5) and toy.p_value(9) == pytest.approx(1 / 5)
+
+
+def test_old_calibration_dicts_still_load():
+    old = {"threshold": 1.5, "method": "holdout", "n_scores": 2, "median": 1.0, "spread": 0.1, "max": 1.2,
+           "normal_scores": [1.0, 1.2]}
+    cal = Calibration.from_dict(old)
+    assert cal.source == "holdout" and cal.target_false_reject == 0.05 and cal.synthetic_scores == []
+
+
+def test_state_round_trip_keeps_the_head_and_target(default_pack, tmp_path, line):
+    good = write_good_parts(tmp_path / "good", 2, seed=3)
+    state = enroll(default_pack, good, tmp_path / "state", quiet=True, log=lambda m: None, target_false_reject=0.02)
+    loaded = load_state(tmp_path / "state", default_pack)
+    assert loaded.head is not None and loaded.head.to_dict() == state.head.to_dict()
+    np.testing.assert_array_equal(loaded.head.subspace.basis, state.head.subspace.basis)
+    assert loaded.calibration.target_false_reject == 0.02 and loaded.calibration.source == "loso+synthetic"
+    # Re-enrolling one more good part (the line's enroll-good) keeps the target and rebuilds the head.
+    more = write_good_parts(tmp_path / "more", 1, seed=8)
+    again = enroll(default_pack, more, tmp_path / "state", quiet=True, log=lambda m: None)
+    assert len(again.references) == 3 and again.calibration.target_false_reject == 0.02
+    assert len(list((tmp_path / "state").glob("head-*.npz"))) == 1
+
+
+def test_defect_on_a_long_strip_stays_inside_its_region(default_pack):
+    """A 500 x 1250 strip: the map is mapped back to the frame, and the defect is found where it is."""
+    rng = np.random.default_rng(0)
+    texture = (120 + 10 * rng.standard_normal((500, 1250))).astype(np.float32)
+    strips = [np.clip(texture + 3 * rng.standard_normal(texture.shape), 0, 255).astype(np.uint8) for _ in range(3)]
+    state = build_state(default_pack, strips[:2], seed=0, quiet=True)
+    scorer = Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head,
+                    calibration=state.calibration)
+    bad = strips[2].copy()
+    bad[200:300, 900:1000] = 30  # dark 100 x 100 px blotch
+    r = scorer.score_one(bad)
+    assert r.frame_size == (500, 1250) and r.anomalous
+    full = r.map_at_frame()
+    y, x = np.unravel_index(np.argmax(full), full.shape)
+    assert 150 <= y <= 350 and 850 <= x <= 1050
+    assert r.regions and any(reg.x <= 1000 and reg.x + reg.width >= 900 and reg.y <= 300
+                             and reg.y + reg.height >= 200 for reg in r.regions)
+
+
+def test_bad_enrollment_input_gets_a_clear_error(default_pack, tmp_path):
+    good = write_good_parts(tmp_path / "good", 2, seed=1)
+    with pytest.raises(StateError, match="at least 1"):
+        enroll(default_pack, good, tmp_path / "s0", shots=0, quiet=True, log=lambda m: None)
+    with pytest.raises(StateError, match="no good reference images"):
+        build_state(default_pack, [], quiet=True)
+    small = np.full((40, 40), 128, np.uint8)
+    large = np.full((1000, 1000), 128, np.uint8)
+    with pytest.raises(StateError, match=r"sizes differ too much: big.png is 1000x1000 px, small.png is 40x40"):
+        build_state(default_pack, [large, small], references=["big.png", "small.png"], quiet=True)
+    with pytest.raises(StateError, match="target false-reject"):
+        enroll(default_pack, good, tmp_path / "s1", quiet=True, log=lambda m: None, target_false_reject=0.7)
