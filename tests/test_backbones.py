@@ -73,8 +73,15 @@ def _patchcore(feats):
 @pytest.mark.parametrize("arch", ["resnet18", "wide_resnet50_2"])
 def test_resnet_pack_matches_torchvision_layer2_layer3(arch, tmp_path):
     model = _calibrated(getattr(torchvision.models, arch)())
-    torch.save(model.state_dict(), tmp_path / "w.pth")
-    export_backbone(tmp_path / "pack", arch, tmp_path / "w.pth", size=64, llm=False)
+    if arch == "resnet18":
+        from safetensors.torch import save_file
+
+        weights = tmp_path / "w.safetensors"
+        save_file(model.state_dict(), str(weights))
+    else:
+        weights = tmp_path / "w.pth"
+        torch.save(model.state_dict(), weights)
+    export_backbone(tmp_path / "pack", arch, weights, size=64, llm=False)
     batch = _batch(64)
     pack, got = _onnx_features(tmp_path / "pack", batch)
     with torch.no_grad():
