@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
     a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
     a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
-    e.add_argument("--out", help="pack folder to write (default, anomalygpt)")
+    e.add_argument("--out", help="pack folder to write (default, dinov2-s, backbone, anomalygpt)")
     e.add_argument("--size", type=_positive, default=224,
                    help="input size in pixels (multiple of 32; dinov2-s: of 14, e.g. 224 or 448)")
     e.add_argument("--weights", help="default: a local EfficientNet-Lite0 .pth instead of fetching it; dinov2-s: a "
