@@ -246,7 +246,8 @@ def cmd_eval(args) -> int:
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
                       log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
-                      train_student=_student_trainer(args, pack))
+                      train_student=_student_trainer(args, pack), learn_parts=args.learn,
+                      learn_defect_rate=args.learn_defect_rate)
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
@@ -450,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "VisA class folder (its parent holds split_csv/1cls.csv)")
     v.add_argument("--shots", type=_shots, default=None, help="K good references, or 'all' (default)")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--learn", type=_positive, metavar="N", help="evaluate learn mode: enroll from an unlabeled "
+                   "stream of N parts (good train images with --learn-defect-rate defective test images mixed in)")
+    v.add_argument("--learn-defect-rate", type=float, default=0.1, metavar="RATE")
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")

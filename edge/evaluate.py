@@ -30,12 +30,20 @@ BATCH = 8
 
 
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
-             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None, train_student=None) -> dict:
+             n_overlays: int = 6, quiet: bool = False, log=print, tiling=None, train_student=None,
+             learn_parts: int | None = None, learn_defect_rate: float = 0.1) -> dict:
     """`train_student(images, folder) -> StudentSpec` (export.student) evaluates the learned scorer
-    instead of the memory bank."""
+    instead of the memory bank. `learn_parts` evaluates learn mode instead (edge.learn): an unlabeled
+    stream of that many parts, good train images with `learn_defect_rate` of defective test images mixed
+    in (those are then left out of the scored test set)."""
     if tiling is not None and train_student is not None:
         raise EdgeError("the learned scorer scores whole frames: evaluate tiling with --scorer bank")
     category = open_dataset(data)
+    if learn_parts is not None:
+        if tiling is not None or train_student is not None:
+            raise EdgeError("learn mode is evaluated with the whole-frame bank (no tiling, no student)")
+        return _evaluate_learn(pack, data, category, learn_parts, learn_defect_rate, seed, report_dir, n_overlays,
+                               quiet, log)
     train = choose_shots(category.train_good, shots, seed)
     ref_images, _, skipped_refs = read_images(train, log)
     if not ref_images:
@@ -60,6 +68,44 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         enroll_s = time.perf_counter() - t0
         return _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s,
                            skipped_refs, report_dir, n_overlays, quiet, log)
+
+
+def _evaluate_learn(pack, data, category, n_parts: int, defect_rate: float, seed: int, report_dir, n_overlays,
+                    quiet, log) -> dict:
+    import dataclasses
+
+    from .learn import learn
+
+    if not 0 <= defect_rate < 0.5:
+        raise EdgeError(f"learn defect rate must be in [0, 0.5), got {defect_rate}")
+    defective = [t for t in category.test if t.kind != "good"]
+    n_bad = int(round(n_parts * defect_rate))
+    if n_bad > len(defective) // 2 or n_parts - n_bad > len(category.train_good):
+        raise DatasetError(f"{category.root}: too few images for a learn stream of {n_parts} parts "
+                           f"({n_bad} defective)")
+    rng = np.random.default_rng(seed)
+    mixed = [defective[i] for i in sorted(rng.choice(len(defective), n_bad, replace=False))]
+    stream = choose_shots(category.train_good, n_parts - n_bad, seed) + [t.path for t in mixed]
+    stream = [stream[i] for i in rng.permutation(len(stream))]
+    bad_names = {t.path.name for t in mixed}
+    with tempfile.TemporaryDirectory(prefix="eval-learn.") as work:
+        t0 = time.perf_counter()
+        extractor = FeatureExtractor(pack)
+        result = learn(pack, stream, Path(work) / "state", seed=seed, extractor=extractor, quiet=quiet, log=log)
+        enroll_s = time.perf_counter() - t0
+        state = result.state
+        suspects = {p.name for p in result.suspects}
+        info = {"bank_patches": sum(len(b) for b in state.banks), "tiling": None,
+                "learn": {"parts": len(stream), "defective_mixed_in": n_bad,
+                          "set_aside": len(suspects), "defective_set_aside": len(suspects & bad_names),
+                          "good_set_aside": len(suspects - bad_names), "cutoff": round(result.cutoff, 4)}}
+        log(f"learn mode: {len(suspects)} of {len(stream)} parts set aside ({len(suspects & bad_names)} of the "
+            f"{n_bad} defective ones)")
+        scorer = station_scorer(pack, state, None, extractor=extractor)
+        kept_images = [read_image(p) for p in result.kept]
+        test = dataclasses.replace(category, test=[t for t in category.test if t not in mixed])
+        return _score_test(pack, data, test, scorer, state.calibration, info, kept_images, seed, enroll_s, [],
+                           report_dir, n_overlays, quiet, log)
 
 
 def _score_test(pack, data, category, scorer, calibration, info, ref_images, seed, enroll_s, skipped_refs, report_dir,

@@ -55,3 +55,15 @@ def test_cli_learn_reports_what_it_set_aside(default_pack_dir, tmp_path):
     bad = run_cli("learn", "--pack", default_pack_dir, "--parts", tmp_path / "nothing", "--out", tmp_path / "x",
                   check=False)
     assert bad.returncode == 2 and "nothing: not a folder" in bad.stderr
+
+
+def test_eval_learn_mixes_defective_test_parts_into_the_stream_and_leaves_them_out_of_the_score(
+        default_pack, synthetic_dataset):
+    from edge.evaluate import evaluate
+
+    plain = evaluate(default_pack, synthetic_dataset, None, quiet=True, log=lambda m: None)
+    r = evaluate(default_pack, synthetic_dataset, None, quiet=True, log=lambda m: None, learn_parts=10,
+                 learn_defect_rate=0.1)
+    assert r["learn"]["parts"] == 10 and r["learn"]["defective_mixed_in"] == 1
+    assert r["n_test"] == plain["n_test"] - 1 and r["n_anomalous"] == plain["n_anomalous"] - 1
+    assert r["shots"] == 10 - r["learn"]["set_aside"] and 0 <= r["image_auroc"] <= 1
