@@ -74,7 +74,8 @@ def run_config(pack, name, spec, refs, tests, extractor, seed):
     t0 = time.perf_counter()
     if spec is None:
         state = build_state(pack, refs, extractor, seed=seed, quiet=True)
-        scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor)
+        scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
+                        calibration=state.calibration)
         tiles = 1
     else:
         state = build_tiled_state(pack, refs, spec, extractor, seed=seed, quiet=True)

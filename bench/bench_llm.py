@@ -52,7 +52,7 @@ MM_PER_PIXEL = 0.05
 def station(pack, seed: int = 0):
     line = SyntheticLine(seed=seed, defect_rate=0.5)
     state = build_state(pack, line.good(16), seed=seed, quiet=True)
-    return line, Scorer(pack, state.bank, state.calibration.threshold)
+    return line, Scorer.from_state(pack, state)
 
 
 def flagged_findings(line, scorer, n: int) -> list:

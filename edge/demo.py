@@ -31,7 +31,7 @@ def run_demo(pack_dir: str | Path, out: str | Path, parts: int = 60, shots: int 
     c = state.calibration
     print(f"bank {len(state.bank)} patches, automatic threshold {c.threshold:.3f} "
           f"(held-out normal scores: median {c.median:.3f}, robust sd {c.spread:.3f}, max {c.max:.3f})")
-    scorer = Scorer(pack, state.bank, c.threshold)
+    scorer = Scorer.from_state(pack, state)  # the few-shot head or the bank, as enrolled
     scorer.score_one(line.good(1)[0])  # warm-up: first ONNX Runtime call allocates
     counts = {"parts": 0, "defective": 0, "detected": 0, "false_alarms": 0, "located": 0}
     latencies = []

@@ -45,7 +45,7 @@ def line(default_pack, tmp_path_factory):
     synthetic = SyntheticLine(seed=0, defect_rate=0.5)
     state = build_state(default_pack, synthetic.good(8), seed=0, quiet=True)
     state_dir = state.save(tmp_path_factory.mktemp("station") / "state")
-    scorer = Scorer(default_pack, state.bank, state.calibration.threshold)
+    scorer = Scorer.from_state(default_pack, state)
     flagged, normal = [], []
     for part in synthetic.parts(40):
         result = scorer.score_one(part.image)

@@ -29,7 +29,7 @@ def test_hazelnut_one_shot_finds_both_real_defects(default_pack):
 
     cat = open_mvtec(HAZELNUT)
     state = build_state(default_pack, [read_image(p) for p in cat.train_good], quiet=True)
-    scorer = Scorer(default_pack, state.bank, state.calibration.threshold)
+    scorer = Scorer.from_state(default_pack, state)
     for sample in cat.test:
         img = read_image(sample.path)
         r = scorer.score_one(img)
