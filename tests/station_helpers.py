@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from mqtt_helpers import wait_until
+
 
 def write_config(tmp_path: Path, pack_dir: Path, state: Path, port: int, source: dict, **sections) -> Path:
     station_state = tmp_path / "state"
@@ -20,3 +22,18 @@ def write_config(tmp_path: Path, pack_dir: Path, state: Path, port: int, source:
     return path
 
 
+
+
+def start(config_path: Path):
+    """A Runtime on the config file, started."""
+    from edge.config import load_config
+    from edge.runtime import Runtime
+
+    return Runtime(load_config(config_path), config_path).start()
+
+
+def finish(rt, timeout: float = 60) -> None:
+    """Wait until a finite source's every frame is scored, then stop the runtime."""
+    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
+               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
+    rt.stop()

@@ -22,28 +22,16 @@ import yaml
 
 from conftest import ROOT
 from edge.api import ApiClient, ApiError
-from edge.config import load_config
-from edge.runtime import Runtime
 from edge.store import TraceStore
 from edge.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until
-from station_helpers import write_config
+from station_helpers import finish, start, write_config
 
 pytestmark = needs_mosquitto
 
 
 def synthetic(count: int | None = 30, **kw) -> dict:
     return {"kind": "synthetic", "seed": 0, "defect_rate": 0.3, "count": count, **kw}
-
-
-def start(config_path: Path) -> Runtime:
-    return Runtime(load_config(config_path), config_path).start()
-
-
-def finish(rt: Runtime, timeout: float = 60) -> None:
-    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
-               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
-    rt.stop()
 
 
 def results(sub: Subscriber, n: int, timeout: float = 30) -> list[dict]:

@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from conftest import ROOT
 from edge.config import load_config
-from edge.errors import EdgeError
 from edge.runtime import Runtime
 from edge.store import TraceStore
 from edge.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
-from station_helpers import write_config
+from station_helpers import finish, start, write_config
 
 pytestmark = needs_mosquitto
 
@@ -45,16 +43,6 @@ def tiled_state(default_pack, tmp_path_factory) -> Path:
     enroll(default_pack, write_good_parts(root / "good", 8), root / "state", quiet=True, log=lambda m: None,
            tiling=spec)
     return root / "state"
-
-
-def start(config_path: Path) -> Runtime:
-    return Runtime(load_config(config_path), config_path).start()
-
-
-def finish(rt: Runtime, timeout: float = 60) -> None:
-    wait_until(lambda: rt._source_done.is_set() and not len(rt._queue) and rt._output.empty()
-               and rt.counts["parts"] + rt._queue.dropped == rt.counts["captured"], timeout, "the source to be scored")
-    rt.stop()
 
 
 def wait_topic(sub: Subscriber, topic: str, n: int, timeout: float = 30) -> list[dict]:
