@@ -489,3 +489,30 @@ def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stay
                    "the published status to say explanations are off")
     finally:
         rt.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_technicians_question_that_crashes_the_engine_gets_an_error_naming_the_signal(
+        broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
+    from edge.llm_process import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "SIGILL@token")
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(20, defect_rate=0.5),
+                            explain={"max_crashes": 50}))
+    try:
+        if rt.explainer is None:
+            pytest.skip(f"explanations did not start: {rt.explain_error}")
+        flagged = [r for r in wait_results(sub, 20, timeout=120) if r["verdict"] == "anomalous"]
+        assert flagged
+        api = ApiClient(tmp_path / "var" / "api.sock")
+        for stream in (False, True):
+            with pytest.raises(ApiError, match=r"SIGILL \(illegal instruction"):
+                if stream:
+                    api.stream(f"/parts/{flagged[0]['part_id']}/ask", {"question": "How big is it?", "stream": True},
+                               lambda e: None)
+                else:
+                    api.post(f"/parts/{flagged[0]['part_id']}/ask", {"question": "Is it a scratch?"})
+        assert rt.health()["state"] == "online" and api.get("/health")["explain"]["crashes"] >= 2
+    finally:
+        rt.stop()
