@@ -226,8 +226,10 @@ class Runtime:
                 username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
                 tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
                 reconnect_min_delay=1, reconnect_max_delay=10)
-            self.publisher.subscribe("cmd/+", self._on_command)
             self._replay_unpublished()
+        self._replay_triggers()
+        if self.publisher is not None:
+            self.publisher.subscribe("cmd/+", self._on_command)
         self._start_explainer()
         if c.api.enabled:
             from .api import LocalApi
@@ -288,6 +290,10 @@ class Runtime:
         if self.explainer is not None:
             self.explainer.stop(timeout=2.0)
             self.explainer.store.close()
+        waiting = len(self.store.pending_triggers())
+        if waiting:
+            log.warning("%d accepted trigger(s) not inspected before the stop: they are replayed at the next start",
+                        waiting)
         if self.api is not None:
             self.api.stop()
         if self.publisher is not None:
@@ -351,6 +357,7 @@ class Runtime:
                 frame = None
             if frame is None:
                 for part_id, _, request_id in pending:
+                    self.store.drop_trigger(part_id)
                     self._reply("trigger", request_id, False, error=f"source {self.source.name} has ended; "
                                 f"part {part_id} was not inspected", part_id=part_id)
                 if self._stop.is_set():
@@ -391,7 +398,25 @@ class Runtime:
             if known:
                 raise CommandError(f"trigger: part {part_id!r} was already inspected; send a new part id")
             self._queued_ids.add(part_id)
+            # Durable before it is acknowledged: a stop or crash from here on replays it at the next start.
+            self.store.add_trigger(part_id, request_id)
         self._triggers.put((part_id, "mqtt", request_id))
+
+    def _replay_triggers(self) -> int:
+        """Triggers accepted before the last stop or crash whose part was never recorded: inspected now,
+        before new ones, under the part ids the PLC sent."""
+        pending = self.store.pending_triggers()
+        if pending and self.config.trigger.mode != "mqtt":
+            log.warning("%d trigger(s) accepted before the last stop are kept for trigger.mode mqtt "
+                        "(this start runs %s)", len(pending), self.config.trigger.mode)
+            return 0
+        with self._ids_lock:
+            for part_id, request_id in pending:
+                self._queued_ids.add(part_id)
+                self._triggers.put((part_id, "mqtt", request_id))
+        if pending:
+            log.warning("replaying %d trigger(s) accepted before the last stop", len(pending))
+        return len(pending)
 
     # -- score --------------------------------------------------------------------------------
 

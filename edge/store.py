@@ -56,7 +56,16 @@ CREATE INDEX IF NOT EXISTS parts_time ON parts (captured_at);
 CREATE INDEX IF NOT EXISTS parts_verdict_time ON parts (verdict, captured_at);
 CREATE INDEX IF NOT EXISTS parts_unpublished ON parts (published) WHERE published = 0;
 """
-_SCHEMA = _PARTS_TABLE + ";\n" + _PARTS_INDEXES
+# Triggers accepted (acknowledged to the PLC) but not yet recorded as a part: replayed at the next start.
+_TRIGGERS_TABLE = """
+CREATE TABLE IF NOT EXISTS triggers (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    part_id     TEXT NOT NULL UNIQUE,
+    request_id  TEXT,
+    accepted_at REAL NOT NULL
+);
+"""
+_SCHEMA = _PARTS_TABLE + ";\n" + _PARTS_INDEXES + _TRIGGERS_TABLE
 
 FEEDBACK_LABELS = ("defect", "false_alarm")
 
@@ -114,18 +123,34 @@ class TraceStore(SqliteStore):
         pairs) wait in the row until `mark_published`, so a crash between this row and the outbox is
         repaired at the next start (`unpublished`)."""
         files_dir, nbytes = files
-        self._sql(
-            "INSERT OR REPLACE INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, "
-            "regions, findings, latency_ms, model_id, files_dir, files_bytes, messages, published) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (part_id, station, captured_at, trigger, summary["verdict"], summary["score"], summary["threshold"],
-             json.dumps(summary.get("regions", [])), json.dumps(findings) if findings else None,
-             summary.get("latency_ms"), model_id, files_dir, nbytes, json.dumps(messages) if messages else None,
-             0 if messages else 1))
+        with self._transaction() as conn:  # the row lands and its trigger (if any) is served, together
+            conn.execute(
+                "INSERT OR REPLACE INTO parts (part_id, station, captured_at, trigger, verdict, score, threshold, "
+                "regions, findings, latency_ms, model_id, files_dir, files_bytes, messages, published) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (part_id, station, captured_at, trigger, summary["verdict"], summary["score"], summary["threshold"],
+                 json.dumps(summary.get("regions", [])), json.dumps(findings) if findings else None,
+                 summary.get("latency_ms"), model_id, files_dir, nbytes, json.dumps(messages) if messages else None,
+                 0 if messages else 1))
+            conn.execute("DELETE FROM triggers WHERE part_id = ?", (part_id,))
         with self._bytes_lock:
             self._files_bytes += nbytes
         if self._files_bytes > self.disk_budget_mb * 1e6:
             self.enforce_disk_budget()
+
+    def add_trigger(self, part_id: str, request_id: str | None) -> None:
+        """Make an accepted trigger durable (before it is acknowledged): it stays until the part's row
+        lands (`add_part`), and `pending_triggers` hands it back after a stop or a crash."""
+        self._sql("INSERT OR IGNORE INTO triggers (part_id, request_id, accepted_at) VALUES (?, ?, ?)",
+                  (part_id, request_id, time.time()))
+
+    def drop_trigger(self, part_id: str) -> None:
+        """A trigger that was answered as not carried out (the source ended) is not replayed."""
+        self._sql("DELETE FROM triggers WHERE part_id = ?", (part_id,))
+
+    def pending_triggers(self) -> list[tuple[str, str | None]]:
+        """(part_id, request_id) of accepted triggers with no part row yet, in the order they came."""
+        return [(r[0], r[1]) for r in self._sql("SELECT part_id, request_id FROM triggers ORDER BY seq")]
 
     def write_files(self, part_id: str, captured_at: float, images: dict[str, np.ndarray]) -> tuple[str | None, int]:
         """Write a part's images ({"image": frame, "overlay": ..., "mask": ...}); returns (folder relative

@@ -285,3 +285,56 @@ def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_p
         assert rt.counts["parts"] == 0 and rt._threads[1].is_alive()
     finally:
         rt.stop()
+
+
+def _connected(tmp_path: Path) -> bool:
+    from edge.api import ApiClient, ApiError
+
+    sock = tmp_path / "var" / "api.sock"
+    try:
+        return sock.exists() and ApiClient(sock).get("/health")["broker"]["connected"]
+    except ApiError:
+        return False
+
+
+def _run_service(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_accepted_triggers_survive_a_kill_or_a_stop_and_every_part_gets_its_result(
+        broker, tmp_path, default_pack_dir, enrolled_state, stop):
+    """Each trigger is stored before its `ok` is replied; a station killed (or stopped) with triggers still
+    waiting inspects them at its next start, under the part ids the PLC sent."""
+    import paho.mqtt.publish as publish
+
+    n = 60
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2}, trigger={"mode": "mqtt"},
+                       explain={"enabled": False})
+    service = _run_service(cfg)
+    try:
+        wait_until(lambda: _connected(tmp_path), 90, "the station")
+        publish.multiple([{"topic": "test/s1/cmd/trigger", "qos": 1,
+                           "payload": json.dumps({"part_id": f"T-{i:04d}", "request_id": f"r{i}"})} for i in range(n)],
+                         hostname="127.0.0.1", port=broker.port)
+        wait_until(lambda: sum(1 for r in sub.unique_by_topic().get("test/s1/reply", []) if r.get("ok")) >= n, 60,
+                   "every trigger acknowledged")
+        service.send_signal(getattr(signal, stop))
+        service.wait(30)
+        done_before = len(sub.unique_by_topic().get("test/s1/result", []))
+        service = _run_service(cfg)
+        wait_until(lambda: len({r["part_id"] for r in sub.unique_by_topic().get("test/s1/result", [])}) >= n, 120,
+                   "a result for every acknowledged trigger")
+        got = {r["part_id"] for r in sub.unique_by_topic()["test/s1/result"]}
+        assert got == {f"T-{i:04d}" for i in range(n)}
+        with TraceStore(tmp_path / "var") as store:
+            assert store.pending_triggers() == []
+            assert {p["part_id"] for p in store.query(limit=1000)} == got
+        print(f"{stop}: {done_before} of {n} results before the stop, the rest after the restart")
+    finally:
+        service.kill()
+        service.wait(10)
