@@ -150,6 +150,9 @@ class StorageSpec(_Strict):
     keep_images: Literal["flagged", "all", "none"] = "flagged"
     retention_days: float = Field(default=30, gt=0)
     disk_budget_mb: float = Field(default=2048, gt=0)
+    # A part whose row cannot be written because the database is locked (another process holds it, a
+    # slow disk) is retried from memory for this long before it is recorded as an error.
+    write_retry_s: float = Field(default=120, ge=0)
 
 
 class ApiSpec(_Strict):

@@ -472,7 +472,7 @@ class Runtime:
             if item is None:
                 break
             try:
-                self._emit(item)
+                self._emit_retrying(item)
             except Exception as e:
                 if self._recorded(item.part.part_id):
                     # Its row holds its messages: they are replayed from there at the next start.
@@ -490,6 +490,29 @@ class Runtime:
             finally:
                 with self._ids_lock:
                     self._queued_ids.discard(item.part.part_id)
+
+    STORE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+    def _emit_retrying(self, item: ScoredPart) -> None:
+        """`_emit`, tried again from memory while the database is locked or busy (another process holds
+        it, a slow disk), for up to `storage.write_retry_s`; each retry is counted in the health."""
+        deadline = time.monotonic() + self.config.storage.write_retry_s
+        attempt = 0
+        while True:
+            try:
+                return self._emit(item)
+            except EdgeError as e:
+                text = str(e).lower()
+                if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
+                    raise
+            self.counts["store_retries"] += 1
+            wait = self.STORE_RETRY_S[min(attempt, len(self.STORE_RETRY_S) - 1)]
+            attempt += 1
+            if attempt == 1:
+                log.warning("part %s: the traceability database is locked; retrying (up to %.0f s)",
+                            item.part.part_id, self.config.storage.write_retry_s)
+            self._heartbeat["output"] = time.monotonic()  # waiting on the disk, not hung
+            time.sleep(wait)
 
     def _recorded(self, part_id: str) -> bool:
         try:
@@ -713,6 +736,7 @@ class Runtime:
 
     def health(self) -> dict:
         pub = self.publisher.stats() if self.publisher is not None else None
+        parts, fresh = self.store.count_nowait()  # never waits on a locked database
         return {
             "state": "online" if not self._stop.is_set() else "stopping",
             "station": self.station, "line": self.config.station.line, "model_id": self.pack.model_id,
@@ -730,7 +754,8 @@ class Runtime:
                          "reconnects": self.source.reconnects},
             "source": {"name": self.source.name, "state": self.source.state, "detail": self.source.detail},
             "broker": pub,
-            "storage": {"parts": self.store.count(), "files_mb": round(self.store.files_bytes / 1e6, 2),
+            "storage": {"parts": parts, "busy": not fresh, "write_retries": int(self.counts["store_retries"]),
+                        "files_mb": round(self.store.files_bytes / 1e6, 2),
                         "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
             "explain": self.explainer.stats() if self.explainer is not None else (
                 {"error": self.explain_error} if self.explain_error else None),

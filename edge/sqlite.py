@@ -51,6 +51,18 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise self.error(f"{self.label} database {self.path}: {exc}") from exc
 
+    def _execute_nowait(self, sql: str, params: tuple = (), wait_s: float = 0.2) -> list[tuple] | None:
+        """`_execute`, or None when another thread holds the connection for longer than `wait_s` (a
+        write waiting on a locked database): for readers that must not stall, such as a health check."""
+        if not self._lock.acquire(timeout=wait_s):
+            return None
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self.error(f"{self.label} database {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """The connection inside BEGIN ... COMMIT, rolled back if the block raises."""

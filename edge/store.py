@@ -247,7 +247,17 @@ class TraceStore(SqliteStore):
         return [self._row(r) for r in self._sql(sql, (*params, int(limit)))]
 
     def count(self) -> int:
-        return self._sql("SELECT COUNT(*) FROM parts")[0][0]
+        self._last_count = self._sql("SELECT COUNT(*) FROM parts")[0][0]
+        return self._last_count
+
+    def count_nowait(self) -> tuple[int | None, bool]:
+        """(rows, fresh): the row count, or the last one known (fresh False) while a write holds the
+        database (another process has it locked): the health loop must never wait on the store."""
+        rows = self._execute_nowait("SELECT COUNT(*) FROM parts")
+        if rows is None:
+            return getattr(self, "_last_count", None), False
+        self._last_count = rows[0][0]
+        return self._last_count, True
 
     @property
     def files_bytes(self) -> int:

@@ -338,3 +338,46 @@ def test_accepted_triggers_survive_a_kill_or_a_stop_and_every_part_gets_its_resu
     finally:
         service.kill()
         service.wait(10)
+
+
+@pytest.mark.timeout(180)
+def test_a_database_locked_by_another_process_loses_no_part_and_does_not_stall_the_health(
+        broker, tmp_path, default_pack_dir, enrolled_state):
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                            {"kind": "synthetic", "seed": 0, "defect_rate": 0.2, "count": 60, "fps": 10},
+                            explain={"enabled": False}))
+    try:
+        wait_topic(sub, "test/s1/result", 5, timeout=60)
+        locker = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(tmp_path / 'var' / 'parts.sqlite')!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(12); c.execute('COMMIT')\n")],
+            stdout=subprocess.PIPE, text=True)
+        assert locker.stdout.readline().strip() == "locked"
+        t_lock = time.time()
+        statuses = lambda: sum(1 for m in list(sub.messages) if m.topic == "test/s1/status")  # noqa: E731
+        before = statuses()
+        wait_until(lambda: rt.counts["store_retries"] > 0, 30, "a write to meet the lock")
+        slowest = 0.0
+        while locker.poll() is None and time.time() - t_lock < 10:  # the output thread waits on the lock
+            t0 = time.monotonic()
+            h = rt.health()
+            slowest = max(slowest, time.monotonic() - t0)
+            assert h["storage"]["parts"] is not None
+            time.sleep(0.1)
+        assert slowest < 1.0, f"health took {slowest:.2f} s while the database was locked"
+        during = statuses()
+        assert locker.wait(30) == 0
+        assert statuses() - before >= 10, "the health loop kept publishing its status during the 12 s lock"
+        assert during >= before
+        assert time.time() - t_lock >= 11
+        finish(rt, timeout=90)
+        with TraceStore(tmp_path / "var") as store:
+            n = store.count()
+        got = wait_topic(sub, "test/s1/result", n, timeout=60)
+        assert n == 60 and len({r["part_id"] for r in got}) == 60  # every part recorded and on the broker
+        assert all(r["verdict"] != "error" for r in got)
+        assert rt.counts["store_retries"] > 0 and rt.counts["output_errors"] == 0
+    finally:
+        rt.stop()
