@@ -188,6 +188,7 @@ class Runtime:
         self._ids_lock = threading.Lock()
         self._state_lock = threading.Lock()  # one enrollment or reload at a time
         self._seq = 0
+        self._in_scoring: list[Part] = []  # the batch inside scorer.score() right now
         self._threads: list[threading.Thread] = []
         self._heartbeat = {"score": time.monotonic(), "output": time.monotonic()}
         self.started_at = time.time()
@@ -287,6 +288,7 @@ class Runtime:
         self._jobs.put(None)
         for t in self._threads[1:]:
             t.join(max(0.1, deadline - time.monotonic()))
+        self._record_leftovers()
         if self.explainer is not None:
             self.explainer.stop(timeout=2.0)
             self.explainer.store.close()
@@ -304,6 +306,34 @@ class Runtime:
         self.lock.release()
         self._stopped.set()
         log.info("station %s stopped", self.station)
+
+    def _record_leftovers(self) -> None:
+        """What a stop bounded by its timeout could not finish still leaves with a result: parts scored
+        but not yet recorded are recorded as they are; parts still queued, or inside the scorer, are
+        recorded and published as errors that say so (triggered ones thus answer their PLC)."""
+        left: list[ScoredPart] = []
+        while True:
+            try:
+                item = self._output.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                left.append(item)
+        score_thread = self._threads[1] if len(self._threads) > 1 else None
+        unscored = (list(self._in_scoring) if score_thread is not None and score_thread.is_alive() else [])
+        unscored += self._queue.get_batch(1 << 30, 0)
+        now = time.monotonic()
+        left += [ScoredPart(p, None, "not scored: the station stopped before it was scored", 0.0, now)
+                 for p in unscored]
+        for item in left:
+            try:
+                self._emit(item)
+            except Exception:
+                self.counts["output_errors"] += 1
+                log.exception("stopping: could not record part %s", item.part.part_id)
+        if left:
+            log.warning("stopping: recorded %d part(s) the stop timeout cut short (%d of them as not scored)",
+                        len(left), len(unscored))
 
     def run_forever(self) -> int:
         """Serve until SIGTERM/SIGINT (or the end of a finite source with exit_at_end); SIGHUP reloads."""
@@ -431,6 +461,7 @@ class Runtime:
                 continue
             scorer = self.scorer  # swapped whole by enrollments and reloads
             t0 = time.perf_counter()
+            self._in_scoring = batch
             outcomes = self._score_batch(scorer, batch)
             ms = (time.perf_counter() - t0) * 1000 / len(batch)
             now = time.monotonic()
@@ -439,6 +470,7 @@ class Runtime:
                 self.score_ms.add(ms)
                 self.scored.add()
                 self._output.put(ScoredPart(p, r, error, ms, now))
+            self._in_scoring = []
 
     @staticmethod
     def _score_batch(scorer, batch: list[Part]) -> list[tuple[Result | None, str | None]]:
