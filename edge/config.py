@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import EdgeError
 from .roi import polygon_problem
@@ -126,7 +126,7 @@ class HeatmapSpec(_Strict):
 class MqttSpec(_Strict):
     enabled: bool = True
     host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: StrictInt = Field(default=1883, ge=1, le=65535)  # strict: `true` is not port 1
     # Topics are <topic_prefix>/result, /flagged, ...; default anomaly-edge/<line>/<station>.
     topic_prefix: str | None = Field(default=None, pattern=r"^[^#+\s]+$")
     client_id: str | None = None
@@ -160,7 +160,7 @@ class ApiSpec(_Strict):
     socket: Path | None = None  # default <storage.dir>/api.sock
     mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
     group: str | None = None
-    tcp_port: int | None = Field(default=None, ge=1, le=65535)  # also listen on this port
+    tcp_port: StrictInt | None = Field(default=None, ge=1, le=65535)  # also listen on this port
     tcp_host: str = "127.0.0.1"
 
 

@@ -47,6 +47,8 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     ({"mqtt": {"password": "x", "password_file": "pw"}}, "give password or password_file, not both"),
     ({"storage": {"retention_days": 0}}, "storage.retention_days: Input should be greater than 0"),
     ({"pack": None}, "pack: expected a file or folder path, got None"),
+    ({"mqtt": {"port": True}}, "mqtt.port: Input should be a valid integer"),
+    ({"api": {"tcp_port": True}}, "api.tcp_port: Input should be a valid integer"),
 ])
 def test_a_wrong_key_is_named_with_what_is_allowed(tmp_path, change, expected):
     with pytest.raises(ConfigError) as e:
