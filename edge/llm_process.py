@@ -80,6 +80,16 @@ def describe_exit(returncode: int | None) -> tuple[str, str | None]:
     return f"exited with status {returncode}", None
 
 
+# The child lowers its priority before it imports anything (interpreter start, numpy, llama.cpp and the
+# model load are a second of CPU that must not take the frame loop's cores), and loads at SCHED_IDLE
+# where Linux allows it: it gets only CPU nobody else wants until its model is ready.
+_CHILD_BOOT = ("import os, sys\n"
+               "try:\n    os.nice(max(0, int(sys.argv[2])))\nexcept (OSError, ValueError):\n    pass\n"
+               "try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+               "except (AttributeError, OSError):\n    pass\n"
+               "import runpy\nsys.argv = ['edge.llm_process', *sys.argv[1:]]\n"
+               "runpy.run_module('edge.llm_process', run_name='__main__', alter_sys=True)\n")
+
 _ERRORS = {"LlmError": LlmError, "ContextOverflow": ContextOverflow, "EdgeError": EdgeError}
 
 
@@ -130,7 +140,7 @@ class LlmProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "edge.llm_process", str(child_sock.fileno()), str(self.nice)],
+                [sys.executable, "-c", _CHILD_BOOT, str(child_sock.fileno()), str(self.nice)],
                 pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=self._stderr, env=env, close_fds=True)
         finally:
@@ -307,7 +317,7 @@ def child_main(fd: int, nice: int) -> int:
     from dataclasses import asdict
 
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, max(0, nice))  # first: the frame loop keeps the cores
+        os.setpriority(os.PRIO_PROCESS, 0, max(0, nice))  # (also when started without _CHILD_BOOT)
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
@@ -353,6 +363,10 @@ def child_main(fd: int, nice: int) -> int:
         send({"op": "error", "type": type(e).__name__, "message": str(e)})
         return 1
     _fault("load")
+    try:  # loaded: back to the normal policy at its nice value, so explanations get their share
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not permitted: it stays SCHED_IDLE and explains when the CPU is otherwise idle
     info = _lib().llama_print_system_info()
     send({"op": "ready", "pid": os.getpid(), "model": explainer.model.name, "kind": explainer.kind,
           "n_ctx": explainer.engine.n_ctx, "system_info": info.decode() if isinstance(info, bytes) else str(info)})
