@@ -62,6 +62,18 @@ def onnx_max_abs_error(model, path: Path, feeds: dict[str, np.ndarray], output_n
     return errors
 
 
+def check_encoder_onnx(model, path: Path, size: int, span: float, n_noise: int, seed: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and the PyTorch forward of an image encoder, on `n_noise`
+    images of uniform noise over +-`span` (the normalised input range) and one blurred, image-like texture."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(-span, span, (n_noise, 3, size, size)).astype(np.float32)
+    texture = cv2.GaussianBlur(rng.uniform(-span, span, (size, size, 3)).astype(np.float32), (0, 0), 3) * 4
+    batch = np.concatenate([noise, np.clip(texture, -span, span).transpose(2, 0, 1)[None]])
+    return onnx_max_abs_error(model, path, {"image": batch}, ["features"])["features"]
+
+
 def prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not force and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")

@@ -14,13 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from edge.pack import (SCHEMA_VERSION, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec, Normalization,
                        PackManifest, ScorerSpec, sha256_file)
 
 from . import assets
-from .common import ExportError, build_pack, onnx_max_abs_error, prepare_out
+from .common import ExportError, build_pack, check_encoder_onnx, prepare_out
 from .common import export_onnx as _export_onnx
 from .common import step as _step
 
@@ -53,15 +52,8 @@ def export_onnx(model, path: Path, size: int) -> None:
 
 
 def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:
-    """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    # Uniform noise over the whole normalized range, and a blurred (image-like) texture.
-    noise = rng.uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
-    texture = cv2.GaussianBlur(rng.uniform(-1, 1, (size, size, 3)).astype(np.float32), (0, 0), 3) * 4
-    batch = np.concatenate([noise, np.clip(texture, -1, 1).transpose(2, 0, 1)[None]])
-    return onnx_max_abs_error(model, path, {"image": batch}, ["features"])["features"]
+    """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs ((x-127)/128: +-1)."""
+    return check_encoder_onnx(model, path, size, span=1.0, n_noise=2, seed=seed)
 
 
 def fetch_llm(log) -> Path:
