@@ -6,9 +6,17 @@ the full metrics for the chosen configuration). Variants, one lever at a time:
 
   views      none | rot8 (flips/rot90) | rot8+shift | rot8+shift+photo (brightness/contrast jitter)
   features   raw | l2 (each patch vector L2-normalised) | centred (each image's mean feature subtracted)
-  head       nn (nearest-neighbour bank) | pca (SubspaceAD residual, 99% variance) | nn+pca (each
-             divided by its median on the references, summed)
+  head       nn (nearest-neighbour bank) | pca (SubspaceAD residual, --variance of it) | nn+pca (each
+             divided by its median on the references, summed) | ppca (probabilistic PCA: whitened
+             in-subspace distance + residual / mean discarded variance) | mahal (full Mahalanobis,
+             covariance shrunk by 1% of its mean eigenvalue) | pca-std (pca on channels scaled to unit
+             variance on the references)
   top        image score = mean of the top fraction of the map (0.05 | 0.01)
+  score      top | top-med (minus the map's median) | top/med (over it)
+
+Views beyond edge.fewshot's modes, for this ablation only: flip4+shift (the 4 flips, no 90-degree turns:
+a part with a direction, e.g. ground streaks), flip4+shift12 (and 8 larger shifts), rot8+shift+more
+(rot8+shift, 8 larger shifts and 0.9x / 1.1x zoom).
 
     python bench/fewshot_ablation.py --pack P --data ../shared/data/magnetic_tile --shots 1,4,16 --seeds 0,1,2
 """
@@ -28,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge import metrics  # noqa: E402
 from edge.dataset import open_dataset  # noqa: E402
 from edge.decide import image_score  # noqa: E402
-from edge.fewshot import SubspaceHead, few_shot_views, l2_normalise  # noqa: E402
+from edge.fewshot import SHIFTS, SubspaceHead, few_shot_views, l2_normalise, shifted  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.preprocess import choose_shots, read_image  # noqa: E402
 from edge.scorer import FeatureExtractor, grid_maps  # noqa: E402
@@ -47,9 +55,74 @@ def test_features(pack, category, extractor, cache: Path):
     return feats, labels
 
 
-def image_scores_from_patch(patch: np.ndarray, pack, top: float) -> np.ndarray:
+def image_scores_from_patch(patch: np.ndarray, pack, top: float, mode: str = "top") -> np.ndarray:
+    """mode: top (mean of the top fraction) | top-med (minus the map's median) | top/med (over it)."""
     maps = grid_maps(patch.astype(np.float32), pack)
-    return np.array([image_score(m, top) for m in maps])
+    tops = np.array([image_score(m, top) for m in maps])
+    if mode == "top":
+        return tops
+    med = np.array([float(np.median(m)) for m in maps])
+    if mode == "top-med":
+        return tops - med
+    if mode == "top/med":
+        return tops / (med + 1e-9)
+    raise SystemExit(f"unknown --scores mode {mode!r}")
+
+
+LARGER_SHIFTS = ((0.08, 0.0), (-0.08, 0.0), (0.0, 0.08), (0.0, -0.08), (0.06, 0.06), (-0.06, -0.06),
+                 (0.06, -0.06), (-0.06, 0.06))
+
+
+def _zoom(image: np.ndarray, factor: float) -> np.ndarray:
+    import cv2
+
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 0, factor)
+    return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+
+
+def bench_views(image: np.ndarray, mode: str) -> list[np.ndarray]:
+    """edge.fewshot's view modes plus the ablation-only ones (module docstring)."""
+    import cv2
+
+    flips = [image, cv2.flip(image, 1), cv2.flip(image, 0), cv2.flip(image, -1)]
+    shifts = [shifted(image, dx, dy) for dx, dy in SHIFTS]
+    larger = [shifted(image, dx, dy) for dx, dy in LARGER_SHIFTS]
+    if mode == "flip4+shift":
+        return flips + shifts
+    if mode == "flip4+shift12":
+        return flips + shifts + larger
+    if mode == "rot8+shift+more":
+        return few_shot_views(image, "rot8+shift") + larger + [_zoom(image, f) for f in (0.9, 1.1)]
+    return few_shot_views(image, mode)
+
+
+class GaussianHead:
+    """ppca / mahal / pca-std heads over the references' patch rows (see the module docstring)."""
+
+    def __init__(self, rows: np.ndarray, mode: str, variance: float):
+        self.mode = mode
+        self.scale = rows.std(0) + 1e-3 * rows.std(0).mean() if mode == "pca-std" else None
+        x = rows / self.scale if self.scale is not None else rows
+        self.mean = x.mean(0)
+        xc = x - self.mean
+        eigval, eigvec = np.linalg.eigh((xc.T @ xc).astype(np.float64) / (len(x) - 1))
+        eigval, eigvec = eigval[::-1].clip(1e-9), eigvec[:, ::-1]
+        k = min(int(np.searchsorted(np.cumsum(eigval) / eigval.sum(), variance) + 1), len(eigval) - 1)
+        self.basis, self.eig = eigvec[:, :k].astype(np.float32), eigval[:k].astype(np.float32)
+        self.all_basis, self.all_eig = eigvec.astype(np.float32), eigval.astype(np.float32)
+        self.discarded = float(eigval[k:].mean())
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        x = (q / self.scale if self.scale is not None else q) - self.mean
+        z = x @ self.basis
+        residual = np.maximum((x * x).sum(1) - (z * z).sum(1), 0)
+        if self.mode == "pca-std":
+            return residual
+        if self.mode == "ppca":
+            return (z * z / self.eig).sum(1) + residual / self.discarded
+        zz = x @ self.all_basis  # mahal
+        return (zz * zz / (self.all_eig + 0.01 * self.all_eig.mean())).sum(1)
 
 
 def main() -> None:
@@ -62,6 +135,8 @@ def main() -> None:
     ap.add_argument("--features", default="raw,l2")
     ap.add_argument("--heads", default="nn,pca,pca-layers,nn+pca")
     ap.add_argument("--tops", default="0.05,0.01")
+    ap.add_argument("--scores", default="top", help="image score: top, top-med, top/med (comma list)")
+    ap.add_argument("--variance", type=float, default=0.99, help="variance the subspace heads keep")
     ap.add_argument("--cache", default="/tmp/fewshot-cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -76,7 +151,7 @@ def main() -> None:
     for k, seed in itertools.product(map(int, args.shots.split(",")), map(int, args.seeds.split(","))):
         refs = [read_image(p) for p in choose_shots(category.train_good, k, seed)]
         for views in args.views.split(","):
-            frames = [v for r in refs for v in few_shot_views(r, views)]
+            frames = [v for r in refs for v in bench_views(r, views)]
             ref_feats = extractor.patch_features_batched(frames)
             for feat_mode in args.features.split(","):
                 rf = transform(ref_feats, feat_mode)
@@ -87,8 +162,10 @@ def main() -> None:
                     bank = build_bank(rf, pack.scorer, seed, quiet=True)
                     patch["nn"] = score_test(test, feat_mode, lambda q: np.sqrt(bank.nearest_sqdist(q)))
                 if any(hd in ("pca", "nn+pca") for hd in heads):
-                    head = SubspaceHead.fit(flat)
+                    head = SubspaceHead.fit(flat, variance=args.variance)
                     patch["pca"] = score_test(test, feat_mode, head.residual)
+                for hd in set(heads) & {"ppca", "mahal", "pca-std"}:
+                    patch[hd] = score_test(test, feat_mode, GaussianHead(flat.astype(np.float32), hd, args.variance))
                 if "pca-layers" in heads:
                     layer_heads = LayerSubspaces.fit(rf, [layer.channels for layer in pack.encoder.layers])
                     patch["pca-layers"] = score_test(test, feat_mode, layer_heads.score)
@@ -96,11 +173,11 @@ def main() -> None:
                     nn_scale, pca_scale = reference_scales(rf, pack, seed)
                     patch["nn+pca"] = patch["nn"] / nn_scale + patch["pca"] / pca_scale
                 for hd in heads:
-                    for top in map(float, args.tops.split(",")):
-                        s = image_scores_from_patch(patch[hd], pack, top)
+                    for top, mode in itertools.product(map(float, args.tops.split(",")), args.scores.split(",")):
+                        s = image_scores_from_patch(patch[hd], pack, top, mode)
                         auc = metrics.auroc(s, labels)
                         row = dict(k=k, seed=seed, views=views, features=feat_mode, head=hd, top=top,
-                                   image_auroc=auc, bank_frames=len(frames))
+                                   score=mode, variance=args.variance, image_auroc=auc, bank_frames=len(frames))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     if args.json:
@@ -165,11 +242,12 @@ def reference_scales(ref_feats: np.ndarray, pack, seed: int) -> tuple[float, flo
 
 
 def summarise(rows: list[dict]) -> None:
-    keys = sorted({(r["k"], r["views"], r["features"], r["head"], r["top"]) for r in rows})
-    print("\n| K | views | features | head | top | image AUROC (mean over seeds) | seeds |\n|---|---|---|---|---|---|---|")
-    for key in keys:
-        vals = [r["image_auroc"] for r in rows if (r["k"], r["views"], r["features"], r["head"], r["top"]) == key]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {np.mean(vals):.3f} ± {np.std(vals):.3f} | {len(vals)} |")
+    def key_of(r):
+        return (r["k"], r["views"], r["features"], r["head"], r["top"], r.get("score", "top"))
+    print("\n| K | views | features | head | top | score | image AUROC (mean over seeds) | seeds |\n|---|---|---|---|---|---|---|---|")
+    for key in sorted({key_of(r) for r in rows}):
+        vals = [r["image_auroc"] for r in rows if key_of(r) == key]
+        print("| " + " | ".join(map(str, key)) + f" | {np.mean(vals):.3f} ± {np.std(vals):.3f} | {len(vals)} |")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,14 @@ class ExplainSpec(_Strict):
     max_crashes: int = Field(default=4, ge=1, le=100)
 
 
+class LearnSpec(_Strict):
+    # Learn mode: a station started with no state yet (no state.yaml in `state`) builds its references
+    # and threshold from its first `parts` parts, assuming most of them are good; parts that look
+    # unusual among them are set aside (listed on P/reply). Until then each part's result is `learning`.
+    parts: StrictInt = Field(ge=8, le=5000)
+    suspect_z: float = Field(default=3.0, gt=0, le=20)
+
+
 class HealthSpec(_Strict):
     status_interval_s: float = Field(default=10, gt=0)
 
@@ -234,6 +242,7 @@ class StationConfig(_Strict):
     api: ApiSpec = ApiSpec()
     explain: ExplainSpec = ExplainSpec()
     health: HealthSpec = HealthSpec()
+    learn: LearnSpec | None = None  # learn mode when the station has no state yet
     roi: RoiConfig | None = None
     tiling: TilingConfig | None = None  # high-resolution frames: score the ROI tile by tile
     log_level: Literal["debug", "info", "warning", "error"] = "info"

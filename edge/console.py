@@ -56,7 +56,7 @@ def _short(text: str | None, n: int) -> str:
 def part_line(p: dict) -> str:
     """One line per part, 80 columns: id, time, score, verdict, a short explanation or the findings."""
     when = p["time"][11:19]
-    verdict = {"anomalous": "FLAGGED", "normal": "ok", "error": "ERROR"}.get(p["verdict"], p["verdict"])
+    verdict = {"anomalous": "FLAGGED", "normal": "ok", "error": "ERROR", "learning": "learning"}.get(p["verdict"], p["verdict"])
     score = f"{p['score']:.2f}" if isinstance(p.get("score"), (int, float)) and p["score"] == p["score"] else "-"
     head = f"{_short(p['part_id'], 30):30s} {when} {score:>7s} {verdict:8s}"
     words = p.get("explanation") or (p.get("findings") or {}).get("summary") or ""
@@ -110,7 +110,7 @@ class Console:
         verdict, query = "anomalous", {"limit": "15"}
         it = iter(args)
         for a in it:
-            if a in ("anomalous", "flagged", "normal", "error", "all"):
+            if a in ("anomalous", "flagged", "normal", "error", "learning", "all"):
                 verdict = {"flagged": "anomalous"}.get(a, a)
             elif a in ("--since", "--until", "--station", "--limit"):
                 value = next(it, None)
@@ -135,7 +135,7 @@ class Console:
         p = self.api.get(f"/parts/{args[0]}")
         self.part = p
         self.say(f"part {p['part_id']}  {p['time']}  station {p['station']}  trigger {p['trigger']}")
-        self.say(f"verdict {p['verdict']}  score {'-' if p['score'] is None else format(p['score'], '.3f')}  threshold {p['threshold']:.3f}  "
+        self.say(f"verdict {p['verdict']}  score {'-' if p['score'] is None else format(p['score'], '.3f')}  threshold {'-' if p['threshold'] is None else format(p['threshold'], '.3f')}  "
                  f"model {p['model_id']}")
         for sentence in ((p.get("findings") or {}).get("summary") or "").split(". Region"):
             if sentence:

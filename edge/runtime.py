@@ -30,6 +30,7 @@ from .config import StationConfig, changed_keys, load_config, mqtt_password, nee
 from .decide import Result
 from .errors import EdgeError
 from .findings import describe
+from .line_learning import LineLearner
 from .notify import SystemdNotifier
 from .pack import load_pack
 from .tiling import station_scorer
@@ -58,6 +59,7 @@ class ScoredPart:
     error: str | None
     score_ms: float
     scored_at: float             # time.monotonic()
+    learning: bool = False       # learn mode: collected to build the state, not scored
 
 
 class PartQueue:
@@ -165,9 +167,16 @@ class Runtime:
         self.exit_at_end = exit_at_end
         self.station = config.station.name
         self.pack = load_pack(config.pack)
-        self.state = load_state(config.state, self.pack)
-        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
-                                     allow_undertrained=config.student_allow_undertrained)
+        self.learner: LineLearner | None = None
+        if config.learn is not None and not (Path(config.state) / "state.yaml").is_file():
+            # Learn mode: no state yet; the first learn.parts parts build it (edge.line_learning).
+            self.state, self.scorer = None, None
+            self.learner = LineLearner(self.pack, config.state, config.storage.dir, config.learn.parts,
+                                       config.learn.suspect_z, config.target_false_reject)
+        else:
+            self.state = load_state(config.state, self.pack)
+            self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
+                                         allow_undertrained=config.student_allow_undertrained)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -245,7 +254,13 @@ class Runtime:
             self._threads.append(t)
         self.notifier.ready(self._status_line(self.health()))
         log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
-                 self.pack.model_id, self.source.name, c.trigger.mode, self.scorer.threshold)
+                 self.pack.model_id, self.source.name, c.trigger.mode,
+                 self.scorer.threshold if self.scorer is not None else float("nan"))
+        if self.learner is not None:
+            log.info("learn mode: no state in %s yet; building it from the first %d parts (%d collected)",
+                     c.state, self.learner.parts, self.learner.progress()["collected"])
+            if self.learner.full():  # collected before a restart, not built yet
+                self._jobs.put(("learn", None))
         return self
 
     def _start_explainer(self) -> None:
@@ -459,17 +474,17 @@ class Runtime:
                 if self._stop.is_set() and not self._threads[0].is_alive():
                     break
                 continue
-            scorer = self.scorer  # swapped whole by enrollments and reloads
+            scorer = self.scorer  # swapped whole by enrollments and reloads; None while learning
             t0 = time.perf_counter()
             self._in_scoring = batch
-            outcomes = self._score_batch(scorer, batch)
+            outcomes = self._score_batch(scorer, batch) if scorer is not None else [(None, None)] * len(batch)
             ms = (time.perf_counter() - t0) * 1000 / len(batch)
             now = time.monotonic()
             for p, (r, error) in zip(batch, outcomes):
                 self.queue_ms.add((now - p.queued_at) * 1000 - ms)
                 self.score_ms.add(ms)
                 self.scored.add()
-                self._output.put(ScoredPart(p, r, error, ms, now))
+                self._output.put(ScoredPart(p, r, error, ms, now, learning=scorer is None))
             self._in_scoring = []
 
     @staticmethod
@@ -556,9 +571,11 @@ class Runtime:
     def _emit(self, item: ScoredPart) -> None:
         c = self.config
         p, r = item.part, item.result
-        if r is None:
-            summary = {"verdict": "error", "score": None, "threshold": round(self.scorer.threshold, 6),
-                       "regions": []}
+        learning = self._collect_for_learning(p) if item.learning else None
+        if learning is not None:
+            summary = {"verdict": "learning", "score": None, "threshold": None, "regions": []}
+        elif r is None:
+            summary = {"verdict": "error", "score": None, "threshold": self._threshold(), "regions": []}
         else:
             summary = r.summary()
         flagged = r is not None and r.anomalous
@@ -585,7 +602,9 @@ class Runtime:
         }
         if p.request_id:
             result["request_id"] = p.request_id
-        if r is None:
+        if learning is not None:
+            result["learning"] = learning
+        elif r is None:
             result["error"] = item.error or "scoring failed"
         messages = [["result", result]]
         if flagged:
@@ -606,11 +625,44 @@ class Runtime:
         self.store.add_part(p.part_id, self.station, p.frame.captured_at, p.trigger, summary, self.pack.model_id,
                             findings, files, messages if self.publisher is not None else None)
         self.counts["parts"] += 1
-        self.counts["errors"] += r is None
+        self.counts["errors"] += r is None and learning is None
+        self.counts["learning"] += learning is not None
         self.counts["flagged"] += flagged
         self._publish_part(p.part_id, messages)
         if flagged and self.explainer is not None:
             self._submit_explanation(p.part_id, findings, r)
+
+    def _threshold(self) -> float | None:
+        return round(self.scorer.threshold, 6) if self.scorer is not None else None
+
+    def _collect_for_learning(self, part: Part) -> dict:
+        """Learn mode: keep the part's frame for the state being learned (a part that arrives while the
+        state is being built, or after a failed attempt filled nothing, is still answered `learning`)."""
+        learner = self.learner
+        if learner is None:  # learned while this part waited in the queue
+            return {"collected": None, "of": None, "note": "arrived while the learned state was being installed; not scored"}
+        try:
+            progress, full = learner.add(part.part_id, part.frame.image)
+        except Exception as e:
+            log.warning("learn mode: part %s not kept: %s", part.part_id, e)
+            return {**learner.progress(), "error": str(e)}
+        if full:
+            log.info("learn mode: %d parts collected; building the station state", learner.parts)
+            self._jobs.put(("learn", None))
+        return progress
+
+    def _learn_state(self) -> dict:
+        """Build the state from the collected parts (maintenance thread) and score from the next part on."""
+        learner = self.learner
+        with self._state_lock:
+            state, summary = learner.build(log=log.info)
+            scorer = station_scorer(self.pack, state, self.config.tiling_spec(), kind=self.config.scorer,
+                                    allow_undertrained=self.config.student_allow_undertrained)
+            self.state, self.scorer, self.learner = state, scorer, None
+        log.info("learn mode: state built from %d parts (%d set aside as suspect: %s); threshold %.4f",
+                 summary["parts"], len(summary["suspects"]),
+                 ", ".join(s["part_id"] for s in summary["suspects"]) or "none", scorer.threshold)
+        return summary
 
     def _submit_explanation(self, part_id: str, findings: dict, result) -> None:
         try:
@@ -692,6 +744,8 @@ class Runtime:
             try:
                 if kind == "reload":
                     result = self.reload()
+                elif kind == "learn":
+                    result = self._learn_state()
                 else:
                     result = self.enroll_good(command.part_id, command.by)
                 self._reply(kind, rid, True, **result)
@@ -702,6 +756,9 @@ class Runtime:
     def enroll_good(self, part_id: str, by: str) -> dict:
         """A stored part is good: add its image to the station's references, rebuild the bank,
         recalibrate, and score with the new state from the next frame on."""
+        if self.scorer is None:
+            raise CommandError("enroll-good: the station is in learn mode and has no state yet; it builds one "
+                               "from its first learn.parts parts")
         row = self.store.get(part_id)
         image = row["files"].get("image")
         if not image:
@@ -746,6 +803,10 @@ class Runtime:
             logging.getLogger().setLevel(new.log_level.upper())
             if restart:
                 log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
+        if self.scorer is None:
+            log.info("reloaded: applied %s; still learning (no state yet)", applied or "nothing new")
+            return {"applied": applied, "needs_restart": restart, "threshold": None,
+                    "learning": self.learner.progress() if self.learner else None}
         with self._state_lock:
             state = load_state(self.config.state, self.pack)
             scorer = self._scorer_for(state)  # may refuse (an undertrained student): the old pair keeps scoring
@@ -773,15 +834,16 @@ class Runtime:
             "state": "online" if not self._stop.is_set() else "stopping",
             "station": self.station, "line": self.config.station.line, "model_id": self.pack.model_id,
             "time": iso_time(time.time()), "uptime_s": round(time.time() - self.started_at, 1),
-            "trigger": self.config.trigger.mode, "threshold": round(self.scorer.threshold, 6),
-            "references": len(self.state.references),
+            "trigger": self.config.trigger.mode, "threshold": self._threshold(),
+            "references": len(self.state.references) if self.state is not None else 0,
+            "learning": self.learner.progress() if self.learner is not None else None,
             "fps": {"captured": round(self.captured.rate(), 2), "scored": round(self.scored.rate(), 2)},
             "latency_ms": {"queue": self.queue_ms.percentiles(), "score": self.score_ms.percentiles(),
                            "capture_to_publish": self.end_to_end_ms.percentiles()},
             "queues": {"score": len(self._queue), "output": self._output.qsize(), "triggers": self._triggers.qsize(),
                        "jobs": self._jobs.qsize()},
-            "counts": {k: int(self.counts[k]) for k in ("captured", "parts", "flagged", "errors", "bad_commands",
-                                                         "output_errors")}
+            "counts": {k: int(self.counts[k]) for k in ("captured", "parts", "flagged", "errors", "learning",
+                                                         "bad_commands", "output_errors")}
                       | {"dropped_frames": self._queue.dropped, "bad_frames": self.source.bad_frames,
                          "reconnects": self.source.reconnects},
             "source": {"name": self.source.name, "state": self.source.state, "detail": self.source.detail},

@@ -42,10 +42,16 @@ GOOD_DIR = "good"
 ROI_REFERENCE = "roi-reference.png"
 MAX_CALIBRATION_IMAGES = 120
 POOL_FACTOR = 64
-# Up to this many references, enrollment is few-shot: augmented views of every shot, the subspace
-# head, and the held-out + synthetic-defect threshold (docs/evaluation.md, "Few shots").
-FEW_SHOT_MAX_SHOTS = 16
+# Up to this many references, enrollment scores with the subspace head and the held-out +
+# synthetic-defect threshold; above it, with the nearest-neighbour bank and its k-fold hold-out. On
+# magnetic_tile the head measured better than the bank up to 64 references and level at 128; the
+# bank wins at 256 and at all 752 (docs/evaluation.md, "Few shots").
+FEW_SHOT_MAX_SHOTS = 64
+# Augmented views of every shot up to this many shots: they lift image AUROC at 1-16 shots and cost
+# it at 48 (more real parts show more than turned copies of them).
+FEW_SHOT_MAX_VIEWED_SHOTS = 16
 FEW_SHOT_VIEWS = "rot8+shift"
+FEW_SHOT_MAX_FOLDS = 16  # above this many shots the held-out scores come from folds of shots, not one each
 FEW_SHOT_HEAD = "subspace"
 SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
 MAX_SIZE_RATIO = 16.0  # largest / smallest reference area enrollment accepts
@@ -349,6 +355,12 @@ def check_reference_sizes(images: list[np.ndarray], names: list[str] | None = No
                          f"{MAX_SIZE_RATIO:g}x the area); enroll one kind of frame per station")
 
 
+def enrolls_few_shot(pack: Pack, n_references: int) -> bool:
+    """Whether `n_references` enroll with the few-shot head (else the bank). AnomalyGPT packs score their
+    few-shot branch with the bank itself: they keep the bank path."""
+    return n_references <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
+
+
 def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor | None = None, seed: int = 0,
                 references: list[str] | None = None, quiet: bool = False,
                 target_false_reject: float = TARGET_FALSE_REJECT, few_shot: bool | None = None) -> StationState:
@@ -361,8 +373,7 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     check_reference_sizes(images, references)
     extractor = extractor or FeatureExtractor(pack)
     if few_shot is None:
-        # AnomalyGPT packs score their few-shot branch with the bank itself: they keep the bank path.
-        few_shot = len(images) <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
+        few_shot = enrolls_few_shot(pack, len(images))
     if few_shot:
         return build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
     single = len(images) == 1
@@ -450,23 +461,30 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
     return np.asarray(scores)
 
 
-def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarray], seed: int) -> np.ndarray:
-    """Leave-one-shot-out: each shot's views scored by a head (and bank) fitted to the other shots' views."""
+def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarray], seed: int,
+                         max_folds: int = FEW_SHOT_MAX_FOLDS) -> np.ndarray:
+    """Held-out scores of the shots: each shot's views scored by a head (and bank) fitted to the views of
+    the shots outside its fold. Up to `max_folds` shots that is leave-one-shot-out; above, the shots are
+    dealt into `max_folds` folds (shot i into fold i mod max_folds)."""
+    n_folds = min(len(per_shot), max_folds)
     scores = []
-    for i in range(len(per_shot)):
-        others = np.concatenate(per_shot[:i] + per_shot[i + 1:])
-        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + i)
-        part_bank = _head_bank(part_head, others, pack, seed + 1 + i)
-        scores.append(head_image_scores(part_head, part_bank, per_shot[i], pack))
+    for f in range(n_folds):
+        held = [i for i in range(len(per_shot)) if i % n_folds == f]
+        others = np.concatenate([x for i, x in enumerate(per_shot) if i % n_folds != f])
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f)
+        part_bank = _head_bank(part_head, others, pack, seed + 1 + f)
+        scores.append(head_image_scores(part_head, part_bank, np.concatenate([per_shot[i] for i in held]), pack))
     return np.concatenate(scores)
 
 
 def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int = 0,
                          references: list[str] | None = None, quiet: bool = False,
-                         target_false_reject: float = TARGET_FALSE_REJECT, views: str = FEW_SHOT_VIEWS,
+                         target_false_reject: float = TARGET_FALSE_REJECT, views: str | None = None,
                          kind: str = FEW_SHOT_HEAD) -> StationState:
     """Few-shot enrollment: every shot's augmented views in the bank and the subspace head, the threshold
     from held-out views (quadrants of a single shot, or leave-one-shot-out) and synthetic defects."""
+    if views is None:
+        views = FEW_SHOT_VIEWS if len(images) <= FEW_SHOT_MAX_VIEWED_SHOTS else "none"
     per_shot = []
     with _progress("extracting features of augmented views", len(images), quiet, unit="shot") as bar:
         for img in images:
@@ -485,7 +503,8 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
         normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter)
         source = "quadrants+jitter"
     else:
-        normal, source = few_shot_loso_scores(pack, head, per_shot, seed), "loso"
+        normal = few_shot_loso_scores(pack, head, per_shot, seed)
+        source = "loso" if len(images) <= FEW_SHOT_MAX_FOLDS else f"{FEW_SHOT_MAX_FOLDS}-fold"
     per_image = -(-SYNTHETIC_DEFECTS // len(images))
     defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
     synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)

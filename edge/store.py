@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS parts (
     trigger        TEXT NOT NULL,
     verdict        TEXT NOT NULL,
     score          REAL,            -- NULL: the part could not be scored (verdict "error")
-    threshold      REAL NOT NULL,
+    threshold      REAL,            -- NULL: no state yet (verdict "learning", learn mode)
     regions        TEXT NOT NULL,
     findings       TEXT,
     latency_ms     REAL,
@@ -94,14 +94,15 @@ class TraceStore(SqliteStore):
         except OSError as e:
             raise StoreError(f"cannot create traceability store in {self.root}: {e}") from e
         super().__init__(self.root / "parts.sqlite", _SCHEMA)
-        self._allow_null_score()
+        self._allow_null_score_and_threshold()
         self._files_bytes = self._sql("SELECT COALESCE(SUM(files_bytes), 0) FROM parts WHERE files_purged = 0")[0][0]
 
-    def _allow_null_score(self) -> None:
-        """Migrate a database made when `score` was NOT NULL (a part that could not be scored had no
-        row then): SQLite cannot drop a constraint, so the table is rebuilt, rows kept, in one transaction."""
+    def _allow_null_score_and_threshold(self) -> None:
+        """Migrate a database made when `score` and `threshold` were NOT NULL (a part that could not be
+        scored had no row then, and learn mode did not exist): SQLite cannot drop a constraint, so the
+        table is rebuilt, rows kept, in one transaction."""
         columns = self._sql("PRAGMA table_info(parts)")
-        if not any(name == "score" and notnull for _, name, _, notnull, _, _ in columns):
+        if not any(name in ("score", "threshold") and notnull for _, name, _, notnull, _, _ in columns):
             return
         names = ", ".join(name for _, name, *_ in columns)
         with self._transaction() as conn:
@@ -111,7 +112,8 @@ class TraceStore(SqliteStore):
             conn.execute("DROP TABLE parts_before_null_score")
             for statement in filter(str.strip, _PARTS_INDEXES.split(";")):
                 conn.execute(statement)
-        log.info("traceability: %s migrated (parts.score may be NULL for parts that could not be scored)",
+        log.info("traceability: %s migrated (parts.score and parts.threshold may be NULL: parts that could not "
+                 "be scored, parts collected in learn mode)",
                  self.path)
 
     # -- writing ------------------------------------------------------------------------------

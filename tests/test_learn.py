@@ -8,6 +8,7 @@ from edge.errors import StateError
 from edge.learn import learn
 from edge.state import enroll
 from edge.synthetic import SyntheticLine
+from mqtt_helpers import needs_mosquitto
 
 
 def write_stream(folder, n: int, defect_rate: float, seed: int = 5):
@@ -67,3 +68,66 @@ def test_eval_learn_mixes_defective_test_parts_into_the_stream_and_leaves_them_o
     assert r["learn"]["parts"] == 10 and r["learn"]["defective_mixed_in"] == 1
     assert r["n_test"] == plain["n_test"] - 1 and r["n_anomalous"] == plain["n_anomalous"] - 1
     assert r["shots"] == 10 - r["learn"]["set_aside"] and 0 <= r["image_auroc"] <= 1
+
+
+def _learning_station(tmp_path, default_pack_dir, port, count, seed, parts=20):
+    from station_helpers import write_config
+
+    (tmp_path / "state").mkdir(exist_ok=True)  # no state yet: learn mode
+    return write_config(tmp_path, default_pack_dir, tmp_path / "state", port,
+                        {"kind": "synthetic", "seed": seed, "defect_rate": 0.1, "count": count},
+                        learn={"parts": parts}, storage={"keep_images": "none"})
+
+
+@needs_mosquitto
+@pytest.mark.timeout(240)
+def test_a_station_without_state_learns_it_from_its_first_parts_across_a_restart(broker, tmp_path,
+                                                                                 default_pack_dir):
+    """Learn mode on the line: the first 20 parts are answered `learning` (10 before a restart, 10 after),
+    the state is built from them with the unusual ones set aside by part id, and from then on (and after
+    the next restart) every part is scored against the learned state."""
+    from mqtt_helpers import Subscriber, wait_until
+    from station_helpers import finish, start
+
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(_learning_station(tmp_path, default_pack_dir, broker.port, 10, seed=1))
+    assert rt.health()["learning"]["collected"] == 0 and rt.health()["threshold"] is None
+    finish(rt)
+    wait_until(lambda: len(sub.unique_by_topic().get("test/s1/result", [])) >= 10, 30, "10 results")
+    first = sub.unique_by_topic()["test/s1/result"]
+    assert [r["verdict"] for r in first] == ["learning"] * 10
+    assert [r["learning"]["collected"] for r in first] == list(range(1, 11))
+    assert all(r["score"] is None and r["threshold"] is None and r["learning"]["of"] == 20 for r in first)
+    assert not (tmp_path / "state" / "state.yaml").exists()
+
+    rt = start(_learning_station(tmp_path, default_pack_dir, broker.port, 30, seed=2))
+    assert rt.health()["learning"]["collected"] == 10  # resumed, not started again
+    wait_until(lambda: any(r.get("command") == "learn" for r in sub.unique_by_topic().get("test/s1/reply", [])),
+               180, "the learn reply")
+    finish(rt)
+    reply = next(r for r in sub.unique_by_topic()["test/s1/reply"] if r.get("command") == "learn")
+    assert reply["ok"], reply
+    learned_ids = [r["part_id"] for r in sub.unique_by_topic()["test/s1/result"]
+                   if r["verdict"] == "learning" and r["learning"].get("collected")][:20]
+    assert reply["parts"] == 20 and reply["kept"] == 20 - len(reply["suspects"])
+    assert {s["part_id"] for s in reply["suspects"]} <= set(learned_ids)
+    assert reply["threshold"] > 0 and reply["threshold_source"]
+    assert (tmp_path / "state" / "state.yaml").is_file()
+
+    rt = start(_learning_station(tmp_path, default_pack_dir, broker.port, 10, seed=3))
+    assert rt.health()["learning"] is None and rt.health()["threshold"] == reply["threshold"]
+    finish(rt)
+    last = sub.unique_by_topic()["test/s1/result"][-10:]
+    assert {r["verdict"] for r in last} <= {"normal", "anomalous"} and all(r["score"] is not None for r in last)
+    results = sub.unique_by_topic()["test/s1/result"]
+    assert len(results) == 50 and len({r["part_id"] for r in results}) == 50  # every part answered once
+    sub.close()
+
+
+def test_learn_config_is_checked(tmp_path):
+    from edge.config import ConfigError, load_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text("pack: p\nstate: s\nsource: {kind: synthetic}\nlearn: {parts: 3}\n")
+    with pytest.raises(ConfigError, match="learn.parts"):
+        load_config(path)

@@ -103,6 +103,19 @@ def test_threshold_comes_from_held_out_normal_scores(station, default_pack, line
     assert b.threshold > b.median > 0 and b.spread > 0
 
 
+def test_more_shots_enroll_without_views_and_calibrate_on_folds_up_to_the_bank_switch(default_pack, line):
+    from edge.state import FEW_SHOT_MAX_FOLDS, FEW_SHOT_MAX_SHOTS, FEW_SHOT_MAX_VIEWED_SHOTS, enrolls_few_shot
+
+    n = FEW_SHOT_MAX_FOLDS + 4
+    assert n > FEW_SHOT_MAX_VIEWED_SHOTS
+    state = build_state(default_pack, line.good(n), seed=0, quiet=True)
+    c = state.calibration
+    assert state.head is not None and state.info["views"] == "none" and state.info["augmented_views"] == n
+    assert c.source == f"{FEW_SHOT_MAX_FOLDS}-fold+synthetic" and c.n_scores == n  # each shot held out once
+    assert 0 < c.threshold <= c.median + 1.645 * c.spread + 1e-9
+    assert enrolls_few_shot(default_pack, FEW_SHOT_MAX_SHOTS) and not enrolls_few_shot(default_pack, FEW_SHOT_MAX_SHOTS + 1)
+
+
 def test_single_shot_enrolls_with_augmented_views(default_pack, line):
     state = build_state(default_pack, line.good(1), seed=0, quiet=True)
     assert state.info["augmented_views"] == 12
