@@ -81,25 +81,33 @@ def calibrate(normal_scores, target_false_reject: float = TARGET_FALSE_REJECT, s
 
 
 def calibrate_few_shot(normal_scores, synthetic_scores, normal_source: str,
-                       target_false_reject: float = TARGET_FALSE_REJECT) -> Calibration:
+                       target_false_reject: float = TARGET_FALSE_REJECT, cap: bool = True) -> Calibration:
     """Threshold from held-out good scores, capped below the synthetic defects' scores.
 
     The good side is the robust fit of `calibrate` to the held-out scores (quadrants and re-lit copies
     of a single shot, or leave-one-shot-out views). Leave-one-shot-out overstates how far a new good
-    part lands when there are few shots (the head that scores a held-out shot has one shot fewer), so
-    the threshold is capped at the synthetic-defect median: at least half of the synthetic defects
-    pasted into the references stay above it.
+    part lands when there are few shots (the head that scores a held-out shot has one shot fewer, and a
+    shot's augmented views stand together), so with `cap` the threshold is capped at the synthetic-defect
+    median: at least half of the synthetic defects pasted into the references stay above it. Without
+    `cap` (many shots held out by folds, no views: the bank's own k-fold rule) the synthetic scores are
+    only recorded, and the method says how many of them the threshold would pass.
     """
     cal = calibrate(normal_scores, target_false_reject, source=normal_source)
     synthetic = np.asarray(synthetic_scores, np.float64)
     if synthetic.size == 0 or not np.all(np.isfinite(synthetic)):
         raise ValueError("few-shot calibration needs finite synthetic-defect scores")
     good_threshold = cal.threshold
-    cap = float(np.median(synthetic))
-    cal.threshold = min(good_threshold, cap)
-    cal.source = f"{normal_source}+synthetic"
+    median = float(np.median(synthetic))
     cal.synthetic_scores = [float(s) for s in synthetic]
-    cal.method = (f"{normal_source} median + {NormalDist().inv_cdf(1 - cal.target_false_reject):.3f} * IQR/1.349 = "
-                  f"{good_threshold:.4g}, capped at the synthetic-defect median {cap:.4g} "
-                  f"(target false-reject {cal.target_false_reject:g})")
+    z = NormalDist().inv_cdf(1 - cal.target_false_reject)
+    fit = f"{normal_source} median + {z:.3f} * IQR/1.349 = {good_threshold:.4g}"
+    if cap:
+        cal.threshold = min(good_threshold, median)
+        cal.source = f"{normal_source}+synthetic"
+        cal.method = (f"{fit}, capped at the synthetic-defect median {median:.4g} "
+                      f"(target false-reject {cal.target_false_reject:g})")
+    else:
+        above = float(np.mean(synthetic > good_threshold))
+        cal.method = (f"{fit} (target false-reject {cal.target_false_reject:g}); {above:.0%} of "
+                      f"{synthetic.size} synthetic defects score above it")
     return cal

@@ -508,7 +508,9 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
     per_image = -(-SYNTHETIC_DEFECTS // len(images))
     defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
     synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)
-    calibration = calibrate_few_shot(normal, synthetic, source, target_false_reject=target_false_reject)
+    # The cap corrects the held-out estimate of few viewed shots; folds of many plain shots need none.
+    calibration = calibrate_few_shot(normal, synthetic, source, target_false_reject=target_false_reject,
+                                     cap=views != "none")
     return StationState(
         pack_model_id=pack.model_id, pack_encoder_sha256=pack.encoder_sha256, bank=bank, calibration=calibration,
         references=list(references or []), head=head,
