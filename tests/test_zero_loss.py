@@ -410,3 +410,50 @@ def test_a_stop_cut_short_by_its_timeout_still_gives_every_captured_part_a_resul
             again.stop()
     cut = [r for r in sub.unique_by_topic()["test/s1/result"] if r["part_id"] in ids and r["verdict"] == "error"]
     assert cut and all("station stopped" in r["error"] for r in cut)
+
+
+@pytest.mark.timeout(180)
+def test_the_watchdog_keeps_its_pace_while_a_sigterm_drains_the_queue(broker, tmp_path, default_pack_dir,
+                                                                      enrolled_state):
+    """A real NOTIFY_SOCKET: between STOPPING=1 and the exit, WATCHDOG=1 comes at most once per half
+    WatchdogSec (the health loop spun on the set stop event before, 60,585 datagrams in 1.3 s)."""
+    import socket
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2},  # not live: the queue stays full
+                       pipeline={"capture_queue": 48}, explain={"enabled": False})
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen: list[tuple[float, str]] = []
+
+        def receive() -> None:
+            try:
+                seen.extend((time.monotonic(), f) for f in notify.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                pass
+
+        deadline = time.monotonic() + 90
+        while not any(f == "READY=1" for _, f in seen) and time.monotonic() < deadline:
+            receive()
+        wait_until(lambda: TraceStore(tmp_path / "var").count() >= 3, 60, "3 parts")
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None and time.monotonic() < deadline + 60:
+            receive()
+        for _ in range(50):  # what is still queued in the socket
+            receive()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    t_stopping = next(t for t, f in seen if f == "STOPPING=1")
+    pings = [t for t, f in seen if f == "WATCHDOG=1" and t >= t_stopping]
+    stop_s = seen[-1][0] - t_stopping
+    print(f"stop took {stop_s:.2f} s with {len(pings)} WATCHDOG=1 datagrams")
+    assert len(pings) <= stop_s / 0.2 + 3, (len(pings), stop_s)
