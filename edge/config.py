@@ -149,7 +149,10 @@ class StorageSpec(_Strict):
     # Which parts keep image files (every part keeps its row): flagged, all or none.
     keep_images: Literal["flagged", "all", "none"] = "flagged"
     retention_days: float = Field(default=30, gt=0)
-    disk_budget_mb: float = Field(default=2048, gt=0)
+    disk_budget_mb: float = Field(default=2048, gt=0)  # image files plus the databases and their WAL files
+    # Free-space floor of the storage file system: below it no image is written and the oldest go;
+    # when that is not enough, new parts are refused (recorded and published as errors) until space returns.
+    min_free_mb: float = Field(default=100, ge=0)
     # A part whose row cannot be written because the database is locked (another process holds it, a
     # slow disk) is retried from memory for this long before it is recorded as an error.
     write_retry_s: float = Field(default=120, ge=0)
@@ -273,6 +276,7 @@ class StationConfig(_Strict):
 # Keys SIGHUP applies in place; everything else needs a restart.
 # Only keys the running stages read afresh (or that reload() pushes to them) belong here.
 RELOADABLE = ("trigger.interval_s", "storage.keep_images", "storage.retention_days", "storage.disk_budget_mb",
+              "storage.min_free_mb",
               "mqtt.heatmap", "health", "log_level", "station.mm_per_pixel", "state")
 
 

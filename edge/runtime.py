@@ -168,7 +168,8 @@ class Runtime:
         self.state = load_state(config.state, self.pack)
         self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
                                      allow_undertrained=config.student_allow_undertrained)
-        self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
+        self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb,
+                                config.storage.min_free_mb)
         self.publisher = None
         self.explainer = None
         self.explain_error: str | None = None
@@ -227,6 +228,7 @@ class Runtime:
                 username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
                 tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
                 reconnect_min_delay=1, reconnect_max_delay=10)
+            self.store.siblings.append(self.publisher.outbox)
             self._replay_unpublished()
         self._replay_triggers()
         if self.publisher is not None:
@@ -264,6 +266,7 @@ class Runtime:
 
                 self._projector = Projector(self.pack, threads=1)
             store = DialogueStore(Path(self.config.storage.dir) / "dialogue.sqlite")
+            self.store.siblings.append(store)
             self.explainer = ExplainWorker(self.pack, store, self.on_explanation, queue_size=spec.queue_size,
                                            n_threads=spec.threads, max_tokens=spec.max_tokens,
                                            time_limit_s=spec.time_limit_s, max_attempts=spec.max_attempts,
@@ -535,14 +538,16 @@ class Runtime:
                 return self._emit(item)
             except EdgeError as e:
                 text = str(e).lower()
-                if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
+                if not ("locked" in text or "busy" in text or "full" in text) or time.monotonic() > deadline:
                     raise
+                if "full" in text:  # the disk: checkpoint and remove old images, then try again
+                    self.store.make_room()
             self.counts["store_retries"] += 1
             wait = self.STORE_RETRY_S[min(attempt, len(self.STORE_RETRY_S) - 1)]
             attempt += 1
             if attempt == 1:
-                log.warning("part %s: the traceability database is locked; retrying (up to %.0f s)",
-                            item.part.part_id, self.config.storage.write_retry_s)
+                log.warning("part %s: the traceability database is locked or its disk full; retrying (up to "
+                            "%.0f s)", item.part.part_id, self.config.storage.write_retry_s)
             self._heartbeat["output"] = time.monotonic()  # waiting on the disk, not hung
             time.sleep(wait)
 
@@ -555,6 +560,12 @@ class Runtime:
 
     def _emit(self, item: ScoredPart) -> None:
         c = self.config
+        if item.result is not None and self.store.low_on_space():
+            # Refused loudly rather than lost: a small error row and result fit in what the floor keeps.
+            self.counts["refused_storage"] += 1
+            item = dataclasses.replace(item, result=None, error=(
+                f"refused: storage {c.storage.dir} has {self.store.free_mb():.1f} MB free, below "
+                f"storage.min_free_mb {c.storage.min_free_mb:g}, with no image file left to remove"))
         p, r = item.part, item.result
         if r is None:
             summary = {"verdict": "error", "score": None, "threshold": round(self.scorer.threshold, 6),
@@ -743,6 +754,7 @@ class Runtime:
             self.config = with_reloaded(self.config, new)
             self.store.retention_days = new.storage.retention_days
             self.store.disk_budget_mb = new.storage.disk_budget_mb
+            self.store.min_free_mb = new.storage.min_free_mb
             logging.getLogger().setLevel(new.log_level.upper())
             if restart:
                 log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
@@ -769,8 +781,11 @@ class Runtime:
     def health(self) -> dict:
         pub = self.publisher.stats() if self.publisher is not None else None
         parts, fresh = self.store.count_nowait()  # never waits on a locked database
+        free_mb = self.store.free_mb()
+        low_space = self.store.low_space and free_mb < self.store.min_free_mb  # no SQL: recovers as space returns
+        degraded = low_space or self.store.over_budget
         return {
-            "state": "online" if not self._stop.is_set() else "stopping",
+            "state": "stopping" if self._stop.is_set() else "degraded" if degraded else "online",
             "station": self.station, "line": self.config.station.line, "model_id": self.pack.model_id,
             "time": iso_time(time.time()), "uptime_s": round(time.time() - self.started_at, 1),
             "trigger": self.config.trigger.mode, "threshold": round(self.scorer.threshold, 6),
@@ -788,7 +803,12 @@ class Runtime:
             "broker": pub,
             "storage": {"parts": parts, "busy": not fresh, "write_retries": int(self.counts["store_retries"]),
                         "files_mb": round(self.store.files_bytes / 1e6, 2),
-                        "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
+                        "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors,
+                        "used_mb": round((self.store.files_bytes + self.store.db_bytes()) / 1e6, 2),
+                        "free_mb": round(free_mb, 1), "min_free_mb": self.store.min_free_mb,
+                        "low_space": low_space, "over_budget": self.store.over_budget,
+                        "images_skipped": self.store.images_skipped,
+                        "refused_parts": int(self.counts["refused_storage"])},
             "explain": self.explainer.stats() if self.explainer is not None else (
                 {"error": self.explain_error} if self.explain_error else None),
         }
