@@ -6,6 +6,11 @@ acknowledged, and one in flight when the link drops is retransmitted by paho on 
 replayed from the outbox after a process restart), so subscribers de-duplicate by `message_id`.
 The station's presence is `<prefix>/status`, retained: "online" on every connect, "offline" from
 the Last Will on an unclean drop and published explicitly on `close()`.
+
+With `persistent_session` (a stable client id, MQTT 3.1.1 clean_session false) the broker keeps our
+subscriptions and queues the QoS 1 messages (commands) sent to them while we are away; they arrive
+at the next connect. How long it keeps a session is the broker's setting (Mosquitto:
+`persistent_client_expiration`, unset: for ever).
 """
 from __future__ import annotations
 
@@ -50,7 +55,11 @@ class MqttPublisher:
         keepalive: int = 30,
         reconnect_min_delay: int = 1,
         reconnect_max_delay: int = 30,
+        persistent_session: bool = False,
+        connect: bool = True,
     ):
+        """`connect=False` leaves connecting to `connect()`, so handlers can be subscribed first (a
+        persistent session delivers what waited right after the connection is accepted)."""
         self._owns_outbox = not isinstance(outbox, Outbox)
         self.outbox = Outbox(outbox) if self._owns_outbox else outbox
         self.topic_prefix = topic_prefix.rstrip("/")
@@ -69,9 +78,13 @@ class MqttPublisher:
         self.last_error: str | None = None  # why the broker refused us, until we are in again
         self._subscriptions: dict[str, int] = {}  # full topic -> qos, (re)subscribed on every connect
 
+        if persistent_session and not client_id:
+            raise PublisherError("a persistent MQTT session needs a stable client_id (the broker keeps the "
+                                 "session under it)")
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"anomaly-edge-{uuid.uuid4().hex[:12]}",
+            clean_session=not persistent_session,
             protocol=mqtt.MQTTv311,
         )
         if username is not None:
@@ -90,11 +103,18 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         self._client = client
-
-        # connect_async + loop_start keeps retrying when the broker is down at start.
-        client.connect_async(host, port, keepalive)
-        client.loop_start()
+        self._keepalive = keepalive
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox-sender", daemon=True)
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Start connecting (in the background, retried while the broker is down) and sending."""
+        if self._sender.is_alive():
+            return
+        # connect_async + loop_start keeps retrying when the broker is down at start.
+        self._client.connect_async(self.host, self.port, self._keepalive)
+        self._client.loop_start()
         self._sender.start()
 
     # -- public API ---------------------------------------------------------------------------
@@ -152,7 +172,8 @@ class MqttPublisher:
             self._wake.set()
             time.sleep(0.02)
         self._stop.set()
-        self._sender.join(timeout=2.0)
+        if self._sender.is_alive():
+            self._sender.join(timeout=2.0)
         if self._connected.is_set():
             # A clean disconnect suppresses the Last Will, so say "offline" ourselves.
             info = self._client.publish(self.status_topic, OFFLINE, qos=1, retain=True)

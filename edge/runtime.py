@@ -218,6 +218,7 @@ class Runtime:
     def _start(self) -> "Runtime":
         c = self.config
         self.store.enforce_retention()
+        self._replay_triggers()  # before the broker can hand over new ones
         if c.mqtt.enabled:
             from .publish import MqttPublisher
 
@@ -227,12 +228,13 @@ class Runtime:
                 topic_prefix=c.topic_prefix, client_id=c.mqtt.client_id or f"anomaly-edge-{c.station.line}-{self.station}",
                 username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
                 tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
-                reconnect_min_delay=1, reconnect_max_delay=10)
+                reconnect_min_delay=1, reconnect_max_delay=10, persistent_session=True, connect=False)
             self.store.siblings.append(self.publisher.outbox)
             self._replay_unpublished()
-        self._replay_triggers()
-        if self.publisher is not None:
             self.publisher.subscribe("cmd/+", self._on_command)
+            # Connected once the handler is in place: the persistent session hands over at once the
+            # commands the broker kept for us while we were away.
+            self.publisher.connect()
         self._start_explainer()
         if c.api.enabled:
             from .api import LocalApi

@@ -570,3 +570,37 @@ def test_the_store_counts_its_databases_in_the_budget_and_refuses_below_the_floo
     assert store.count() == 40
     store.close()
     assert not (tmp_path / "parts.sqlite").stat().st_mode & 0o007  # not world-readable
+
+
+@pytest.mark.timeout(180)
+def test_triggers_sent_while_the_station_reconnects_are_answered(broker, tmp_path, default_pack_dir,
+                                                                 enrolled_state):
+    """A persistent session (stable client id, clean_session false): the broker restarts, triggers are
+    published (QoS 1) before the station is back, and each gets its part once it reconnects."""
+    import paho.mqtt.publish as publish
+
+    n = 20
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2}, trigger={"mode": "mqtt"},
+                       explain={"enabled": False})
+    rt = start(cfg)
+    try:
+        wait_until(lambda: rt.publisher.stats()["connected"], 30, "the station to connect")
+        broker.stop()  # mosquitto saves its sessions on SIGTERM
+        wait_until(lambda: not rt.publisher.stats()["connected"], 30, "the station to see the broker go")
+        time.sleep(2.5)  # paho's reconnect back-off grows: the station is not back the moment the broker is
+        broker.start()
+        publish.multiple([{"topic": "test/s1/cmd/trigger", "qos": 1,
+                           "payload": json.dumps({"part_id": f"R-{i:03d}", "request_id": f"r{i}"})} for i in range(n)],
+                         hostname="127.0.0.1", port=broker.port)
+        assert not rt.publisher.stats()["connected"], "the station reconnected before the triggers were sent"
+        wait_until(lambda: rt.publisher.stats()["connected"], 30, "the station to reconnect")
+        wait_until(lambda: len({r["part_id"] for r in sub.unique_by_topic().get("test/s1/result", [])}) >= n, 60,
+                   "a result for every trigger sent while the station was away")
+        results = sub.unique_by_topic()["test/s1/result"]
+        assert [r["part_id"] for r in results] == [f"R-{i:03d}" for i in range(n)]  # all, in order
+        ok = [r for r in sub.unique_by_topic()["test/s1/reply"] if r["ok"]]
+        assert [r["request_id"] for r in ok] == [f"r{i}" for i in range(n)]
+    finally:
+        rt.stop()
