@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -35,6 +37,24 @@ OFFLINE = json.dumps({"state": "offline"})
 
 class PublisherError(EdgeError):
     """The publisher is misconfigured or used after `close()`."""
+
+
+def tls_context(ca: str | Path, cert: str | Path | None = None, key: str | Path | None = None) -> ssl.SSLContext:
+    """The client TLS context for mqtt.tls (server certificate and host name verified); a CA, certificate
+    or key file that cannot be used raises PublisherError naming the file."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise PublisherError(f"mqtt.tls.ca {ca}: not a usable CA certificate file (PEM expected): {e}") from None
+    if cert or key:
+        if not (cert and key):
+            raise PublisherError("mqtt.tls: give both cert and key (the client certificate and its private key)")
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise PublisherError(f"mqtt.tls.cert {cert} / mqtt.tls.key {key}: not a usable client certificate "
+                                 f"and key (PEM expected, the key must match): {e}") from None
+    return context
 
 
 class MqttPublisher:
@@ -89,18 +109,17 @@ class MqttPublisher:
         )
         if username is not None:
             client.username_pw_set(username, password)
+        self._tls: ssl.SSLContext | None = None
         if tls_ca is not None:
-            client.tls_set(
-                ca_certs=str(tls_ca),
-                certfile=str(tls_cert) if tls_cert else None,
-                keyfile=str(tls_key) if tls_key else None,
-            )
+            self._tls = tls_context(tls_ca, tls_cert, tls_key)
+            client.tls_set_context(self._tls)
         elif tls_cert or tls_key:
             raise PublisherError("tls_cert/tls_key given without tls_ca; pass the CA file to enable TLS")
         client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(reconnect_min_delay, reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         self._client = client
         self._keepalive = keepalive
@@ -206,6 +225,32 @@ class MqttPublisher:
             client.subscribe(topic, qos)
         self._connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho does not say why a connection failed: try once ourselves, so a TLS failure (unknown CA,
+        host name mismatch, a plain port) is logged and in `last_error`, not only retried."""
+        error = self._diagnose()
+        if error != self.last_error:
+            log.warning("cannot connect to the MQTT broker %s:%s: %s", self.host, self.port, error)
+        self.last_error = error
+
+    def _diagnose(self) -> str:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=3)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        with sock:
+            if self._tls is None:
+                return "connection failed (the broker accepted TCP, then the MQTT connect failed)"
+            try:
+                with self._tls.wrap_socket(sock, server_hostname=self.host):
+                    return "connection failed (TCP and the TLS handshake succeed)"
+            except ssl.SSLCertVerificationError as e:
+                return f"TLS: the broker's certificate is refused: {e.verify_message} ({e.reason})"
+            except (ssl.SSLError, OSError) as e:  # a plain listener resets or answers what is not TLS
+                reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                return (f"TLS handshake failed: {reason} (is {self.host}:{self.port} a TLS listener, of a "
+                        "protocol version this client speaks?)")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:

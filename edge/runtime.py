@@ -164,10 +164,7 @@ class Runtime:
         self.config_path = Path(config_path) if config_path else None
         self.exit_at_end = exit_at_end
         self.station = config.station.name
-        self.pack = load_pack(config.pack)
-        self.state = load_state(config.state, self.pack)
-        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
-                                     allow_undertrained=config.student_allow_undertrained)
+        self.pack, self.state, self.scorer = load_models(config)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb,
                                 config.storage.min_free_mb)
         self.publisher = None
@@ -844,6 +841,29 @@ class Runtime:
             # Once stopping, `_stop` is set and returns at once: wait on `_stopped` so the pings keep
             # their pace while the stages drain (a busy loop here sent 60,585 pings in 1.3 s).
             (self._stopped if self._stop.is_set() else self._stop).wait(min(interval or 1.0, 1.0))
+
+
+def load_models(config: StationConfig):
+    """(pack, state, scorer) as the station runs them: the pack's files checked against their sha256, the
+    state's schema, hashes and encoder against the pack, the scorer built (an undertrained student refused)."""
+    pack = load_pack(config.pack)
+    state = load_state(config.state, pack)
+    scorer = station_scorer(pack, state, config.tiling_spec(), kind=config.scorer,
+                            allow_undertrained=config.student_allow_undertrained)
+    return pack, state, scorer
+
+
+def check(config: StationConfig) -> str:
+    """What `run --check` verifies beyond the config file: the models exactly as `run` loads them and
+    the MQTT TLS files; returns a one-line summary, raises EdgeError naming what is wrong."""
+    pack, state, scorer = load_models(config)
+    tls = config.mqtt.tls
+    if config.mqtt.enabled and tls is not None:
+        from .publish import tls_context
+
+        tls_context(tls.ca, tls.cert, tls.key)
+    return (f"pack {pack.model_id}, state with {len(state.references)} references, scorer "
+            f"{type(scorer).__name__}, threshold {scorer.threshold:.4f}")
 
 
 def run(config_path: str | Path, exit_at_end: bool = False) -> int:
