@@ -165,6 +165,15 @@ class ApiSpec(_Strict):
     group: str | None = None
     tcp_port: StrictInt | None = Field(default=None, ge=1, le=65535)  # also listen on this port
     tcp_host: str = "127.0.0.1"
+    # The TCP listener answers only requests with "Authorization: Bearer <the token in this file>".
+    token_file: Path | None = None
+    read_timeout_s: float = Field(default=10, gt=0, le=3600)  # a client that sends nothing this long is dropped
+
+    @model_validator(mode="after")
+    def _tcp_needs_token(self):
+        if self.tcp_port is not None and self.token_file is None:
+            raise ValueError("tcp_port needs token_file (a file holding the token every TCP request must carry)")
+        return self
 
 
 class ExplainSpec(_Strict):
@@ -301,7 +310,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     for key in ("pack", "state"):
         if key in raw:
             raw[key] = fix(raw[key])
-    for section, keys in (("source", ("path",)), ("storage", ("dir",)), ("api", ("socket",)),
+    for section, keys in (("source", ("path",)), ("storage", ("dir",)), ("api", ("socket", "token_file")),
                           ("mqtt", ("password_file",))):
         if isinstance(raw.get(section), dict):
             for k in keys:

@@ -237,7 +237,8 @@ class Runtime:
             from .api import LocalApi
 
             self.api = LocalApi(self, c.api_socket, mode=int(c.api.mode, 8), group=c.api.group,
-                                tcp=(c.api.tcp_host, c.api.tcp_port) if c.api.tcp_port else None).start()
+                                tcp=(c.api.tcp_host, c.api.tcp_port) if c.api.tcp_port else None,
+                                token_file=c.api.token_file, read_timeout_s=c.api.read_timeout_s).start()
         for name, target in (("capture", self._capture_loop), ("score", self._score_loop),
                              ("output", self._output_loop), ("maintenance", self._maintenance_loop),
                              ("health", self._health_loop)):
@@ -862,6 +863,10 @@ def check(config: StationConfig) -> str:
         from .publish import tls_context
 
         tls_context(tls.ca, tls.cert, tls.key)
+    if config.api.enabled and config.api.tcp_port:
+        from .api import LocalApi
+
+        LocalApi(None, config.api_socket, token_file=config.api.token_file)._token()  # readable, long enough
     return (f"pack {pack.model_id}, state with {len(state.references)} references, scorer "
             f"{type(scorer).__name__}, threshold {scorer.threshold:.4f}")
 
