@@ -97,7 +97,7 @@ class TraceStore(SqliteStore):
         self.root = Path(root)
         self.retention_days, self.disk_budget_mb, self.min_free_mb = retention_days, disk_budget_mb, min_free_mb
         # Free bytes on the store's file system; a parameter so a drill can stand for a smaller disk.
-        self._free_space = free_space or (lambda: shutil.disk_usage(self.root).free)
+        self._free_space = free_space or self._disk_free
         self.siblings: list[SqliteStore] = []  # the other databases in the folder (outbox, dialogue): checkpointed too
         self._bytes_lock = threading.Lock()
         self._space_lock = threading.Lock()
@@ -303,6 +303,12 @@ class TraceStore(SqliteStore):
     def used_bytes(self) -> int:
         """What the disk budget counts: image files and databases."""
         return self._files_bytes + self.db_bytes()
+
+    def _disk_free(self) -> float:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:  # the folder is gone or unreadable: the writes will say so themselves
+            return float("inf")
 
     def free_mb(self) -> float:
         return self._free_space() / 1e6
