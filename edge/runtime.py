@@ -519,12 +519,24 @@ class Runtime:
                 log.exception("could not record part %s; recording it as an error", item.part.part_id)
                 try:
                     self._emit(dataclasses.replace(item, result=None, error=f"output failed: {type(e).__name__}: {e}"))
-                except Exception:
+                except Exception as e2:
                     self.counts["output_errors"] += 1
                     log.exception("could not record part %s even as an error", item.part.part_id)
+                    self._publish_unrecorded(item, f"not recorded: {type(e2).__name__}: {e2}")
             finally:
                 with self._ids_lock:
                     self._queued_ids.discard(item.part.part_id)
+
+    def _publish_unrecorded(self, item: ScoredPart, reason: str) -> None:
+        """Last resort for a part with no row (a disk that is full past its floor): its error result
+        straight to the broker, not stored, so the PLC still hears of it while the station is connected."""
+        p = item.part
+        result = {"message_id": uuid.uuid4().hex, "part_id": p.part_id, "station": self.station,
+                  "line": self.config.station.line, "timestamp": iso_time(p.frame.captured_at), "trigger": p.trigger,
+                  "verdict": "error", "score": None, "error": reason, "recorded": False,
+                  **({"request_id": p.request_id} if p.request_id else {})}
+        if self.publisher is None or not self.publisher.publish_now("result", result):
+            log.error("part %s has no row and its error result could not be published: %s", p.part_id, reason)
 
     STORE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
