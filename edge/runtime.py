@@ -331,9 +331,10 @@ class Runtime:
         for item in left:
             try:
                 self._emit(item)
-            except Exception:
+            except Exception as e:
                 self.counts["output_errors"] += 1
                 log.exception("stopping: could not record part %s", item.part.part_id)
+                self._publish_unrecorded(item, f"not recorded: {type(e).__name__}: {e}")
         if left:
             log.warning("stopping: recorded %d part(s) the stop timeout cut short (%d of them as not scored)",
                         len(left), len(unscored))

@@ -104,11 +104,21 @@ class SqliteStore:
                 yield conn
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
+                self._rollback(conn)
                 raise self.error(f"{self.label} database {self.path}: {exc}") from exc
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._rollback(conn)
                 raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        """Roll back what is open: SQLite has already rolled back a transaction that a full disk
+        (SQLITE_FULL) or an I/O error ended, and a second ROLLBACK would raise over the real error."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -604,3 +604,47 @@ def test_triggers_sent_while_the_station_reconnects_are_answered(broker, tmp_pat
         assert [r["request_id"] for r in ok] == [f"r{i}" for i in range(n)]
     finally:
         rt.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_disk_full_to_the_last_byte_with_no_floor_still_answers_every_part(
+        broker, tmp_path, small_disk, default_pack_dir, enrolled_state):
+    """min_free_mb 0 (no floor), the 8 MB tmpfs filled to the last byte: a part whose row cannot land is
+    retried (storage.write_retry_s), then published directly as an error (`recorded: false`); rows land
+    again once space returns. Every part that entered has a result on the broker."""
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2, "fps": 8},
+                       storage={"dir": str(small_disk / "var"), "min_free_mb": 0, "write_retry_s": 1,
+                                "keep_images": "none"}, explain={"enabled": False},
+                       mqtt={"heatmap": {"mode": "none"}})
+    rt = start(cfg)
+    results = lambda: sub.unique_by_topic().get("test/s1/result", [])  # noqa: E731
+    try:
+        wait_until(lambda: rt.counts["parts"] >= 10, 60, "10 parts")
+        ballast = _fill(small_disk, 0)
+        try:
+            with open(small_disk / "ballast2", "wb") as f:  # what rounding left
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        wait_until(lambda: rt.counts["output_errors"] >= 3, 60,
+                   "writes to meet the full disk")
+        ballast.unlink()
+        (small_disk / "ballast2").unlink()
+        parts_then = rt.counts["parts"]
+        wait_until(lambda: rt.counts["parts"] >= parts_then + 10, 60, "rows again after the space came back")
+    finally:
+        rt.stop()
+    with TraceStore(small_disk / "var") as store:
+        rows = {r["part_id"] for r in store.query(limit=100_000)}
+        assert store._sql("PRAGMA integrity_check")[0][0] == "ok"
+    entered = rt.counts["captured"] - rt._queue.dropped
+    wait_until(lambda: len({r["part_id"] for r in results()}) >= entered, 60, "a result for every part")
+    got = {r["part_id"]: r for r in results()}
+    unrecorded = {k for k, r in got.items() if r.get("recorded") is False}
+    assert rows | unrecorded == set(got) and len(got) == entered
+    print(f"{entered} parts: {len(rows)} rows, {len(unrecorded)} published unrecorded, "
+          f"{rt.counts['store_retries']} write retries, {rt.counts['output_errors']} output errors")
