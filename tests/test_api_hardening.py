@@ -129,6 +129,9 @@ def test_api_group_reaches_the_socket_under_the_units_umask(tmp_path, default_pa
     old = os.umask(0o027)
     try:
         _, rt = _station(tmp_path, default_pack_dir, enrolled_state, socket=str(sock), group="daemon")
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     finally:
         os.umask(old)
     try:
