@@ -11,12 +11,17 @@ on a TCP port. The technician console and scripts use it; it never blocks the fr
                                {"token": "..."} ... then {"done": true, "answer": "..."} or {"error": ...})
     POST /reload                               re-read the config and station state
 
-Errors come back as {"error": "..."} with 400 (bad request), 404 (unknown part or path) or 503.
-`ApiClient` is the matching client.
+Errors come back as {"error": "..."} with 400 (bad request), 401 (TCP without the token), 404 (unknown
+part or path), 413 (body over MAX_BODY) or 503. The TCP listener (api.tcp_port) answers only requests
+carrying `Authorization: Bearer <token>` (api.token_file); the UNIX socket is guarded by its mode and
+group. A Content-Length that is missing where a body is due, negative, malformed or over the limit is
+refused before anything is read; a client that sends nothing for api.read_timeout_s is dropped; a
+client that goes away costs one log line. `ApiClient` is the matching client.
 """
 from __future__ import annotations
 
 import grp
+import hmac
 import http.client
 import json
 import logging
@@ -43,12 +48,33 @@ class ApiError(EdgeError):
         self.status = status
 
 
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+def _log_request_error(server, request, client_address) -> None:
+    """One line, not a traceback, for a client that went away or stalled; a traceback for the rest."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    if isinstance(exc, _GONE):
+        log.info("api: client %s went away: %s", client_address or "local", type(exc).__name__)
+    else:
+        log.exception("api: request from %s failed", client_address or "local")
+
+
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    handle_error = _log_request_error
+
+
+class _TcpHTTPServer(ThreadingHTTPServer):
+    handle_error = _log_request_error
 
 
 class _Handler(BaseHTTPRequestHandler):
     runtime = None  # set per server class
+    token: bytes | None = None  # the TCP listener's: every request must carry it
+    timeout = 10.0  # socket reads and writes (api.read_timeout_s), set per server class
     protocol_version = "HTTP/1.1"
 
     def address_string(self) -> str:  # UNIX sockets have no client address
@@ -56,6 +82,42 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args) -> None:
         log.debug("api: " + fmt, *args)
+
+    def log_error(self, fmt, *args) -> None:  # malformed requests, read timeouts: one line each
+        log.info("api: %s: " + fmt, self.address_string(), *args)
+
+    def _refuse(self, status: int, error: str) -> None:
+        """Answer and close: the request's body, if any, is left unread."""
+        self.close_connection = True
+        data = json.dumps({"error": error}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
+
+    def _content_length(self) -> int:
+        """The declared body size, checked before a byte of the body is read."""
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise ApiError("chunked request bodies are not accepted: send Content-Length", 411)
+            return 0
+        if not raw.strip().isdigit():
+            raise ApiError(f"Content-Length {raw!r} is not a byte count", 400)
+        n = int(raw)
+        if n > MAX_BODY:
+            raise ApiError(f"request body of {n} bytes is over the {MAX_BODY}-byte limit", 413)
+        return n
 
     def _send(self, status: int, body: dict) -> None:
         data = json.dumps(body, default=str).encode()
@@ -65,11 +127,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_BODY:
-            raise ApiError(f"request body of {n} bytes is over the {MAX_BODY}-byte limit", 400)
+    def _body(self, n: int) -> dict:
         raw = self.rfile.read(n) if n else b"{}"
+        if len(raw) < n:
+            raise ConnectionResetError(f"the client sent {len(raw)} of {n} body bytes")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -91,6 +152,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             emit({"done": True, **stream.run(emit)})
+        except _GONE:
+            raise
         except EdgeError as e:
             emit({"error": str(e)})
         except Exception as e:
@@ -99,10 +162,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def _dispatch(self, method: str) -> None:
+        try:
+            self._serve(method)
+        except _GONE as e:  # the client hung up or stalled mid-request: nothing to answer
+            self.close_connection = True
+            log.info("api: client %s went away during %s %s: %s", self.address_string(), method, self.path,
+                     type(e).__name__)
+
+    def _serve(self, method: str) -> None:
+        if not self._authorized():
+            self._refuse(401, "this API needs 'Authorization: Bearer <token>' (the token in api.token_file)")
+            return
+        try:
+            length = self._content_length()
+        except ApiError as e:
+            self._refuse(e.status, str(e))
+            return
         url = urlparse(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
         try:
-            body = self._body() if method == "POST" else {}
+            body = self._body(length) if method == "POST" else {}
+            if method != "POST" and length:
+                self.rfile.read(length)  # keep the connection in step
             out = route(self.runtime, method, parts, parse_qs(url.query), body)
             if isinstance(out, Stream):
                 self._stream(out)
@@ -114,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404 if "no part with id" in str(e) else 503, {"error": str(e)})
         except EdgeError as e:
             self._send(400, {"error": str(e)})
+        except _GONE:
+            raise
         except Exception as e:  # the API must outlive any one request
             log.exception("api: %s %s failed", method, self.path)
             self._send(500, {"error": f"internal error: {e}"})
@@ -217,12 +300,43 @@ def feedback(runtime, part_id: str, body: dict) -> dict:
 
 class LocalApi:
     def __init__(self, runtime, socket_path: str | Path, mode: int = 0o660, group: str | None = None,
-                 tcp: tuple[str, int] | None = None):
+                 tcp: tuple[str, int] | None = None, token_file: str | Path | None = None,
+                 read_timeout_s: float = 10.0):
         self.runtime, self.socket_path, self.mode, self.group, self.tcp = runtime, Path(socket_path), mode, group, tcp
+        self.token_file, self.read_timeout_s = token_file, read_timeout_s
         self._servers = []
 
+    def _token(self) -> bytes:
+        if self.token_file is None:
+            raise ApiError("api.tcp_port needs api.token_file: the TCP listener does not run without a token")
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ApiError(f"api.token_file {self.token_file}: cannot read the token: {e}") from None
+        if len(token) < 16:
+            raise ApiError(f"api.token_file {self.token_file}: the token must be at least 16 characters "
+                           f"(it has {len(token)}); e.g. openssl rand -hex 32 > {self.token_file}")
+        return token.encode()
+
+    def _give_group(self, gid: int) -> None:
+        """The socket and its folder to api.group: the folder gets the group and the search bit (g+x)
+        that a umask of 0027 (the shipped unit's) leaves it without otherwise, or 0077."""
+        folder = self.socket_path.parent
+        try:
+            st = folder.stat()
+            if st.st_uid == os.getuid():
+                os.chown(folder, -1, gid)
+                os.chmod(folder, (st.st_mode & 0o7777) | 0o010)
+            elif st.st_gid != gid or not st.st_mode & 0o010:
+                log.warning("api: %s is not ours to give to group %s: its members may not reach %s", folder,
+                            self.group, self.socket_path.name)
+        except OSError as e:
+            log.warning("api: cannot give %s to group %s: %s", folder, self.group, e)
+
     def start(self) -> "LocalApi":
-        handler = type("Handler", (_Handler,), {"runtime": self.runtime})
+        base = {"runtime": self.runtime, "timeout": self.read_timeout_s}
+        handler = type("Handler", (_Handler,), base)
+        tcp_handler = type("TcpHandler", (_Handler,), {**base, "token": self._token()}) if self.tcp else None
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.is_socket():
             self.socket_path.unlink()  # left by a process that died
@@ -233,12 +347,14 @@ class LocalApi:
             os.umask(old_umask)
         if self.group:
             try:
-                os.chown(self.socket_path, -1, grp.getgrnam(self.group).gr_gid)
+                gid = grp.getgrnam(self.group).gr_gid
+                os.chown(self.socket_path, -1, gid)
+                self._give_group(gid)
             except (KeyError, PermissionError) as e:
                 log.warning("api: cannot give %s to group %s: %s", self.socket_path, self.group, e)
         os.chmod(self.socket_path, self.mode)
         if self.tcp:
-            self._servers.append(ThreadingHTTPServer(self.tcp, handler))
+            self._servers.append(_TcpHTTPServer(self.tcp, tcp_handler))
         for server in self._servers:
             threading.Thread(target=server.serve_forever, name="edge-api", daemon=True).start()
         log.info("api on %s%s", self.socket_path, f" and {self.tcp[0]}:{self.tcp[1]}" if self.tcp else "")

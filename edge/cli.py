@@ -275,12 +275,13 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .runtime import run
+    from .runtime import check, run
 
     if args.check:
         config = load_config(args.config)
+        models = check(config)  # the pack and state as `run` loads them, and the TLS files
         print(f"{args.config}: valid (station {config.station.line}/{config.station.name}, source "
-              f"{config.source.kind}, trigger {config.trigger.mode}, topics {config.topic_prefix}/...)")
+              f"{config.source.kind}, trigger {config.trigger.mode}, topics {config.topic_prefix}/...; {models})")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     return run(args.config, exit_at_end=args.exit_at_end)
@@ -482,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the line service: capture, score every frame, MQTT, store, local API")
     r.add_argument("--config", required=True, help="station YAML (see configs/)")
-    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.add_argument("--check", action="store_true",
+                   help="validate the config, load and verify the pack and state as run does, then exit")
     r.add_argument("--exit-at-end", action="store_true",
                    help="stop once a finite source (file, folder, synthetic count) is done and flushed")
     r.set_defaults(func=cmd_run)

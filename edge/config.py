@@ -149,7 +149,10 @@ class StorageSpec(_Strict):
     # Which parts keep image files (every part keeps its row): flagged, all or none.
     keep_images: Literal["flagged", "all", "none"] = "flagged"
     retention_days: float = Field(default=30, gt=0)
-    disk_budget_mb: float = Field(default=2048, gt=0)
+    disk_budget_mb: float = Field(default=2048, gt=0)  # image files plus the databases and their WAL files
+    # Free-space floor of the storage file system: below it no image is written and the oldest go;
+    # when that is not enough, new parts are refused (recorded and published as errors) until space returns.
+    min_free_mb: float = Field(default=100, ge=0)
     # A part whose row cannot be written because the database is locked (another process holds it, a
     # slow disk) is retried from memory for this long before it is recorded as an error.
     write_retry_s: float = Field(default=120, ge=0)
@@ -162,6 +165,15 @@ class ApiSpec(_Strict):
     group: str | None = None
     tcp_port: StrictInt | None = Field(default=None, ge=1, le=65535)  # also listen on this port
     tcp_host: str = "127.0.0.1"
+    # The TCP listener answers only requests with "Authorization: Bearer <the token in this file>".
+    token_file: Path | None = None
+    read_timeout_s: float = Field(default=10, gt=0, le=3600)  # a client that sends nothing this long is dropped
+
+    @model_validator(mode="after")
+    def _tcp_needs_token(self):
+        if self.tcp_port is not None and self.token_file is None:
+            raise ValueError("tcp_port needs token_file (a file holding the token every TCP request must carry)")
+        return self
 
 
 class ExplainSpec(_Strict):
@@ -282,6 +294,7 @@ class StationConfig(_Strict):
 # Keys SIGHUP applies in place; everything else needs a restart.
 # Only keys the running stages read afresh (or that reload() pushes to them) belong here.
 RELOADABLE = ("trigger.interval_s", "storage.keep_images", "storage.retention_days", "storage.disk_budget_mb",
+              "storage.min_free_mb",
               "mqtt.heatmap", "health", "log_level", "station.mm_per_pixel", "state")
 
 
@@ -306,7 +319,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     for key in ("pack", "state"):
         if key in raw:
             raw[key] = fix(raw[key])
-    for section, keys in (("source", ("path",)), ("storage", ("dir",)), ("api", ("socket",)),
+    for section, keys in (("source", ("path",)), ("storage", ("dir",)), ("api", ("socket", "token_file")),
                           ("mqtt", ("password_file",))):
         if isinstance(raw.get(section), dict):
             for k in keys:

@@ -6,11 +6,18 @@ acknowledged, and one in flight when the link drops is retransmitted by paho on 
 replayed from the outbox after a process restart), so subscribers de-duplicate by `message_id`.
 The station's presence is `<prefix>/status`, retained: "online" on every connect, "offline" from
 the Last Will on an unclean drop and published explicitly on `close()`.
+
+With `persistent_session` (a stable client id, MQTT 3.1.1 clean_session false) the broker keeps our
+subscriptions and queues the QoS 1 messages (commands) sent to them while we are away; they arrive
+at the next connect. How long it keeps a session is the broker's setting (Mosquitto:
+`persistent_client_expiration`, unset: for ever).
 """
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -32,6 +39,24 @@ class PublisherError(EdgeError):
     """The publisher is misconfigured or used after `close()`."""
 
 
+def tls_context(ca: str | Path, cert: str | Path | None = None, key: str | Path | None = None) -> ssl.SSLContext:
+    """The client TLS context for mqtt.tls (server certificate and host name verified); a CA, certificate
+    or key file that cannot be used raises PublisherError naming the file."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise PublisherError(f"mqtt.tls.ca {ca}: not a usable CA certificate file (PEM expected): {e}") from None
+    if cert or key:
+        if not (cert and key):
+            raise PublisherError("mqtt.tls: give both cert and key (the client certificate and its private key)")
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise PublisherError(f"mqtt.tls.cert {cert} / mqtt.tls.key {key}: not a usable client certificate "
+                                 f"and key (PEM expected, the key must match): {e}") from None
+    return context
+
+
 class MqttPublisher:
     """Publishes outbox messages to an MQTT broker in order, surviving broker and process restarts."""
 
@@ -50,7 +75,11 @@ class MqttPublisher:
         keepalive: int = 30,
         reconnect_min_delay: int = 1,
         reconnect_max_delay: int = 30,
+        persistent_session: bool = False,
+        connect: bool = True,
     ):
+        """`connect=False` leaves connecting to `connect()`, so handlers can be subscribed first (a
+        persistent session delivers what waited right after the connection is accepted)."""
         self._owns_outbox = not isinstance(outbox, Outbox)
         self.outbox = Outbox(outbox) if self._owns_outbox else outbox
         self.topic_prefix = topic_prefix.rstrip("/")
@@ -69,32 +98,42 @@ class MqttPublisher:
         self.last_error: str | None = None  # why the broker refused us, until we are in again
         self._subscriptions: dict[str, int] = {}  # full topic -> qos, (re)subscribed on every connect
 
+        if persistent_session and not client_id:
+            raise PublisherError("a persistent MQTT session needs a stable client_id (the broker keeps the "
+                                 "session under it)")
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"anomaly-edge-{uuid.uuid4().hex[:12]}",
+            clean_session=not persistent_session,
             protocol=mqtt.MQTTv311,
         )
         if username is not None:
             client.username_pw_set(username, password)
+        self._tls: ssl.SSLContext | None = None
         if tls_ca is not None:
-            client.tls_set(
-                ca_certs=str(tls_ca),
-                certfile=str(tls_cert) if tls_cert else None,
-                keyfile=str(tls_key) if tls_key else None,
-            )
+            self._tls = tls_context(tls_ca, tls_cert, tls_key)
+            client.tls_set_context(self._tls)
         elif tls_cert or tls_key:
             raise PublisherError("tls_cert/tls_key given without tls_ca; pass the CA file to enable TLS")
         client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(reconnect_min_delay, reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         self._client = client
-
-        # connect_async + loop_start keeps retrying when the broker is down at start.
-        client.connect_async(host, port, keepalive)
-        client.loop_start()
+        self._keepalive = keepalive
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox-sender", daemon=True)
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Start connecting (in the background, retried while the broker is down) and sending."""
+        if self._sender.is_alive():
+            return
+        # connect_async + loop_start keeps retrying when the broker is down at start.
+        self._client.connect_async(self.host, self.port, self._keepalive)
+        self._client.loop_start()
         self._sender.start()
 
     # -- public API ---------------------------------------------------------------------------
@@ -152,7 +191,8 @@ class MqttPublisher:
             self._wake.set()
             time.sleep(0.02)
         self._stop.set()
-        self._sender.join(timeout=2.0)
+        if self._sender.is_alive():
+            self._sender.join(timeout=2.0)
         if self._connected.is_set():
             # A clean disconnect suppresses the Last Will, so say "offline" ourselves.
             info = self._client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
@@ -185,6 +225,32 @@ class MqttPublisher:
             client.subscribe(topic, qos)
         self._connected.set()
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho does not say why a connection failed: try once ourselves, so a TLS failure (unknown CA,
+        host name mismatch, a plain port) is logged and in `last_error`, not only retried."""
+        error = self._diagnose()
+        if error != self.last_error:
+            log.warning("cannot connect to the MQTT broker %s:%s: %s", self.host, self.port, error)
+        self.last_error = error
+
+    def _diagnose(self) -> str:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=3)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        with sock:
+            if self._tls is None:
+                return "connection failed (the broker accepted TCP, then the MQTT connect failed)"
+            try:
+                with self._tls.wrap_socket(sock, server_hostname=self.host):
+                    return "connection failed (TCP and the TLS handshake succeed)"
+            except ssl.SSLCertVerificationError as e:
+                return f"TLS: the broker's certificate is refused: {e.verify_message} ({e.reason})"
+            except (ssl.SSLError, OSError) as e:  # a plain listener resets or answers what is not TLS
+                reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                return (f"TLS handshake failed: {reason} (is {self.host}:{self.port} a TLS listener, of a "
+                        "protocol version this client speaks?)")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:

@@ -166,18 +166,14 @@ class Runtime:
         self.config_path = Path(config_path) if config_path else None
         self.exit_at_end = exit_at_end
         self.station = config.station.name
-        self.pack = load_pack(config.pack)
+        self.pack, self.state, self.scorer = load_models(config)
         self.learner: LineLearner | None = None
-        if config.learn is not None and not (Path(config.state) / "state.yaml").is_file():
+        if self.scorer is None:
             # Learn mode: no state yet; the first learn.parts parts build it (edge.line_learning).
-            self.state, self.scorer = None, None
             self.learner = LineLearner(self.pack, config.state, config.storage.dir, config.learn.parts,
                                        config.learn.suspect_z, config.target_false_reject)
-        else:
-            self.state = load_state(config.state, self.pack)
-            self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
-                                         allow_undertrained=config.student_allow_undertrained)
-        self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
+        self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb,
+                                config.storage.min_free_mb)
         self.publisher = None
         self.explainer = None
         self.explain_error: str | None = None
@@ -226,6 +222,7 @@ class Runtime:
     def _start(self) -> "Runtime":
         c = self.config
         self.store.enforce_retention()
+        self._replay_triggers()  # before the broker can hand over new ones
         if c.mqtt.enabled:
             from .publish import MqttPublisher
 
@@ -235,17 +232,20 @@ class Runtime:
                 topic_prefix=c.topic_prefix, client_id=c.mqtt.client_id or f"anomaly-edge-{c.station.line}-{self.station}",
                 username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
                 tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
-                reconnect_min_delay=1, reconnect_max_delay=10)
+                reconnect_min_delay=1, reconnect_max_delay=10, persistent_session=True, connect=False)
+            self.store.siblings.append(self.publisher.outbox)
             self._replay_unpublished()
-        self._replay_triggers()
-        if self.publisher is not None:
             self.publisher.subscribe("cmd/+", self._on_command)
+            # Connected once the handler is in place: the persistent session hands over at once the
+            # commands the broker kept for us while we were away.
+            self.publisher.connect()
         self._start_explainer()
         if c.api.enabled:
             from .api import LocalApi
 
             self.api = LocalApi(self, c.api_socket, mode=int(c.api.mode, 8), group=c.api.group,
-                                tcp=(c.api.tcp_host, c.api.tcp_port) if c.api.tcp_port else None).start()
+                                tcp=(c.api.tcp_host, c.api.tcp_port) if c.api.tcp_port else None,
+                                token_file=c.api.token_file, read_timeout_s=c.api.read_timeout_s).start()
         for name, target in (("capture", self._capture_loop), ("score", self._score_loop),
                              ("output", self._output_loop), ("maintenance", self._maintenance_loop),
                              ("health", self._health_loop)):
@@ -279,6 +279,7 @@ class Runtime:
 
                 self._projector = Projector(self.pack, threads=1)
             store = DialogueStore(Path(self.config.storage.dir) / "dialogue.sqlite")
+            self.store.siblings.append(store)
             self.explainer = ExplainWorker(self.pack, store, self.on_explanation, queue_size=spec.queue_size,
                                            n_threads=spec.threads, max_tokens=spec.max_tokens,
                                            time_limit_s=spec.time_limit_s, max_attempts=spec.max_attempts,
@@ -343,9 +344,10 @@ class Runtime:
         for item in left:
             try:
                 self._emit(item)
-            except Exception:
+            except Exception as e:
                 self.counts["output_errors"] += 1
                 log.exception("stopping: could not record part %s", item.part.part_id)
+                self._publish_unrecorded(item, f"not recorded: {type(e).__name__}: {e}")
         if left:
             log.warning("stopping: recorded %d part(s) the stop timeout cut short (%d of them as not scored)",
                         len(left), len(unscored))
@@ -531,12 +533,24 @@ class Runtime:
                 log.exception("could not record part %s; recording it as an error", item.part.part_id)
                 try:
                     self._emit(dataclasses.replace(item, result=None, error=f"output failed: {type(e).__name__}: {e}"))
-                except Exception:
+                except Exception as e2:
                     self.counts["output_errors"] += 1
                     log.exception("could not record part %s even as an error", item.part.part_id)
+                    self._publish_unrecorded(item, f"not recorded: {type(e2).__name__}: {e2}")
             finally:
                 with self._ids_lock:
                     self._queued_ids.discard(item.part.part_id)
+
+    def _publish_unrecorded(self, item: ScoredPart, reason: str) -> None:
+        """Last resort for a part with no row (a disk that is full past its floor): its error result
+        straight to the broker, not stored, so the PLC still hears of it while the station is connected."""
+        p = item.part
+        result = {"message_id": uuid.uuid4().hex, "part_id": p.part_id, "station": self.station,
+                  "line": self.config.station.line, "timestamp": iso_time(p.frame.captured_at), "trigger": p.trigger,
+                  "verdict": "error", "score": None, "error": reason, "recorded": False,
+                  **({"request_id": p.request_id} if p.request_id else {})}
+        if self.publisher is None or not self.publisher.publish_now("result", result):
+            log.error("part %s has no row and its error result could not be published: %s", p.part_id, reason)
 
     STORE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -550,14 +564,16 @@ class Runtime:
                 return self._emit(item)
             except EdgeError as e:
                 text = str(e).lower()
-                if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
+                if not ("locked" in text or "busy" in text or "full" in text) or time.monotonic() > deadline:
                     raise
+                if "full" in text:  # the disk: checkpoint and remove old images, then try again
+                    self.store.make_room()
             self.counts["store_retries"] += 1
             wait = self.STORE_RETRY_S[min(attempt, len(self.STORE_RETRY_S) - 1)]
             attempt += 1
             if attempt == 1:
-                log.warning("part %s: the traceability database is locked; retrying (up to %.0f s)",
-                            item.part.part_id, self.config.storage.write_retry_s)
+                log.warning("part %s: the traceability database is locked or its disk full; retrying (up to "
+                            "%.0f s)", item.part.part_id, self.config.storage.write_retry_s)
             self._heartbeat["output"] = time.monotonic()  # waiting on the disk, not hung
             time.sleep(wait)
 
@@ -570,6 +586,12 @@ class Runtime:
 
     def _emit(self, item: ScoredPart) -> None:
         c = self.config
+        if item.result is not None and self.store.low_on_space():
+            # Refused loudly rather than lost: a small error row and result fit in what the floor keeps.
+            self.counts["refused_storage"] += 1
+            item = dataclasses.replace(item, result=None, error=(
+                f"refused: storage {c.storage.dir} has {self.store.free_mb():.1f} MB free, below "
+                f"storage.min_free_mb {c.storage.min_free_mb:g}, with no image file left to remove"))
         p, r = item.part, item.result
         learning = self._collect_for_learning(p) if item.learning else None
         if learning is not None:
@@ -800,6 +822,7 @@ class Runtime:
             self.config = with_reloaded(self.config, new)
             self.store.retention_days = new.storage.retention_days
             self.store.disk_budget_mb = new.storage.disk_budget_mb
+            self.store.min_free_mb = new.storage.min_free_mb
             logging.getLogger().setLevel(new.log_level.upper())
             if restart:
                 log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
@@ -830,8 +853,11 @@ class Runtime:
     def health(self) -> dict:
         pub = self.publisher.stats() if self.publisher is not None else None
         parts, fresh = self.store.count_nowait()  # never waits on a locked database
+        free_mb = self.store.free_mb()
+        low_space = self.store.low_space and free_mb < self.store.min_free_mb  # no SQL: recovers as space returns
+        degraded = low_space or self.store.over_budget
         return {
-            "state": "online" if not self._stop.is_set() else "stopping",
+            "state": "stopping" if self._stop.is_set() else "degraded" if degraded else "online",
             "station": self.station, "line": self.config.station.line, "model_id": self.pack.model_id,
             "time": iso_time(time.time()), "uptime_s": round(time.time() - self.started_at, 1),
             "trigger": self.config.trigger.mode, "threshold": self._threshold(),
@@ -850,7 +876,12 @@ class Runtime:
             "broker": pub,
             "storage": {"parts": parts, "busy": not fresh, "write_retries": int(self.counts["store_retries"]),
                         "files_mb": round(self.store.files_bytes / 1e6, 2),
-                        "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors},
+                        "budget_mb": self.store.disk_budget_mb, "write_errors": self.store.write_errors,
+                        "used_mb": round((self.store.files_bytes + self.store.db_bytes()) / 1e6, 2),
+                        "free_mb": round(free_mb, 1), "min_free_mb": self.store.min_free_mb,
+                        "low_space": low_space, "over_budget": self.store.over_budget,
+                        "images_skipped": self.store.images_skipped,
+                        "refused_parts": int(self.counts["refused_storage"])},
             "explain": self.explainer.stats() if self.explainer is not None else (
                 {"error": self.explain_error} if self.explain_error else None),
         }
@@ -881,7 +912,42 @@ class Runtime:
                     self.store.enforce_retention()
                 except EdgeError as e:
                     log.error("retention: %s", e)
-            self._stop.wait(min(interval or 1.0, 1.0))
+            # Once stopping, `_stop` is set and returns at once: wait on `_stopped` so the pings keep
+            # their pace while the stages drain (a busy loop here sent 60,585 pings in 1.3 s).
+            (self._stopped if self._stop.is_set() else self._stop).wait(min(interval or 1.0, 1.0))
+
+
+def load_models(config: StationConfig):
+    """(pack, state, scorer) as the station runs them: the pack's files checked against their sha256, the
+    state's schema, hashes and encoder against the pack, the scorer built (an undertrained student refused).
+    In learn mode with no state yet: (pack, None, None)."""
+    pack = load_pack(config.pack)
+    if config.learn is not None and not (Path(config.state) / "state.yaml").is_file():
+        return pack, None, None
+    state = load_state(config.state, pack)
+    scorer = station_scorer(pack, state, config.tiling_spec(), kind=config.scorer,
+                            allow_undertrained=config.student_allow_undertrained)
+    return pack, state, scorer
+
+
+def check(config: StationConfig) -> str:
+    """What `run --check` verifies beyond the config file: the models exactly as `run` loads them and
+    the MQTT TLS files; returns a one-line summary, raises EdgeError naming what is wrong."""
+    pack, state, scorer = load_models(config)
+    tls = config.mqtt.tls
+    if config.mqtt.enabled and tls is not None:
+        from .publish import tls_context
+
+        tls_context(tls.ca, tls.cert, tls.key)
+    if config.api.enabled and config.api.tcp_port:
+        from .api import LocalApi
+
+        LocalApi(None, config.api_socket, token_file=config.api.token_file)._token()  # readable, long enough
+    if state is None:
+        return (f"pack {pack.model_id}, learn mode: no state in {config.state} yet, built from the first "
+                f"{config.learn.parts} parts")
+    return (f"pack {pack.model_id}, state with {len(state.references)} references, scorer "
+            f"{type(scorer).__name__}, threshold {scorer.threshold:.4f}")
 
 
 def run(config_path: str | Path, exit_at_end: bool = False) -> int:

@@ -4,9 +4,13 @@
                                          explanation, technician feedback, file paths
     <dir>/parts/<YYYY-MM-DD>/<part_id>/  image.png, overlay.jpg, mask.png
 
-Retention runs by age (rows and files older than `retention_days` go) and by disk budget (the
-oldest parts' files go first until the folder fits; their rows stay, marked `files_purged`). A
-file that cannot be written (disk full, permissions) is logged and the row still lands.
+Retention runs by age (rows and files older than `retention_days` go) and by disk budget: image
+files plus every SQLite database in the folder (parts, outbox, dialogue) with their WAL files; the
+WALs are checkpointed first, then the oldest parts' files go until the folder fits (their rows stay,
+marked `files_purged`). Below the free-space floor (`min_free_mb`) no image is written and old ones
+go until the floor is met again; when that is not enough, `low_on_space()` tells the runtime to
+refuse new parts (recorded as errors) until space returns. A file that cannot be written (disk
+full, permissions) is logged and the row still lands.
 """
 from __future__ import annotations
 
@@ -70,6 +74,10 @@ _SCHEMA = _PARTS_TABLE + ";\n" + _PARTS_INDEXES + _TRIGGERS_TABLE
 FEEDBACK_LABELS = ("defect", "false_alarm")
 
 
+class _BelowFloor(OSError):
+    """An image not written because the free-space floor would be crossed."""
+
+
 class StoreError(EdgeError):
     """The traceability database cannot be opened or a request names a part it does not hold."""
 
@@ -84,11 +92,20 @@ class TraceStore(SqliteStore):
     error = StoreError
     label = "traceability"
 
-    def __init__(self, root: str | Path, retention_days: float = 30, disk_budget_mb: float = 2048):
+    def __init__(self, root: str | Path, retention_days: float = 30, disk_budget_mb: float = 2048,
+                 min_free_mb: float = 0, free_space=None):
         self.root = Path(root)
-        self.retention_days, self.disk_budget_mb = retention_days, disk_budget_mb
+        self.retention_days, self.disk_budget_mb, self.min_free_mb = retention_days, disk_budget_mb, min_free_mb
+        # Free bytes on the store's file system; a parameter so a drill can stand for a smaller disk.
+        self._free_space = free_space or self._disk_free
+        self.siblings: list[SqliteStore] = []  # the other databases in the folder (outbox, dialogue): checkpointed too
         self._bytes_lock = threading.Lock()
+        self._space_lock = threading.Lock()
         self.write_errors = 0
+        self.images_skipped = 0   # parts whose images were not written: below the free-space floor
+        self.low_space = False    # below the floor with no image file left to remove
+        self.over_budget = False  # the databases alone exceed the budget (rows are never removed for it)
+        self._last_room_at = 0.0
         try:
             (self.root / "parts").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -137,7 +154,7 @@ class TraceStore(SqliteStore):
             conn.execute("DELETE FROM triggers WHERE part_id = ?", (part_id,))
         with self._bytes_lock:
             self._files_bytes += nbytes
-        if self._files_bytes > self.disk_budget_mb * 1e6:
+        if self.used_bytes() > self.disk_budget_mb * 1e6 or self.over_budget:
             self.enforce_disk_budget()
 
     def add_trigger(self, part_id: str, request_id: str | None) -> None:
@@ -168,9 +185,19 @@ class TraceStore(SqliteStore):
                 ok, buf = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
                 if not ok:
                     raise OSError(f"could not encode {name}")
+                if self._free_space() - buf.nbytes < self.min_free_mb * 1e6 and not self.make_room(buf.nbytes):
+                    raise _BelowFloor(f"{self.free_mb():.1f} MB free, below storage.min_free_mb "
+                                      f"{self.min_free_mb:g} with no older image left to remove")
                 with open(folder / f"{name}{ext}", "wb") as f:
                     f.write(buf.tobytes())
                 nbytes += buf.nbytes
+        except _BelowFloor as e:
+            self.images_skipped += 1
+            if self.images_skipped == 1 or self.images_skipped % 100 == 0:
+                log.error("traceability: images of part %s not written (%d parts so far): %s", part_id,
+                          self.images_skipped, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None, 0
         except OSError as e:
             # Losing a picture is bad; losing the part's row because of it would be worse.
             self.write_errors += 1
@@ -265,6 +292,79 @@ class TraceStore(SqliteStore):
     def files_bytes(self) -> int:
         return self._files_bytes
 
+    def db_bytes(self) -> int:
+        """Every SQLite database in the folder with its WAL and shared-memory files."""
+        total = 0
+        for f in self.root.glob("*.sqlite*"):
+            try:
+                total += f.stat().st_size
+            except OSError:  # a WAL removed by a checkpoint between glob and stat
+                pass
+        return total
+
+    def used_bytes(self) -> int:
+        """What the disk budget counts: image files and databases."""
+        return self._files_bytes + self.db_bytes()
+
+    def _disk_free(self) -> float:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:  # the folder is gone or unreadable: the writes will say so themselves
+            return float("inf")
+
+    def free_mb(self) -> float:
+        return self._free_space() / 1e6
+
+    def checkpoint_all(self) -> None:
+        """Truncate the WAL of this database and of the siblings (a busy one is left for next time)."""
+        for store in (self, *self.siblings):
+            try:
+                store.checkpoint()
+            except EdgeError as e:
+                log.warning("traceability: checkpoint of %s failed: %s", store.path, e)
+
+    def low_on_space(self) -> bool:
+        """True while free space is below the floor and removing old image files could not lift it:
+        the runtime then refuses new parts. Checks afresh each call, so it recovers by itself."""
+        if self._free_space() >= self.min_free_mb * 1e6:
+            if self.low_space:
+                self.low_space = False
+                log.warning("traceability: %.1f MB free again (floor %g MB): parts are accepted again",
+                            self.free_mb(), self.min_free_mb)
+            return False
+        if time.monotonic() - self._last_room_at >= 1.0 or not self.low_space:
+            self.make_room()
+        low = self._free_space() < self.min_free_mb * 1e6
+        if low and not self.low_space:
+            log.error("traceability: %s has %.1f MB free, below storage.min_free_mb %g, and no image file is "
+                      "left to remove: new parts are refused (recorded and published as errors) until space "
+                      "returns", self.root, self.free_mb(), self.min_free_mb)
+        self.low_space = low
+        return low
+
+    def make_room(self, need: int = 0) -> bool:
+        """Checkpoint the databases, then remove the oldest parts' image files until `need` bytes fit
+        above the free-space floor; True when they do."""
+        floor = self.min_free_mb * 1e6 + need
+        with self._space_lock:
+            self._last_room_at = time.monotonic()
+            self.checkpoint_all()
+            removed = 0
+            while self._free_space() < floor:
+                rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
+                                 "AND files_purged = 0 ORDER BY captured_at LIMIT 16")
+                if not rows:
+                    break
+                for part_id, files_dir, nbytes in rows:
+                    self._remove_files(files_dir, nbytes)
+                    self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
+                    removed += 1
+            if removed:
+                log.warning("traceability: below the free-space floor (%g MB): removed the files of the %d "
+                            "oldest parts", self.min_free_mb, removed)
+                self._prune_empty_days()
+            return self._free_space() >= floor
+
     # -- retention ----------------------------------------------------------------------------
 
     def enforce_retention(self, now: float | None = None) -> int:
@@ -280,10 +380,17 @@ class TraceStore(SqliteStore):
         return len(old)
 
     def enforce_disk_budget(self) -> int:
-        """Remove the oldest parts' files until the files fit the budget; returns how many parts lost files."""
+        """Checkpoint the databases, then remove the oldest parts' files until files and databases fit
+        the budget; returns how many parts lost files."""
         budget = self.disk_budget_mb * 1e6
         removed = 0
-        while self._files_bytes > budget:
+        wal = sum(f.stat().st_size for f in self.root.glob("*.sqlite-wal") if f.exists())
+        # A checkpoint costs a sync: at most one a second, unless the WALs are a tenth of the budget.
+        if self.used_bytes() > budget and (wal > budget / 10 or time.monotonic() - self._last_room_at >= 1.0):
+            self._last_room_at = time.monotonic()
+            self.checkpoint_all()
+        db = self.db_bytes()
+        while self._files_bytes + db > budget:
             rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
                              "AND files_purged = 0 ORDER BY captured_at LIMIT 64")
             if not rows:
@@ -292,8 +399,14 @@ class TraceStore(SqliteStore):
                 self._remove_files(files_dir, nbytes)
                 self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
                 removed += 1
-                if self._files_bytes <= budget:
+                if self._files_bytes + db <= budget:
                     break
+        over = self._files_bytes + db > budget
+        if over and not self.over_budget:
+            log.error("traceability: the databases in %s alone take %.1f MB, over storage.disk_budget_mb %g "
+                      "(rows are kept; lower retention_days or raise the budget)", self.root, db / 1e6,
+                      self.disk_budget_mb)
+        self.over_budget = over
         if removed:
             log.info("traceability: disk budget %.0f MB reached; removed the files of the %d oldest parts",
                      self.disk_budget_mb, removed)

@@ -376,7 +376,11 @@ def test_a_database_locked_by_another_process_loses_no_part_and_does_not_stall_t
         with TraceStore(tmp_path / "var") as store:
             n = store.count()
         got = wait_topic(sub, "test/s1/result", n, timeout=60)
-        assert n == 60 and len({r["part_id"] for r in got}) == 60  # every part recorded and on the broker
+        # Every part recorded and on the broker; a live source (fps) drops frames the scorer cannot keep
+        # up with (counted, by design), which happens on a loaded machine.
+        entered = rt.counts["captured"] - rt._queue.dropped
+        assert rt.counts["captured"] == 60 and n == entered and len({r["part_id"] for r in got}) == n, (
+            n, rt._queue.dropped)
         assert all(r["verdict"] != "error" for r in got)
         assert rt.counts["store_retries"] > 0 and rt.counts["output_errors"] == 0
     finally:
@@ -410,3 +414,241 @@ def test_a_stop_cut_short_by_its_timeout_still_gives_every_captured_part_a_resul
             again.stop()
     cut = [r for r in sub.unique_by_topic()["test/s1/result"] if r["part_id"] in ids and r["verdict"] == "error"]
     assert cut and all("station stopped" in r["error"] for r in cut)
+
+
+@pytest.mark.timeout(180)
+def test_the_watchdog_keeps_its_pace_while_a_sigterm_drains_the_queue(broker, tmp_path, default_pack_dir,
+                                                                      enrolled_state):
+    """A real NOTIFY_SOCKET: between STOPPING=1 and the exit, WATCHDOG=1 comes at most once per half
+    WatchdogSec (the health loop spun on the set stop event before, 60,585 datagrams in 1.3 s)."""
+    import socket
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2},  # not live: the queue stays full
+                       pipeline={"capture_queue": 48}, explain={"enabled": False})
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen: list[tuple[float, str]] = []
+
+        def receive() -> None:
+            try:
+                seen.extend((time.monotonic(), f) for f in notify.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                pass
+
+        deadline = time.monotonic() + 90
+        while not any(f == "READY=1" for _, f in seen) and time.monotonic() < deadline:
+            receive()
+        wait_until(lambda: TraceStore(tmp_path / "var").count() >= 3, 60, "3 parts")
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None and time.monotonic() < deadline + 60:
+            receive()
+        for _ in range(50):  # what is still queued in the socket
+            receive()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    t_stopping = next(t for t, f in seen if f == "STOPPING=1")
+    pings = [t for t, f in seen if f == "WATCHDOG=1" and t >= t_stopping]
+    stop_s = seen[-1][0] - t_stopping
+    print(f"stop took {stop_s:.2f} s with {len(pings)} WATCHDOG=1 datagrams")
+    assert len(pings) <= stop_s / 0.2 + 3, (len(pings), stop_s)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB file system (tmpfs), for the drills of a full disk; skipped where mount is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves `leave_bytes` free on `disk`."""
+    import shutil
+
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return ballast
+
+
+@pytest.mark.timeout(240)
+def test_a_small_disk_fills_with_no_part_lost_and_the_station_recovers_by_itself(
+        broker, tmp_path, small_disk, default_pack_dir, enrolled_state):
+    """8 MB disk, disk_budget_mb 1, min_free_mb 2, every part's images kept: the budget holds files and
+    databases (WAL included); a ballast that leaves 0.5 MB free makes the station drop images, then refuse
+    parts as errors (health degraded); removing it brings normal parts back. Every row on the broker."""
+    import shutil
+
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2, "fps": 8},
+                       storage={"dir": str(small_disk / "var"), "disk_budget_mb": 1, "min_free_mb": 2,
+                                "keep_images": "all"}, explain={"enabled": False},
+                       mqtt={"heatmap": {"mode": "path"}})  # an inline overlay puts 64 KB in two WALs per flag
+    rt = start(cfg)
+    results = lambda: sub.unique_by_topic().get("test/s1/result", [])  # noqa: E731
+    try:
+        wait_until(lambda: rt.counts["parts"] >= 40, 60, "40 parts")
+        used = rt.store.used_bytes()
+        h = rt.health()
+        assert h["state"] == "online" and used <= 1.1e6, (used, h["storage"])  # images + databases + WALs
+        sizes = {f.name: f.stat().st_size for f in (small_disk / "var").glob("*.sqlite*")}
+        assert rt.store.db_bytes() > 0 and any(r["files"] for r in rt.store.query(limit=3)), sizes
+
+        ballast = _fill(small_disk, 500_000)
+        wait_until(lambda: rt.counts["refused_storage"] >= 10, 60, "parts refused for want of space")
+        h = rt.health()
+        assert h["state"] == "degraded" and h["storage"]["low_space"], h["storage"]
+        assert not any(r["files"] for r in rt.store.query(limit=1000))  # the images went first
+        refused = [r for r in results() if r["verdict"] == "error"]
+        assert refused and all("below storage.min_free_mb 2" in r["error"] for r in refused)
+        free_low = shutil.disk_usage(small_disk).free
+
+        ballast.unlink()
+        n_refused = rt.counts["refused_storage"]
+        wait_until(lambda: rt.health()["state"] == "online", 30, "the station to recover")
+        wait_until(lambda: rt.counts["parts"] >= rt.counts["refused_storage"] + 60, 60, "normal parts again")
+        assert rt.counts["refused_storage"] - n_refused <= 2  # parts in flight when the space came back
+        assert any(r["files"] for r in rt.store.query(limit=3))
+    finally:
+        rt.stop()
+    assert rt.counts["output_errors"] == 0
+    with TraceStore(small_disk / "var") as store:
+        rows = store.query(limit=100_000)
+        integrity = store._sql("PRAGMA integrity_check")[0][0]
+    assert integrity == "ok"
+    assert len(rows) == rt.counts["parts"] == rt.counts["captured"] - rt._queue.dropped
+    wait_until(lambda: {r["part_id"] for r in results()} >= {r["part_id"] for r in rows}, 60,
+               "every stored part's result on the broker")
+    got = [r["part_id"] for r in results()]
+    assert got == sorted(got, key=lambda pid: int(pid.rsplit("-", 1)[1]))  # in order
+    print(f"{len(rows)} parts, {rt.counts['refused_storage']} refused while {free_low / 1e6:.2f} MB were free, "
+          f"{store.images_skipped if False else rt.store.images_skipped} without images, 0 lost")
+
+
+def test_the_store_counts_its_databases_in_the_budget_and_refuses_below_the_floor(tmp_path):
+    """Real SQLite and real files; only the free space reported is chosen (a disk that is 'smaller')."""
+    import numpy as np
+
+    free = {"bytes": 10**9}
+    store = TraceStore(tmp_path, disk_budget_mb=0.5, min_free_mb=5, free_space=lambda: free["bytes"])
+    rng = np.random.default_rng(0)
+    summary = {"verdict": "anomalous", "score": 2.0, "threshold": 1.0, "regions": []}
+    for i in range(40):
+        image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)  # ~28 KB as PNG: noise does not compress
+        files = store.write_files(f"p{i}", time.time(), {"image": image})
+        store.add_part(f"p{i}", "s1", time.time(), "free_run", summary, "m", files=files,
+                       messages=[["result", {"message_id": f"m{i}", "overlay": "x" * 20_000}]])
+        store.mark_published(f"p{i}")  # as the runtime does once the outbox has them
+    # Held at each part's row; the last part's mark_published comes after (one part of slack).
+    assert store.db_bytes() > 0 and store.used_bytes() <= 0.5e6 + 60_000, (store.files_bytes, store.db_bytes())
+    assert not store.low_on_space()
+    kept = [r for r in store.query(limit=100) if r["files"]]
+    assert kept, "the newest parts keep their images"
+
+    free["bytes"] = 4_000_000  # below the 5 MB floor: images go first, then parts are refused
+    assert store.write_files("p40", time.time(), {"image": image}) == (None, 0)
+    assert store.images_skipped == 1 and not [r for r in store.query(limit=100) if r["files"]]
+    assert store.low_on_space() and store.low_space
+    free["bytes"] = 6_000_000  # space is back
+    assert not store.low_on_space() and not store.low_space
+    assert store.write_files("p41", time.time(), {"image": image})[1] > 0
+    assert store.count() == 40
+    store.close()
+    assert not (tmp_path / "parts.sqlite").stat().st_mode & 0o007  # not world-readable
+
+
+@pytest.mark.timeout(180)
+def test_triggers_sent_while_the_station_reconnects_are_answered(broker, tmp_path, default_pack_dir,
+                                                                 enrolled_state):
+    """A persistent session (stable client id, clean_session false): the broker restarts, triggers are
+    published (QoS 1) before the station is back, and each gets its part once it reconnects."""
+    import paho.mqtt.publish as publish
+
+    n = 20
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2}, trigger={"mode": "mqtt"},
+                       explain={"enabled": False})
+    rt = start(cfg)
+    try:
+        wait_until(lambda: rt.publisher.stats()["connected"], 30, "the station to connect")
+        broker.stop()  # mosquitto saves its sessions on SIGTERM
+        wait_until(lambda: not rt.publisher.stats()["connected"], 30, "the station to see the broker go")
+        time.sleep(2.5)  # paho's reconnect back-off grows: the station is not back the moment the broker is
+        broker.start()
+        publish.multiple([{"topic": "test/s1/cmd/trigger", "qos": 1,
+                           "payload": json.dumps({"part_id": f"R-{i:03d}", "request_id": f"r{i}"})} for i in range(n)],
+                         hostname="127.0.0.1", port=broker.port)
+        assert not rt.publisher.stats()["connected"], "the station reconnected before the triggers were sent"
+        wait_until(lambda: rt.publisher.stats()["connected"], 30, "the station to reconnect")
+        wait_until(lambda: len({r["part_id"] for r in sub.unique_by_topic().get("test/s1/result", [])}) >= n, 60,
+                   "a result for every trigger sent while the station was away")
+        results = sub.unique_by_topic()["test/s1/result"]
+        assert [r["part_id"] for r in results] == [f"R-{i:03d}" for i in range(n)]  # all, in order
+        ok = [r for r in sub.unique_by_topic()["test/s1/reply"] if r["ok"]]
+        assert [r["request_id"] for r in ok] == [f"r{i}" for i in range(n)]
+    finally:
+        rt.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_disk_full_to_the_last_byte_with_no_floor_still_answers_every_part(
+        broker, tmp_path, small_disk, default_pack_dir, enrolled_state):
+    """min_free_mb 0 (no floor), the 8 MB tmpfs filled to the last byte: a part whose row cannot land is
+    retried (storage.write_retry_s), then published directly as an error (`recorded: false`); rows land
+    again once space returns. Every part that entered has a result on the broker."""
+    sub = Subscriber(broker.port, "test/s1/#")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 0.2, "fps": 8},
+                       storage={"dir": str(small_disk / "var"), "min_free_mb": 0, "write_retry_s": 1,
+                                "keep_images": "none"}, explain={"enabled": False},
+                       mqtt={"heatmap": {"mode": "none"}})
+    rt = start(cfg)
+    results = lambda: sub.unique_by_topic().get("test/s1/result", [])  # noqa: E731
+    try:
+        wait_until(lambda: rt.counts["parts"] >= 10, 60, "10 parts")
+        ballast = _fill(small_disk, 0)
+        try:
+            with open(small_disk / "ballast2", "wb") as f:  # what rounding left
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        wait_until(lambda: rt.counts["output_errors"] >= 3, 60,
+                   "writes to meet the full disk")
+        ballast.unlink()
+        (small_disk / "ballast2").unlink()
+        parts_then = rt.counts["parts"]
+        wait_until(lambda: rt.counts["parts"] >= parts_then + 10, 60, "rows again after the space came back")
+    finally:
+        rt.stop()
+    with TraceStore(small_disk / "var") as store:
+        rows = {r["part_id"] for r in store.query(limit=100_000)}
+        assert store._sql("PRAGMA integrity_check")[0][0] == "ok"
+    entered = rt.counts["captured"] - rt._queue.dropped
+    wait_until(lambda: len({r["part_id"] for r in results()}) >= entered, 60, "a result for every part")
+    got = {r["part_id"]: r for r in results()}
+    unrecorded = {k for k, r in got.items() if r.get("recorded") is False}
+    assert rows | unrecorded == set(got) and len(got) == entered
+    print(f"{entered} parts: {len(rows)} rows, {len(unrecorded)} published unrecorded, "
+          f"{rt.counts['store_retries']} write retries, {rt.counts['output_errors']} output errors")
