@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import EdgeError
+from .plc.spec import PlcSpec, SparkplugSpec
 from .roi import polygon_problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # safe in MQTT topics and file names
@@ -136,6 +137,7 @@ class MqttSpec(_Strict):
     tls: TlsSpec | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
     heatmap: HeatmapSpec = HeatmapSpec()
+    sparkplug: SparkplugSpec = SparkplugSpec()  # a Sparkplug B edge node beside the JSON topics
 
     @model_validator(mode="after")
     def _one_password(self):
@@ -234,6 +236,7 @@ class StationConfig(_Strict):
     api: ApiSpec = ApiSpec()
     explain: ExplainSpec = ExplainSpec()
     health: HealthSpec = HealthSpec()
+    plc: PlcSpec = PlcSpec()  # OPC UA inspection handshake (edge.plc)
     roi: RoiConfig | None = None
     tiling: TilingConfig | None = None  # high-resolution frames: score the ROI tile by tile
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -308,6 +311,10 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         for k in ("ca", "cert", "key"):
             if k in tls:
                 tls[k] = fix(tls[k])
+    opcua = raw.get("plc", {}).get("opcua") if isinstance(raw.get("plc"), dict) else None
+    for user in opcua.get("users") or [] if isinstance(opcua, dict) else []:
+        if isinstance(user, dict) and "password_file" in user:
+            user["password_file"] = fix(user["password_file"])
     return raw
 
 
@@ -352,6 +359,9 @@ def parse_config(raw, path: Path, check_files: bool = True) -> StationConfig:
                                              if config.mqtt.tls else []):
         if f is not None and not Path(f).is_file():
             raise ConfigError(f"{path}: mqtt: file {f} does not exist")
+    for user in config.plc.opcua.users if check_files else []:
+        if user.password_file is not None and not Path(user.password_file).is_file():
+            raise ConfigError(f"{path}: plc.opcua.users: {user.name}: password_file {user.password_file} does not exist")
     return config
 
 
