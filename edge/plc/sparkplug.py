@@ -160,6 +160,7 @@ class SparkplugNode:
         self._host_online = self.state_topic is None
         self._host_stamp = -1
         self._closing = False
+        self._ending_session = False
         self._stop = threading.Event()
         self.bdseq = -1
         self.counts = {"births": 0, "ddata": 0, "refused": 0, "commands": 0}
@@ -238,8 +239,8 @@ class SparkplugNode:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:
             was_born, self._born = self._born, False
-        if self._closing:
-            return
+        if self._closing or self._ending_session:
+            return  # _new_session arms the next Will itself
         if was_born:
             log.warning("sparkplug: lost the broker (%s); reconnecting with a new bdSeq", reason_code)
         self._arm_will()  # paho reconnects by itself, with the Will as it is now
@@ -264,6 +265,7 @@ class SparkplugNode:
             threading.Thread(target=self._new_session, name="sparkplug-session", daemon=True).start()
 
     def _new_session(self) -> None:
+        self._ending_session = True
         with self._lock:
             info = self.client.publish(self.topics["NDEATH"], self._ndeath().SerializeToString(), qos=1)
             self._born = False
@@ -273,6 +275,7 @@ class SparkplugNode:
             pass
         self.client.disconnect()
         self.client.loop_stop()
+        self._ending_session = False
         if self._closing:
             return
         self._arm_will()
