@@ -33,7 +33,7 @@ async def main(url, user, password, mode, n):
         node = {name: client.get_node(f"ns={idx};s=Station.Inspection.{name}") for name in (
             "Trigger", "TriggerAck", "Busy", "ResultValid", "ResultAck", "Pass", "Verdict", "Score", "Threshold",
             "PartId", "RegionCount", "BufferOverrun", "Error")}
-        inspection = client.get_node(f"ns={idx};s=Station.Inspection")
+        station = client.get_node(f"ns={idx};s=Station")
         if mode == "handshake":
             latencies = []
             for i in range(n):
@@ -57,9 +57,9 @@ async def main(url, user, password, mode, n):
             print(json.dumps({"summary": True, "n": n, "p50_ms": latencies[len(latencies) // 2],
                               "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}), flush=True)
         elif mode == "burst":
-            method = await inspection.get_child(f"{idx}:Trigger")
+            method = await station.get_child(f"{idx}:Trigger")
             for i in range(n):
-                accepted, reason = await inspection.call_method(method, ua.Variant(f"B-{i:04d}", ua.VariantType.String))
+                accepted, reason = await station.call_method(method, ua.Variant(f"B-{i:04d}", ua.VariantType.String))
                 print(json.dumps({"part": f"B-{i:04d}", "accepted": accepted, "reason": reason}), flush=True)
             print(json.dumps({"summary": True, "BufferOverrun": await node["BufferOverrun"].read_value(),
                               "Error": await node["Error"].read_value()}), flush=True)

@@ -54,10 +54,10 @@ def test_the_handshake_50_times_gives_each_part_its_json_result_and_a_burst_sets
         for p in parts:
             r = json_results[p["sent"]]
             assert p["PartId"] == p["sent"]
-            assert p["Verdict"] == r["verdict"] and p["Pass"] == (r["verdict"] == "good")
+            assert p["Verdict"] == r["verdict"] and p["Pass"] == (r["verdict"] == "normal")
             assert p["Score"] == r["score"] and p["Threshold"] == r["threshold"]
             assert p["RegionCount"] == len(r["regions"]) and p["Error"] == ""
-        assert {p["Verdict"] for p in parts} == {"good", "anomalous"}  # the synthetic line has both
+        assert {p["Verdict"] for p in parts} == {"normal", "anomalous"}  # the synthetic line has both
         print(f"Trigger -> ResultValid over 50 handshakes: p50 {summary['p50_ms']:.1f} ms, "
               f"p99 {summary['p99_ms']:.1f} ms")
 
@@ -107,9 +107,9 @@ async def _client_checks(url: str) -> dict:
     async with hmi:
         idx = await hmi.get_namespace_index(NS)
         out["hmi_write"] = await refused_write(hmi, "Station.Inspection.Trigger", ua.Variant(True, ua.VariantType.Boolean))
-        inspection = hmi.get_node(f"ns={idx};s=Station.Inspection")
+        station = hmi.get_node(f"ns={idx};s=Station")
         try:
-            await inspection.call_method(f"{idx}:Trigger", ua.Variant("HMI-1", ua.VariantType.String))
+            await station.call_method(f"{idx}:Trigger", ua.Variant("HMI-1", ua.VariantType.String))
             out["hmi_call"] = "called"
         except ua.UaError as e:
             out["hmi_call"] = type(e).__name__
@@ -124,8 +124,8 @@ async def _client_checks(url: str) -> dict:
         out["write_score"] = await refused_write(operator, "Station.Inspection.Score",
                                                  ua.Variant(0.0, ua.VariantType.Double))
         idx = await operator.get_namespace_index(NS)
-        inspection = operator.get_node(f"ns={idx};s=Station.Inspection")
-        out["int_to_method"] = await inspection.call_method(f"{idx}:Trigger", ua.Variant(5, ua.VariantType.Int32))
+        station = operator.get_node(f"ns={idx};s=Station")
+        out["int_to_method"] = await station.call_method(f"{idx}:Trigger", ua.Variant(5, ua.VariantType.Int32))
     return out
 
 
@@ -154,7 +154,7 @@ def test_wrong_passwords_anonymous_and_read_only_writes_and_wrong_types_are_refu
         assert rt.counts["parts"] == 0  # none of that triggered a part
         parts = plc(url, "handshake", 3)[:-1]  # the station still inspects
         assert [p["PartId"] for p in parts] == ["UA-0000", "UA-0001", "UA-0002"]
-        assert all(p["Verdict"] in ("good", "anomalous") for p in parts)
+        assert all(p["Verdict"] in ("normal", "anomalous") for p in parts)
     finally:
         rt.stop()
 

@@ -221,7 +221,7 @@ def test_a_run_follows_the_rules_rebirths_on_command_and_refuses_bad_commands(
     for part_id, s in seen.items():
         r = json_results[part_id]
         assert s["Inspection/Verdict"] == r["verdict"]
-        assert s["Inspection/Pass"] == (r["verdict"] == "good")
+        assert s["Inspection/Pass"] == (r["verdict"] == "normal")
         assert s["Inspection/Score"] == pytest.approx(r["score"])
         assert s["Inspection/Threshold"] == pytest.approx(r["threshold"])
         assert s["Inspection/Region Count"] == len(r["regions"])

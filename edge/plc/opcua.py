@@ -7,7 +7,7 @@ Address space (namespace urn:anomaly-edge:<line>:<station>, string node ids "Sta
     Station/Inspection/TriggerAck, Busy, ResultValid, Pass, Verdict, Score, Threshold, RegionCount, Error
     Station/Inspection/BufferOverrun                         latched by the station, cleared by the PLC (false)
     Station/LastResult/...                                   the last part the station recorded, any trigger
-    Station/Inspection.Trigger(partId) -> (Accepted, Reason), Station/Inspection.EnrollGood(partId) -> (...)
+    Station.Trigger(partId) -> (Accepted, Reason), Station.EnrollGood(partId) -> (Accepted, Reason)
 
 The handshake (docs/plc.md has the timing diagram): the PLC writes PartId (optional) and Trigger true ->
 the station accepts the part (edge.runtime's trigger: durable before it is acknowledged), sets TriggerAck
@@ -206,10 +206,11 @@ class OpcUaServer:
                                Description=ua.LocalizedText("part id (empty: the station names the part)"))
         outputs = [ua.Argument(Name="Accepted", DataType=ua.NodeId(ua.ObjectIds.Boolean), ValueRank=-1),
                    ua.Argument(Name="Reason", DataType=ua.NodeId(ua.ObjectIds.String), ValueRank=-1)]
-        await inspection.add_method(ua.NodeId("Station.Inspection.TriggerMethod", idx),
-                                    ua.QualifiedName("Trigger", idx), self._trigger_method, [part_arg], outputs)
-        await inspection.add_method(ua.NodeId("Station.Inspection.EnrollGood", idx),
-                                    ua.QualifiedName("EnrollGood", idx), self._enroll_method, [part_arg], outputs)
+        # On Station, not Inspection: a method beside the Trigger variable would share its browse name.
+        await station.add_method(ua.NodeId("Station.Trigger", idx),
+                                 ua.QualifiedName("Trigger", idx), self._trigger_method, [part_arg], outputs)
+        await station.add_method(ua.NodeId("Station.EnrollGood", idx),
+                                 ua.QualifiedName("EnrollGood", idx), self._enroll_method, [part_arg], outputs)
         aspace = server.iserver.aspace
         aspace.add_datachange_callback(self.nodes["Station.Inspection.Trigger"], ua.AttributeIds.Value,
                                        self._on_trigger_written)
@@ -334,7 +335,7 @@ class OpcUaServer:
         scored = result.get("score") is not None
         await self._set({
             "Station.LastResult.PartId": result["part_id"], "Station.LastResult.Verdict": result["verdict"],
-            "Station.LastResult.Pass": result["verdict"] == "good",
+            "Station.LastResult.Pass": result["verdict"] == "normal",
             "Station.LastResult.Score": float(result["score"]) if scored else 0.0,
             "Station.LastResult.Threshold": float(result["threshold"]),
             "Station.LastResult.Severity": float(result.get("severity") or 0.0),
@@ -358,7 +359,7 @@ class OpcUaServer:
         waiting = len(self._outstanding) - len(self._ready_results) - 1  # accepted, not scored yet
         await self._set({
             "Station.Inspection.PartId": r["part_id"], "Station.Inspection.Verdict": r["verdict"],
-            "Station.Inspection.Pass": r["verdict"] == "good",
+            "Station.Inspection.Pass": r["verdict"] == "normal",
             "Station.Inspection.Score": float(r["score"]) if r.get("score") is not None else 0.0,
             "Station.Inspection.Threshold": float(r["threshold"]),
             "Station.Inspection.RegionCount": len(r.get("regions") or []),

@@ -337,7 +337,7 @@ class SparkplugNode:
         self._update({
             "Inspection/Part Id": result["part_id"],
             "Inspection/Verdict": result["verdict"],
-            "Inspection/Pass": result["verdict"] == "good",
+            "Inspection/Pass": result["verdict"] == "normal",
             "Inspection/Score": float(result["score"]) if scored else None,
             "Inspection/Threshold": float(result["threshold"]),
             "Inspection/Severity": float(result["severity"]) if result.get("severity") is not None else None,
