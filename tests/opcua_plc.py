@@ -36,6 +36,7 @@ async def main(url, user, password, mode, n):
         station = client.get_node(f"ns={idx};s=Station")
         if mode == "handshake":
             latencies = []
+            started = time.perf_counter()
             for i in range(n):
                 part_id = f"UA-{i:04d}"
                 t0 = time.perf_counter()
@@ -53,8 +54,9 @@ async def main(url, user, password, mode, n):
                 await node["ResultAck"].write_value(ua.Variant(False, ua.VariantType.Boolean))
                 await wait_for(node["TriggerAck"], False)
                 print(json.dumps({"sent": part_id, **values, "latency_ms": latencies[-1]}), flush=True)
+            wall_s = time.perf_counter() - started
             latencies.sort()
-            print(json.dumps({"summary": True, "n": n, "p50_ms": latencies[len(latencies) // 2],
+            print(json.dumps({"summary": True, "n": n, "wall_s": wall_s, "p50_ms": latencies[len(latencies) // 2],
                               "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}), flush=True)
         elif mode == "burst":
             method = await station.get_child(f"{idx}:Trigger")

@@ -1,5 +1,5 @@
 """Plant protocols beside the JSON topics: a Sparkplug B edge node (SCADA) and an OPC UA inspection
-handshake (PLC). Each is a *sink* the runtime feeds with every recorded result:
+handshake (PLC), the same handshake over Modbus TCP. Each is a *sink* the runtime feeds with every recorded result:
 
     sink.on_result(result)   the JSON `result` message of a part, after it is recorded (output thread;
                              must return at once: sinks hand it to their own thread or loop)
@@ -37,6 +37,10 @@ def start_sinks(runtime) -> list[Sink]:
             from .opcua import OpcUaServer
 
             sinks.append(OpcUaServer(runtime).start())
+        if config.plc.modbus.enabled:
+            from .modbus import ModbusServer
+
+            sinks.append(ModbusServer(runtime).start())
     except BaseException:
         close_sinks(sinks)
         raise

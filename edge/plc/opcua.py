@@ -36,9 +36,9 @@ from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
 from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
 
-from ..commands import CommandError
 from ..errors import EdgeError
 from . import largest_region_mm
+from .handshake import Handshake
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,7 @@ class OpcUaServer:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self._stopping: asyncio.Event | None = None
-        # handshake state (event loop only)
-        self._outstanding: collections.OrderedDict[str, None] = collections.OrderedDict()  # accepted, not acked
-        self._ready_results: collections.deque[dict] = collections.deque()
-        self._presented: str | None = None
-        self._trigger_high = False
-        self._ack_high = False
-        self._generated = 0
+        self.handshake = Handshake(runtime, self.spec.trigger_queue, "opcua")  # event loop only
         self.counts = collections.Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -218,7 +212,9 @@ class OpcUaServer:
                                        self._on_ack_written)
 
     async def _set(self, values: dict[str, object]) -> None:
+        """Write station-side values in order; a bare name is a Station/Inspection variable."""
         for path, value in values.items():
+            path = path if path.startswith("Station.") else f"Station.Inspection.{path}"
             vtype = (INSPECTION.get(path.rsplit(".", 1)[1]) if path.startswith("Station.Inspection.")
                      else LAST_RESULT.get(path.rsplit(".", 1)[1]) if path.startswith("Station.LastResult.")
                      else (V.String,))[0]
@@ -252,19 +248,14 @@ class OpcUaServer:
                             self.paths.get(wv.NodeId, wv.NodeId.to_string()), user, status.name, got)
 
     async def _on_trigger_written(self, handle, value: ua.DataValue) -> None:
-        high = bool(value.Value.Value)
-        if high and not self._trigger_high:
-            self._trigger_high = True
-            await self._accept(self._value("Station.Inspection.PartId"), "Trigger")
-        elif not high and self._trigger_high:
-            self._trigger_high = False
-            await self._set({"Station.Inspection.TriggerAck": False})
+        await self._set(self.handshake.trigger_edge(bool(value.Value.Value), self._value("Station.Inspection.PartId")))
 
     async def _trigger_method(self, parent, *args) -> list[ua.Variant]:
         part_id = self._string_arg(args)
         if part_id is None:
             return self._answer(False, "Trigger(partId): partId must be one String")
-        accepted, reason = await self._accept(part_id, "Trigger()")
+        accepted, reason, outputs = self.handshake.accept(part_id, "Trigger()")
+        await self._set(outputs)
         return self._answer(accepted, reason)
 
     async def _enroll_method(self, parent, *args) -> list[ua.Variant]:
@@ -284,46 +275,8 @@ class OpcUaServer:
     def _answer(accepted: bool, reason: str) -> list[ua.Variant]:
         return [ua.Variant(accepted, V.Boolean), ua.Variant(reason, V.String)]
 
-    async def _accept(self, part_id: str | None, via: str) -> tuple[bool, str]:
-        """Take a trigger: queued for scoring, or refused with the reason in Error (and BufferOverrun)."""
-        part_id = part_id or self._new_part_id()
-        if len(self._outstanding) >= self.spec.trigger_queue:
-            reason = (f"{via}: part {part_id} refused: {len(self._outstanding)} triggered parts are waiting "
-                      f"(plc.opcua.trigger_queue {self.spec.trigger_queue}); acknowledge results faster")
-            self.counts["overruns"] += 1
-            log.warning("opcua: %s", reason)
-            await self._set({"Station.Inspection.BufferOverrun": True, "Station.Inspection.Error": reason,
-                             "Station.Inspection.TriggerAck": True})
-            return False, reason
-        try:
-            self.runtime.trigger(part_id)
-        except CommandError as e:
-            self.counts["refused_triggers"] += 1
-            log.warning("opcua: %s refused: %s", via, e)
-            await self._set({"Station.Inspection.Error": str(e), "Station.Inspection.TriggerAck": True})
-            return False, str(e)
-        self._outstanding[part_id] = None
-        self.counts["triggers"] += 1
-        await self._set({"Station.Inspection.Error": "", "Station.Inspection.Busy": True,
-                         "Station.Inspection.TriggerAck": True})
-        return True, f"part {part_id} queued"
-
-    def _new_part_id(self) -> str:
-        self._generated += 1
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3]
-        return f"{self.runtime.station}-ua-{stamp}-{self._generated:06d}"
-
     async def _on_ack_written(self, handle, value: ua.DataValue) -> None:
-        high = bool(value.Value.Value)
-        if high and not self._ack_high:
-            self._ack_high = True
-            if self._presented is not None:
-                self._outstanding.pop(self._presented, None)
-                self._presented = None
-                await self._set({"Station.Inspection.ResultValid": False})
-        elif not high and self._ack_high:
-            self._ack_high = False
-            await self._present_next()
+        await self._set(self.handshake.ack_edge(bool(value.Value.Value)))
 
     # -- results ------------------------------------------------------------------------------
 
@@ -347,24 +300,4 @@ class OpcUaServer:
             "Station.LastResult.LatencyMs": float((result.get("latency_ms") or {}).get("capture_to_publish", 0.0)),
             "Station.LastResult.Error": result.get("error", ""),
         })
-        if result["part_id"] in self._outstanding:
-            self._ready_results.append(result)
-            await self._present_next()
-
-    async def _present_next(self) -> None:
-        if self._presented is not None or self._ack_high or not self._ready_results:
-            return
-        r = self._ready_results.popleft()
-        self._presented = r["part_id"]
-        waiting = len(self._outstanding) - len(self._ready_results) - 1  # accepted, not scored yet
-        await self._set({
-            "Station.Inspection.PartId": r["part_id"], "Station.Inspection.Verdict": r["verdict"],
-            "Station.Inspection.Pass": r["verdict"] == "normal",
-            "Station.Inspection.Score": float(r["score"]) if r.get("score") is not None else 0.0,
-            "Station.Inspection.Threshold": float(r["threshold"]),
-            "Station.Inspection.RegionCount": len(r.get("regions") or []),
-            "Station.Inspection.Error": r.get("error", ""),
-            "Station.Inspection.Busy": waiting > 0,
-        })
-        await self._set({"Station.Inspection.ResultValid": True})  # last: the PLC reads a complete result
-        self.counts["presented"] += 1
+        await self._set(self.handshake.result(result))

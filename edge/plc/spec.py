@@ -9,6 +9,7 @@
         port: 4840
         users: [{name: plc, password_file: /etc/anomaly-edge/opcua-plc.pw, role: operator},
                 {name: hmi, password_file: /etc/anomaly-edge/opcua-hmi.pw, role: read_only}]
+      modbus: {enabled: true, port: 5020}        # the same handshake on holding registers
 """
 from __future__ import annotations
 
@@ -76,5 +77,14 @@ class OpcUaSpec(_Strict):
         return self
 
 
+class ModbusSpec(_Strict):
+    # Modbus TCP has no authentication: listen on loopback or a PLC-only network (docs/plc.md).
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(default=5020, ge=1, le=65535)  # 502 needs root or CAP_NET_BIND_SERVICE
+    trigger_queue: int = Field(default=4, ge=1, le=256)
+
+
 class PlcSpec(_Strict):
     opcua: OpcUaSpec = OpcUaSpec()
+    modbus: ModbusSpec = ModbusSpec()
