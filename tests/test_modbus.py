@@ -61,9 +61,12 @@ def test_the_handshake_50_times_and_bad_requests_refused(broker, tmp_path, defau
         assert client.write_register(1000, 1).exception_code == 2                   # not in the map
         assert client.write_coil(0, True).exception_code == 1                       # coils: not the map
         text = "\n".join(r.getMessage() for r in caplog.records)
-        for reason in ("read of registers 40..59 refused", "register 5 is the station's",
-                       "write of 7 to register 0 refused", "the PLC writes 0 to clear it",
-                       "the map ends at register 47", "function 5 on register 0"):
+        for reason in ("ILLEGAL_ADDRESS: read of registers 40..59: the map ends at register 47",
+                       "ILLEGAL_ADDRESS: write of register 5: register 5 is the station's",
+                       "ILLEGAL_VALUE: write of 7 to register 0: 0 or 1 only",
+                       "ILLEGAL_VALUE: write of 1 to register 2 (BufferOverrun): the PLC writes 0 to clear it",
+                       "ILLEGAL_ADDRESS: write of register 1000: the map ends at register 47",
+                       "ILLEGAL_FUNCTION: function 5 on register 0"):
             assert reason in text, (reason, text)
         # A trigger burst past trigger_queue (2): refused, BufferOverrun and ErrorCode 1 say so.
         for i in range(3):

@@ -111,7 +111,7 @@ class ModbusServer:
     def _refuse(self, code: ExcCodes, why: str) -> ExcCodes:
         self.refused += 1
         self.runtime.counts["bad_commands"] += 1
-        log.warning("modbus: %s refused (%s)", why, code.name)
+        log.warning("modbus: refused with %s: %s", code.name, why)
         return code
 
     async def _action(self, function_code, start_address, address, count, registers, values):
