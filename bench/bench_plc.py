@@ -2,9 +2,10 @@
 
     python bench/bench_plc.py [--pack /work/main/packs/default] [--handshakes 200] [--seconds 20]
 
-1. OPC UA: a station (default pack, synthetic parts, trigger.mode mqtt, plc.opcua on) and the PLC
-   stand-in tests/opcua_plc.py in its own process doing the full handshake `--handshakes` times back to
-   back; Trigger -> ResultValid p50/p99 as the PLC sees it (includes scoring the part).
+1. OPC UA and Modbus TCP: a station (default pack, synthetic parts, trigger.mode mqtt, plc.opcua and
+   plc.modbus on) and the PLC stand-ins tests/opcua_plc.py, tests/modbus_plc.py in their own process,
+   one after the other, each doing the full handshake `--handshakes` times back to back; Trigger ->
+   ResultValid p50/p99 as the PLC sees it (includes scoring the part) and full handshakes per second.
 2. Sparkplug, whole station: a free-running synthetic camera at 30 frames/s with mqtt.sparkplug on; a
    subscriber decodes every DDATA for `--seconds` s: DDATA/s received against parts/s scored.
 3. Sparkplug, the edge node alone: results fed at 30/s and then as fast as it takes them (no scorer),
@@ -82,27 +83,30 @@ def station_config(work: Path, pack: Path, state: Path, broker_port: int, source
     return path
 
 
-def bench_opcua(work: Path, pack: Path, state: Path, broker_port: int, n: int) -> dict:
+def bench_handshakes(work: Path, pack: Path, state: Path, broker_port: int, n: int) -> dict:
     from edge.runtime import Runtime
 
-    port = free_port()
+    ua_port, mb_port = free_port(), free_port()
     cfg = station_config(work / "opcua", pack, state, broker_port, {"kind": "synthetic", "seed": 0},
                          trigger={"mode": "mqtt"},
-                         plc={"opcua": {"enabled": True, "port": port,
-                                        "users": [{"name": "plc", "password": "bench", "role": "operator"}]}})
+                         plc={"opcua": {"enabled": True, "port": ua_port,
+                                        "users": [{"name": "plc", "password": "bench", "role": "operator"}]},
+                              "modbus": {"enabled": True, "port": mb_port}})
     rt = Runtime(load_config(cfg), cfg).start()
+    out = {}
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "opcua_plc.py"),
-                               f"opc.tcp://127.0.0.1:{port}/anomaly-edge/", "plc", "bench", "handshake", str(n)],
-                              capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        lines = [json.loads(x) for x in proc.stdout.splitlines()]
-        summary = lines[-1]
-        h = rt.health()
-        return {"n": n, "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],
-                "score_ms": h["latency_ms"]["score"],
-                "handshakes_per_s": n / (sum(x["latency_ms"] for x in lines[:-1]) / 1000)}
+        for name, argv in (("OPC UA", ["opcua_plc.py", f"opc.tcp://127.0.0.1:{ua_port}/anomaly-edge/", "plc",
+                                       "bench", "handshake", str(n)]),
+                           ("Modbus TCP", ["modbus_plc.py", str(mb_port), "handshake", str(n)])):
+            rt.score_ms._samples.clear()
+            proc = subprocess.run([sys.executable, str(ROOT / "tests" / argv[0]), *argv[1:]],
+                                  capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-2000:])
+            summary = json.loads(proc.stdout.splitlines()[-1])
+            out[name] = {"n": n, "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],
+                         "score_ms": rt.health()["latency_ms"]["score"], "per_s": n / summary["wall_s"]}
+        return out
     finally:
         rt.stop()
 
@@ -206,7 +210,7 @@ def main() -> None:
         port = free_port()
         broker = start_broker(work, port)
         try:
-            ua = bench_opcua(work, args.pack, state, port, args.handshakes)
+            handshakes = bench_handshakes(work, args.pack, state, port, args.handshakes)
             spb = bench_station_sparkplug(work, args.pack, state, port, args.seconds)
             alone = bench_node_alone(work, port, args.seconds, args.burst)
         finally:
@@ -215,9 +219,10 @@ def main() -> None:
     print(f"\n{dt.date.today()}, {cpu_name()}, `python bench/bench_plc.py --handshakes {args.handshakes} "
           f"--seconds {args.seconds:g} --burst {args.burst}`\n")
     print("| measurement | value |\n|---|---|")
-    print(f"| OPC UA Trigger -> ResultValid, {ua['n']} handshakes back to back | p50 {ua['p50_ms']:.1f} ms, "
-          f"p99 {ua['p99_ms']:.1f} ms (score alone p50 {ua['score_ms']['p50']} ms, p99 {ua['score_ms']['p99']} ms) |")
-    print(f"| OPC UA full handshakes per second (one PLC, no overlap) | {ua['handshakes_per_s']:.1f} |")
+    for name, h in handshakes.items():
+        print(f"| {name} Trigger -> ResultValid, {h['n']} handshakes back to back | p50 {h['p50_ms']:.1f} ms, "
+              f"p99 {h['p99_ms']:.1f} ms (scoring alone p50 {h['score_ms']['p50']} ms, p99 {h['score_ms']['p99']} ms); "
+              f"{h['per_s']:.1f} full handshakes/s |")
     print(f"| Sparkplug, whole station, camera at 30 frames/s | {spb['ddata_per_s']:.1f} DDATA/s received for "
           f"{spb['parts_per_s']:.1f} parts/s scored ({spb['captured_per_s']:.1f} frames/s captured, "
           f"{spb['dropped']} dropped by the capture queue, {spb['undecodable']} undecodable) |")

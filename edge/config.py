@@ -254,6 +254,13 @@ class StationConfig(_Strict):
             raise ValueError("roi is used by tiled scoring: add a tiling: section (tiling.scale)")
         return self
 
+    @model_validator(mode="after")
+    def _plc_needs_triggers(self):
+        if (self.plc.opcua.enabled or self.plc.modbus.enabled) and self.trigger.mode != "mqtt":
+            raise ValueError(f"plc: the PLC handshake inspects a part per trigger: set trigger.mode: mqtt "
+                             f"(it is {self.trigger.mode})")
+        return self
+
     def tiling_spec(self):
         """The TilingSpec the station scores with (None: whole-frame scoring)."""
         if self.tiling is None:

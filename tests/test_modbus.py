@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("pymodbus", reason="needs the plc extra (pip install -e .[plc])")
 from pymodbus.client import ModbusTcpClient
 
 from conftest import ROOT

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("asyncua", reason="needs the plc extra (pip install -e .[plc])")
 from asyncua import Client, ua
 
 from conftest import ROOT

@@ -13,6 +13,8 @@ import time
 import paho.mqtt.client as mqtt
 import paho.mqtt.publish as publish
 import pytest
+
+pytest.importorskip("google.protobuf", reason="needs the plc extra (pip install -e .[plc])")
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import ROOT
