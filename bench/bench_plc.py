@@ -226,8 +226,8 @@ def main() -> None:
     print(f"| Sparkplug, whole station, camera at 30 frames/s | {spb['ddata_per_s']:.1f} DDATA/s received for "
           f"{spb['parts_per_s']:.1f} parts/s scored ({spb['captured_per_s']:.1f} frames/s captured, "
           f"{spb['dropped']} dropped by the capture queue, {spb['undecodable']} undecodable) |")
-    print(f"| Sparkplug node alone, results at 30/s for {args.seconds:g} s | {alone['paced_received']} of "
-          f"{alone['paced_sent']} DDATA received |")
+    print(f"| Sparkplug node alone, results at 30/s for {args.seconds:g} s | {alone['paced_received']} DDATA "
+          f"received for {alone['paced_sent']} results (health changes add DDATA too) |")
     print(f"| Sparkplug node alone, {alone['burst']} results as fast as it takes them | "
           f"{alone['burst_feed_per_s']:.0f} results/s taken, {alone['burst_received']} DDATA received "
           f"({alone['burst_received_per_s']:.0f}/s), {alone['cpu_us_per_message']:.0f} us CPU per message |")

@@ -18,17 +18,15 @@ the server listens on loopback unless told otherwise.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
-import threading
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from ..errors import EdgeError
 from .handshake import Handshake
+from .served import LoopServer
 
 log = logging.getLogger(__name__)
 
@@ -56,47 +54,25 @@ def registers_string(regs: list[int]) -> str:
     return struct.pack(f">{len(regs)}H", *regs).rstrip(b"\0").decode("ascii", "replace")
 
 
-class ModbusServer:
+class ModbusServer(LoopServer):
     """A Sink (edge.plc): `start()` serves until `close()`."""
 
     name = "modbus"
 
     def __init__(self, runtime):
+        super().__init__()
         self.runtime = runtime
         self.spec = runtime.config.plc.modbus
+        self.where = f"{self.spec.host}:{self.spec.port}"
         self.regs = [0] * MAP_SIZE
         self.handshake = Handshake(runtime, self.spec.trigger_queue, "modbus")
         self.refused = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.server: ModbusTcpServer | None = None
-        self._thread = threading.Thread(target=self._serve, name="modbus-server", daemon=True)
-        self._ready = threading.Event()
-        self._failed: BaseException | None = None
 
     def start(self) -> "ModbusServer":
-        self._thread.start()
-        if not self._ready.wait(30) or self._failed is not None:
-            raise EdgeError(f"modbus: cannot serve on {self.spec.host}:{self.spec.port}: {self._failed}")
-        log.info("modbus: serving %s:%s (register map in docs/plc.md)", self.spec.host, self.spec.port)
+        super().start()
+        log.info("modbus: serving %s (register map in docs/plc.md)", self.where)
         return self
-
-    def close(self) -> None:
-        if self.loop is not None and self.server is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop)
-        self._thread.join(timeout=10)
-
-    def _serve(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as e:  # noqa: BLE001 - reported to start(), or logged after it
-            if not self._ready.is_set():
-                self._failed = e
-                self._ready.set()
-            else:
-                log.exception("modbus: the server stopped")
-        finally:
-            self.loop.close()
 
     async def _main(self) -> None:
         device = SimDevice(id=0, simdata=[SimData(0, count=BLOCK, values=0, datatype=DataType.REGISTERS)],
@@ -104,7 +80,8 @@ class ModbusServer:
         self.server = ModbusTcpServer(device, address=(self.spec.host, self.spec.port))
         await self.server.serve_forever(background=True)  # raises when the port cannot be opened
         self._ready.set()
-        await self.server.serving  # until shutdown()
+        await self._stopping.wait()
+        await self.server.shutdown()
 
     # -- requests (event loop) ----------------------------------------------------------------
 
@@ -187,5 +164,4 @@ class ModbusServer:
     # -- results ------------------------------------------------------------------------------
 
     def on_result(self, result: dict) -> None:
-        if self.loop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(lambda: self._apply(self.handshake.result(result)))
+        self.in_loop(lambda: self._apply(self.handshake.result(result)))

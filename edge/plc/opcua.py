@@ -29,16 +29,15 @@ import collections
 import hmac
 import json
 import logging
-import threading
 from datetime import datetime, timezone
 
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
 from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
 
-from ..errors import EdgeError
 from . import largest_region_mm
 from .handshake import Handshake
+from .served import LoopServer
 
 log = logging.getLogger(__name__)
 
@@ -103,61 +102,34 @@ def _utc(iso: str | None) -> datetime | None:
         return None
 
 
-class OpcUaServer:
+class OpcUaServer(LoopServer):
     """A Sink (edge.plc): `start()` serves until `close()`; `on_result()` is called per recorded part."""
 
     name = "opcua"
 
     def __init__(self, runtime):
+        super().__init__()
         self.runtime = runtime
         self.spec = runtime.config.plc.opcua
         c = runtime.config
         self.namespace = self.spec.namespace or f"urn:anomaly-edge:{c.station.line}:{c.station.name}"
         self.mm_per_pixel = c.station.mm_per_pixel
-        self.endpoint = f"opc.tcp://{self.spec.host}:{self.spec.port}/anomaly-edge/"
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.endpoint = self.where = f"opc.tcp://{self.spec.host}:{self.spec.port}/anomaly-edge/"
         self.server: Server | None = None
         self.nodes: dict[str, ua.NodeId] = {}
         self.paths: dict[ua.NodeId, str] = {}
-        self._thread = threading.Thread(target=self._serve, name="opcua-server", daemon=True)
-        self._ready = threading.Event()
-        self._failed: BaseException | None = None
-        self._stopping: asyncio.Event | None = None
         self.handshake = Handshake(runtime, self.spec.trigger_queue, "opcua")  # event loop only
         self.counts = collections.Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> "OpcUaServer":
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise EdgeError(f"opcua: the server on {self.endpoint} did not start within 30 s")
-        if self._failed is not None:
-            raise EdgeError(f"opcua: cannot serve on {self.endpoint}: {self._failed}") from self._failed
+        super().start()
         log.info("opcua: serving %s (namespace %s; %d user(s), anonymous %s)", self.endpoint, self.namespace,
                  len(self.spec.users), "read-only" if self.spec.allow_anonymous else "refused")
         return self
 
-    def close(self) -> None:
-        if self.loop is not None and self._stopping is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=10)
-
-    def _serve(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as e:  # noqa: BLE001 - reported to start(), or logged after it
-            if not self._ready.is_set():
-                self._failed = e
-                self._ready.set()
-            else:
-                log.exception("opcua: the server stopped")
-        finally:
-            self.loop.close()
-
     async def _main(self) -> None:
-        self._stopping = asyncio.Event()
         server = Server(user_manager=StationUsers(self.spec))
         await server.init()
         server.set_endpoint(self.endpoint)
@@ -281,8 +253,7 @@ class OpcUaServer:
     # -- results ------------------------------------------------------------------------------
 
     def on_result(self, result: dict) -> None:
-        if self.loop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._take_result(result)))
+        self.in_loop(lambda: self._take_result(result))
 
     async def _take_result(self, result: dict) -> None:
         scored = result.get("score") is not None

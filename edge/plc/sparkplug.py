@@ -204,11 +204,7 @@ class SparkplugNode:
             if self.client.is_connected():
                 if self._born:
                     self._publish("DDEATH", self._payload([], seq=True))
-                info = self.client.publish(self.topics["NDEATH"], self._ndeath().SerializeToString(), qos=1)
-                try:
-                    info.wait_for_publish(timeout=2.0)
-                except (RuntimeError, ValueError):
-                    pass
+                self._send_ndeath()
             self._born = False
         self.client.disconnect()
         self.client.loop_stop()
@@ -218,6 +214,14 @@ class SparkplugNode:
         """A new session: the next bdSeq, registered in the Will before the connection is made."""
         self.bdseq = self.bdseq_file.take()
         self.client.will_set(self.topics["NDEATH"], self._ndeath().SerializeToString(), qos=1, retain=False)
+
+    def _send_ndeath(self) -> None:
+        """NDEATH ourselves (a clean disconnect does not send the Will), waited for up to 2 s."""
+        info = self.client.publish(self.topics["NDEATH"], self._ndeath().SerializeToString(), qos=1)
+        try:
+            info.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):
+            pass
 
     def _ndeath(self) -> Payload:
         payload = Payload(timestamp=now_ms())
@@ -267,12 +271,8 @@ class SparkplugNode:
     def _new_session(self) -> None:
         self._ending_session = True
         with self._lock:
-            info = self.client.publish(self.topics["NDEATH"], self._ndeath().SerializeToString(), qos=1)
             self._born = False
-        try:
-            info.wait_for_publish(timeout=2.0)
-        except (RuntimeError, ValueError):
-            pass
+        self._send_ndeath()
         self.client.disconnect()
         self.client.loop_stop()
         self._ending_session = False
