@@ -322,6 +322,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     for user in opcua.get("users") or [] if isinstance(opcua, dict) else []:
         if isinstance(user, dict) and "password_file" in user:
             user["password_file"] = fix(user["password_file"])
+    for k in ("certificate", "private_key") if isinstance(opcua, dict) else ():
+        if k in opcua:
+            opcua[k] = fix(opcua[k])
     return raw
 
 
@@ -369,6 +372,9 @@ def parse_config(raw, path: Path, check_files: bool = True) -> StationConfig:
     for user in config.plc.opcua.users if check_files else []:
         if user.password_file is not None and not Path(user.password_file).is_file():
             raise ConfigError(f"{path}: plc.opcua.users: {user.name}: password_file {user.password_file} does not exist")
+    for f in (config.plc.opcua.certificate, config.plc.opcua.private_key) if check_files else ():
+        if f is not None and not Path(f).is_file():
+            raise ConfigError(f"{path}: plc.opcua: file {f} does not exist")
     return config
 
 

@@ -167,3 +167,69 @@ def test_anonymous_sessions_are_refused_by_default():
     assert users.get_user(None) is None
     assert users.get_user(None, "plc", "y") is None
     assert users.get_user(None, "plc", "x").name == "plc"
+
+
+def _certificate(folder, name: str, uri: str, server: bool):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from asyncua.crypto import cert_gen
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, name, {}, [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH])
+    (folder / f"{name}.der").write_bytes(cert.public_bytes(Encoding.DER))
+    (folder / f"{name}.pem").write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return folder / f"{name}.der", folder / f"{name}.pem"
+
+
+async def _encrypted_checks(url: str, client_cert, client_key) -> dict:
+    out = {}
+    plain = Client(url, timeout=5)
+    plain.set_user("plc")
+    plain.set_password("plc-secret")
+    try:
+        await plain.connect()
+        out["plain"] = "connected"
+        await plain.disconnect()
+    except Exception as e:  # no NoSecurity endpoint: asyncua refuses to open the channel
+        out["plain"] = type(e).__name__
+    client = Client(url, timeout=10)
+    client.application_uri = "urn:anomaly-edge:test:plc"
+    await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{client_cert},{client_key}")
+    client.set_user("plc")
+    client.set_password("plc-secret")
+    async with client:
+        idx = await client.get_namespace_index(NS)
+        station = client.get_node(f"ns={idx};s=Station")
+        out["trigger"] = await station.call_method(f"{idx}:Trigger", ua.Variant("ENC-1", ua.VariantType.String))
+        valid = client.get_node(f"ns={idx};s=Station.Inspection.ResultValid")
+        for _ in range(1500):
+            if await valid.read_value():
+                break
+            await asyncio.sleep(0.02)
+        out["part"] = await client.get_node(f"ns={idx};s=Station.Inspection.PartId").read_value()
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_an_encrypted_endpoint_serves_the_handshake_and_refuses_plain_channels(
+        broker, tmp_path, default_pack_dir, enrolled_state):
+    server_cert, server_key = _certificate(tmp_path, "station", "urn:anomaly-edge:l1:s1:opcua", server=True)
+    client_cert, client_key = _certificate(tmp_path, "plc", "urn:anomaly-edge:test:plc", server=False)
+    rt, url = station(tmp_path, default_pack_dir, enrolled_state, broker, security="encrypted",
+                      certificate=str(server_cert), private_key=str(server_key))
+    try:
+        out = asyncio.run(_encrypted_checks(url, client_cert, client_key))
+        assert out["plain"] != "connected"
+        assert out["trigger"] == [True, "part ENC-1 queued"]
+        assert out["part"] == "ENC-1"
+    finally:
+        rt.stop()
+
+
+def test_encrypted_security_needs_the_certificate():
+    with pytest.raises(ValueError, match="security encrypted needs certificate and private_key"):
+        OpcUaSpec(security="encrypted", users=[{"name": "plc", "password": "x"}])

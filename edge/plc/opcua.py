@@ -17,7 +17,8 @@ ResultValid -> the PLC drops ResultAck -> the next result waiting (if any) is pr
 busy are queued up to `trigger_queue` parts; one more is refused, sets BufferOverrun and says why in
 Error, so no trigger is lost without the PLC being told.
 
-Security: anonymous sessions only when allow_anonymous, and then read-only; users are operators (write,
+Security: channel security none, encrypted (Basic256Sha256 SignAndEncrypt, with the server's certificate)
+or both; anonymous sessions only when allow_anonymous, and then read-only; users are operators (write,
 call) or read_only (browse, read). Writes and calls a session may not make are refused for the whole
 request (BadUserAccessDenied); writes of a wrong type are refused by the server (BadTypeMismatch); both
 are logged with the node, the user and the reason.
@@ -56,6 +57,9 @@ LAST_RESULT = {
     "LargestRegionMm": (V.Double, 0.0), "Trigger": (V.String, ""), "Timestamp": (V.DateTime, None),
     "ModelId": (V.String, ""), "LatencyMs": (V.Double, 0.0), "Error": (V.String, ""),
 }
+POLICIES = {"none": [ua.SecurityPolicyType.NoSecurity],
+            "encrypted": [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt],
+            "both": [ua.SecurityPolicyType.NoSecurity, ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]}
 _WRITE_OR_CALL = {ua.NodeId(ua.ObjectIds.WriteRequest_Encoding_DefaultBinary),
                   ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary)}
 _ALLOWED = set(map(ua.NodeId, USER_TYPES))
@@ -113,6 +117,7 @@ class OpcUaServer(LoopServer):
         self.spec = runtime.config.plc.opcua
         c = runtime.config
         self.namespace = self.spec.namespace or f"urn:anomaly-edge:{c.station.line}:{c.station.name}"
+        self.app_uri = f"urn:anomaly-edge:{c.station.line}:{c.station.name}:opcua"
         self.mm_per_pixel = c.station.mm_per_pixel
         self.endpoint = self.where = f"opc.tcp://{self.spec.host}:{self.spec.port}/anomaly-edge/"
         self.server: Server | None = None
@@ -125,8 +130,9 @@ class OpcUaServer(LoopServer):
 
     def start(self) -> "OpcUaServer":
         super().start()
-        log.info("opcua: serving %s (namespace %s; %d user(s), anonymous %s)", self.endpoint, self.namespace,
-                 len(self.spec.users), "read-only" if self.spec.allow_anonymous else "refused")
+        log.info("opcua: serving %s (namespace %s; security %s; %d user(s), anonymous %s)", self.endpoint,
+                 self.namespace, self.spec.security, len(self.spec.users),
+                 "read-only" if self.spec.allow_anonymous else "refused")
         return self
 
     async def _main(self) -> None:
@@ -134,7 +140,11 @@ class OpcUaServer(LoopServer):
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"anomaly-edge {self.runtime.station}")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=StationRules())
+        if self.spec.certificate is not None:
+            await server.load_certificate(str(self.spec.certificate))
+            await server.load_private_key(str(self.spec.private_key))
+        await server.set_application_uri(self.app_uri)
+        server.set_security_policy(POLICIES[self.spec.security], permission_ruleset=StationRules())
         server.set_identity_tokens([ua.UserNameIdentityToken]
                                    + ([ua.AnonymousIdentityToken] if self.spec.allow_anonymous else []))
         self.server = server

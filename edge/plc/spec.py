@@ -65,12 +65,20 @@ class OpcUaSpec(_Strict):
     # Parts triggered and not yet acknowledged (ResultAck) at most; one more sets BufferOverrun.
     trigger_queue: int = Field(default=4, ge=1, le=256)
     namespace: str | None = None  # default urn:anomaly-edge:<line>:<station>
+    # none: no channel security (passwords in clear); encrypted: Basic256Sha256 SignAndEncrypt only;
+    # both: either. encrypted and both need the server's certificate (DER or PEM) and private key (PEM),
+    # made for the application URI urn:anomaly-edge:<line>:<station>:opcua.
+    security: Literal["none", "encrypted", "both"] = "none"
+    certificate: Path | None = None
+    private_key: Path | None = None
 
     @model_validator(mode="after")
     def _someone_can_connect(self):
         if self.enabled and not self.users and not self.allow_anonymous:
             raise ValueError("enabled with no users and allow_anonymous false: no client could connect; "
                              "add users: [{name, password_file, role: operator}]")
+        if self.security != "none" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"security {self.security} needs certificate and private_key (the server's)")
         names = [u.name for u in self.users]
         if len(set(names)) != len(names):
             raise ValueError(f"users: a name is given twice ({', '.join(sorted(names))})")
