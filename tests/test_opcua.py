@@ -77,17 +77,25 @@ def test_the_handshake_50_times_gives_each_part_its_json_result_and_a_burst_sets
         sub.close()
 
 
-async def _client_checks(url: str) -> dict:
-    out = {}
-    bad = Client(url, timeout=5)
-    bad.set_user("plc")
-    bad.set_password("wrong")
+def _user_client(url: str, user: str, password: str, timeout: float = 5) -> Client:
+    client = Client(url, timeout=timeout)
+    client.set_user(user)
+    client.set_password(password)
+    return client
+
+
+async def _connect_outcome(client: Client) -> str:
+    """'connected', or the name of the error that refused the session or the channel."""
     try:
-        await bad.connect()
-        out["wrong_password"] = "connected"
-        await bad.disconnect()
-    except ua.UaError as e:
-        out["wrong_password"] = type(e).__name__
+        await client.connect()
+    except Exception as e:  # a refused session (UaError) or channel (no such endpoint)
+        return type(e).__name__
+    await client.disconnect()
+    return "connected"
+
+
+async def _client_checks(url: str) -> dict:
+    out = {"wrong_password": await _connect_outcome(_user_client(url, "plc", "wrong"))}
 
     async def refused_write(client, path, variant):
         idx = await client.get_namespace_index(NS)
@@ -103,9 +111,7 @@ async def _client_checks(url: str) -> dict:
         out["anonymous_read"] = await anonymous.get_node(f"ns={idx};s=Station.ModelId").read_value()
         out["anonymous_write"] = await refused_write(anonymous, "Station.Inspection.Trigger",
                                                      ua.Variant(True, ua.VariantType.Boolean))
-    hmi = Client(url, timeout=5)
-    hmi.set_user("hmi")
-    hmi.set_password("hmi-secret")
+    hmi = _user_client(url, "hmi", "hmi-secret")
     async with hmi:
         idx = await hmi.get_namespace_index(NS)
         out["hmi_write"] = await refused_write(hmi, "Station.Inspection.Trigger", ua.Variant(True, ua.VariantType.Boolean))
@@ -115,9 +121,7 @@ async def _client_checks(url: str) -> dict:
             out["hmi_call"] = "called"
         except ua.UaError as e:
             out["hmi_call"] = type(e).__name__
-    operator = Client(url, timeout=5)
-    operator.set_user("plc")
-    operator.set_password("plc-secret")
+    operator = _user_client(url, "plc", "plc-secret")
     async with operator:
         out["string_to_trigger"] = await refused_write(operator, "Station.Inspection.Trigger",
                                                        ua.Variant("yes", ua.VariantType.String))
@@ -186,21 +190,10 @@ def _certificate(folder, name: str, uri: str, server: bool):
 
 
 async def _encrypted_checks(url: str, client_cert, client_key) -> dict:
-    out = {}
-    plain = Client(url, timeout=5)
-    plain.set_user("plc")
-    plain.set_password("plc-secret")
-    try:
-        await plain.connect()
-        out["plain"] = "connected"
-        await plain.disconnect()
-    except Exception as e:  # no NoSecurity endpoint: asyncua refuses to open the channel
-        out["plain"] = type(e).__name__
-    client = Client(url, timeout=10)
+    out = {"plain": await _connect_outcome(_user_client(url, "plc", "plc-secret"))}  # no NoSecurity endpoint
+    client = _user_client(url, "plc", "plc-secret", timeout=10)
     client.application_uri = "urn:anomaly-edge:test:plc"
     await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{client_cert},{client_key}")
-    client.set_user("plc")
-    client.set_password("plc-secret")
     async with client:
         idx = await client.get_namespace_index(NS)
         station = client.get_node(f"ns={idx};s=Station")
