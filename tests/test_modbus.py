@@ -55,6 +55,17 @@ def test_the_handshake_50_times_and_bad_requests_refused(broker, tmp_path, defau
 
         client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
         assert client.connect()
+        # The last trigger consumed its part id (registers 16-31 zeroed): a trigger now is station-named.
+        assert client.read_holding_registers(16, count=16).registers == [0] * 16
+        client.write_register(0, 1)
+        wait_until(lambda: client.read_holding_registers(3, count=1).registers == [1], 10, "TriggerAck")
+        client.write_register(0, 0)
+        wait_until(lambda: client.read_holding_registers(5, count=1).registers == [1], 30, "ResultValid")
+        named = struct.pack(">16H", *client.read_holding_registers(32, count=16).registers).rstrip(b"\0").decode()
+        assert named.startswith("s1-modbus-")
+        client.write_register(1, 1)
+        wait_until(lambda: client.read_holding_registers(5, count=1).registers == [0], 10, "ResultValid cleared")
+        client.write_register(1, 0)
         parts_before = rt.counts["parts"]
         assert client.read_holding_registers(40, count=20).exception_code == 2      # past the map
         assert client.write_register(5, 1).exception_code == 2                      # ResultValid is the station's

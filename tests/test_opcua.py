@@ -135,6 +135,33 @@ async def _client_checks(url: str) -> dict:
     return out
 
 
+async def _unnamed_handshake(url: str) -> str:
+    """A trigger without a part id written, after results were presented: the station names the part
+    (the presented result's id in PartId does not name the next one)."""
+    async with _user_client(url, "plc", "plc-secret") as client:
+        idx = await client.get_namespace_index(NS)
+        node = {n: client.get_node(f"ns={idx};s=Station.Inspection.{n}")
+                for n in ("Trigger", "TriggerAck", "ResultValid", "ResultAck", "PartId")}
+
+        async def wait(name, value):
+            for _ in range(1500):
+                if await node[name].read_value() == value:
+                    return
+                await asyncio.sleep(0.02)
+            raise TimeoutError(name)
+
+        boolean = ua.VariantType.Boolean
+        await node["Trigger"].write_value(ua.Variant(True, boolean))
+        await wait("TriggerAck", True)
+        await node["Trigger"].write_value(ua.Variant(False, boolean))
+        await wait("ResultValid", True)
+        part_id = await node["PartId"].read_value()
+        await node["ResultAck"].write_value(ua.Variant(True, boolean))
+        await wait("ResultValid", False)
+        await node["ResultAck"].write_value(ua.Variant(False, boolean))
+        return part_id
+
+
 @pytest.mark.timeout(300)
 def test_wrong_passwords_anonymous_and_read_only_writes_and_wrong_types_are_refused_and_scoring_goes_on(
         broker, tmp_path, default_pack_dir, enrolled_state, caplog):
@@ -161,6 +188,7 @@ def test_wrong_passwords_anonymous_and_read_only_writes_and_wrong_types_are_refu
         parts = plc(url, "handshake", 3)[:-1]  # the station still inspects
         assert [p["PartId"] for p in parts] == ["UA-0000", "UA-0001", "UA-0002"]
         assert all(p["Verdict"] in ("normal", "anomalous") for p in parts)
+        assert asyncio.run(_unnamed_handshake(url)).startswith("s1-opcua-")
     finally:
         rt.stop()
 

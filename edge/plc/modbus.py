@@ -9,7 +9,8 @@ Holding registers, 0-based addresses (read with FC3 or FC4, write with FC6 or FC
                                         7  Verdict 0 none, 1 normal, 2 anomalous, 3 error
     14 ErrorCode  0 none, 1 trigger refused: queue full, 2 trigger refused: part id, 3 part not scored
     16-31  PartId for the next trigger (PLC, 32 ASCII bytes, high byte first, NUL padded; empty: the
-           station names the part)     32-47  PartId of the result presented (station)
+           station names the part; zeroed by the trigger that takes it)
+    32-47  PartId of the result presented (station)
 
 The handshake is edge.plc.handshake's, as over OPC UA. Writes to any other register, writes of values
 out of range and coil functions are refused with a Modbus exception (ILLEGAL_ADDRESS, ILLEGAL_VALUE,
@@ -128,7 +129,10 @@ class ModbusServer(LoopServer):
         for a, v in zip(addrs, values):
             if a == 0:
                 self.regs[0] = v
-                part_id = registers_string(self.regs[PART_ID_IN:PART_ID_IN + PART_ID_REGS])
+                rising = bool(v) and not self.handshake.trigger_high
+                part_id = registers_string(self.regs[PART_ID_IN:PART_ID_IN + PART_ID_REGS]) if rising else None
+                if rising:  # the part id names one part: consumed (zeroed) by the trigger that uses it
+                    self.regs[PART_ID_IN:PART_ID_IN + PART_ID_REGS] = [0] * PART_ID_REGS
                 self._apply(self.handshake.trigger_edge(bool(v), part_id, via="register 0 (Trigger)"))
             elif a == 1:
                 self.regs[1] = v

@@ -30,7 +30,7 @@ import collections
 import hmac
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
@@ -124,6 +124,7 @@ class OpcUaServer(LoopServer):
         self.nodes: dict[str, ua.NodeId] = {}
         self.paths: dict[ua.NodeId, str] = {}
         self.handshake = Handshake(runtime, self.spec.trigger_queue, "opcua")  # event loop only
+        self._next_part_id: str | None = None  # written by the PLC since the last trigger
         self.counts = collections.Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -149,6 +150,7 @@ class OpcUaServer(LoopServer):
                                    + ([ua.AnonymousIdentityToken] if self.spec.allow_anonymous else []))
         self.server = server
         await self._build(server)
+        server.subscribe_server_callback(CallbackType.PreWrite, self._before_write)
         server.subscribe_server_callback(CallbackType.PostWrite, self._after_write)
         async with server:
             self._ready.set()
@@ -216,6 +218,17 @@ class OpcUaServer(LoopServer):
 
     # -- the PLC's writes and calls ----------------------------------------------------------
 
+    async def _before_write(self, event, dispatcher) -> None:
+        """Note a part id the PLC writes (before the Trigger of the same request is acted on): it names the
+        next triggered part, once. PartId also shows the presented result's id, which must not name the next."""
+        if not event.is_external:
+            return
+        for wv in event.request_params.NodesToWrite:
+            variant = wv.Value.Value if wv.Value is not None else None
+            if (wv.NodeId == self.nodes["Station.Inspection.PartId"] and wv.AttributeId == ua.AttributeIds.Value
+                    and variant is not None and variant.VariantType == V.String):
+                self._next_part_id = variant.Value or None
+
     async def _after_write(self, event, dispatcher) -> None:
         """Log each refused write of a client: node, user, status."""
         if not event.is_external:
@@ -230,7 +243,11 @@ class OpcUaServer(LoopServer):
                             self.paths.get(wv.NodeId, wv.NodeId.to_string()), user, status.name, got)
 
     async def _on_trigger_written(self, handle, value: ua.DataValue) -> None:
-        await self._set(self.handshake.trigger_edge(bool(value.Value.Value), self._value("Station.Inspection.PartId")))
+        high = bool(value.Value.Value)
+        part_id = self._next_part_id if high and not self.handshake.trigger_high else None
+        if part_id is not None:
+            self._next_part_id = None  # used once
+        await self._set(self.handshake.trigger_edge(high, part_id))
 
     async def _trigger_method(self, parent, *args) -> list[ua.Variant]:
         part_id = self._string_arg(args)
