@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from .errors import EdgeError
+from .plc.spec import PlcSpec, SparkplugSpec
 from .roi import polygon_problem
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # safe in MQTT topics and file names
@@ -136,6 +137,7 @@ class MqttSpec(_Strict):
     tls: TlsSpec | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
     heatmap: HeatmapSpec = HeatmapSpec()
+    sparkplug: SparkplugSpec = SparkplugSpec()  # a Sparkplug B edge node beside the JSON topics
 
     @model_validator(mode="after")
     def _one_password(self):
@@ -255,6 +257,7 @@ class StationConfig(_Strict):
     explain: ExplainSpec = ExplainSpec()
     health: HealthSpec = HealthSpec()
     learn: LearnSpec | None = None  # learn mode when the station has no state yet
+    plc: PlcSpec = PlcSpec()  # OPC UA inspection handshake (edge.plc)
     roi: RoiConfig | None = None
     tiling: TilingConfig | None = None  # high-resolution frames: score the ROI tile by tile
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -270,6 +273,13 @@ class StationConfig(_Strict):
     def _roi_needs_tiling(self):
         if self.roi is not None and self.tiling is None:
             raise ValueError("roi is used by tiled scoring: add a tiling: section (tiling.scale)")
+        return self
+
+    @model_validator(mode="after")
+    def _plc_needs_triggers(self):
+        if (self.plc.opcua.enabled or self.plc.modbus.enabled) and self.trigger.mode != "mqtt":
+            raise ValueError(f"plc: the PLC handshake inspects a part per trigger: set trigger.mode: mqtt "
+                             f"(it is {self.trigger.mode})")
         return self
 
     def tiling_spec(self):
@@ -330,6 +340,13 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         for k in ("ca", "cert", "key"):
             if k in tls:
                 tls[k] = fix(tls[k])
+    opcua = raw.get("plc", {}).get("opcua") if isinstance(raw.get("plc"), dict) else None
+    for user in opcua.get("users") or [] if isinstance(opcua, dict) else []:
+        if isinstance(user, dict) and "password_file" in user:
+            user["password_file"] = fix(user["password_file"])
+    for k in ("certificate", "private_key") if isinstance(opcua, dict) else ():
+        if k in opcua:
+            opcua[k] = fix(opcua[k])
     return raw
 
 
@@ -374,6 +391,12 @@ def parse_config(raw, path: Path, check_files: bool = True) -> StationConfig:
                                              if config.mqtt.tls else []):
         if f is not None and not Path(f).is_file():
             raise ConfigError(f"{path}: mqtt: file {f} does not exist")
+    for user in config.plc.opcua.users if check_files else []:
+        if user.password_file is not None and not Path(user.password_file).is_file():
+            raise ConfigError(f"{path}: plc.opcua.users: {user.name}: password_file {user.password_file} does not exist")
+    for f in (config.plc.opcua.certificate, config.plc.opcua.private_key) if check_files else ():
+        if f is not None and not Path(f).is_file():
+            raise ConfigError(f"{path}: plc.opcua: file {f} does not exist")
     return config
 
 

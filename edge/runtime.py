@@ -175,6 +175,7 @@ class Runtime:
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb,
                                 config.storage.min_free_mb)
         self.publisher = None
+        self.sinks: list = []  # edge.plc: Sparkplug B, OPC UA
         self.explainer = None
         self.explain_error: str | None = None
         self._projector = None
@@ -239,6 +240,9 @@ class Runtime:
             # Connected once the handler is in place: the persistent session hands over at once the
             # commands the broker kept for us while we were away.
             self.publisher.connect()
+        from .plc import start_sinks
+
+        self.sinks = start_sinks(self)
         self._start_explainer()
         if c.api.enabled:
             from .api import LocalApi
@@ -314,6 +318,9 @@ class Runtime:
                         waiting)
         if self.api is not None:
             self.api.stop()
+        from .plc import close_sinks
+
+        close_sinks(self.sinks)
         if self.publisher is not None:
             self.publisher.close(flush_timeout=max(0.5, deadline - time.monotonic()))
         self.source.close()
@@ -651,6 +658,10 @@ class Runtime:
         self.counts["learning"] += learning is not None
         self.counts["flagged"] += flagged
         self._publish_part(p.part_id, messages)
+        if self.sinks:
+            from .plc import result_to_sinks
+
+            result_to_sinks(self.sinks, result)
         if flagged and self.explainer is not None:
             self._submit_explanation(p.part_id, findings, r)
 
@@ -751,6 +762,10 @@ class Runtime:
             error = str(e) if isinstance(e, EdgeError) else f"{name}: not carried out: {type(e).__name__}: {e}"
             (log.warning if isinstance(e, EdgeError) else log.exception)("command on %s refused: %s", topic, error)
             self._reply(name, request_id_of(payload), False, error=error, **({"retained": True} if retained else {}))
+
+    def command(self, name: str, payload: bytes) -> None:
+        """A command from another protocol (edge.plc), handled as `<prefix>/cmd/<name>` would be."""
+        self._on_command(f"{self.config.topic_prefix}/cmd/{name}", payload)
 
     def _reply(self, command: str, request_id: str | None, ok: bool, **fields) -> None:
         self._publish("reply", {"command": command, "request_id": request_id, "ok": ok, **fields,
