@@ -6,7 +6,7 @@ Holding registers, 0-based addresses (read with FC3 or FC4, write with FC6 or FC
     1  ResultAck      PLC  0/1          4  Busy                    10-11 Threshold  float32, high word first
     2  BufferOverrun  station sets 1,   5  ResultValid             12    RegionCount
                       PLC writes 0      6  Pass                    13    ResultCounter (+1 per result, wraps)
-                                        7  Verdict 0 none, 1 normal, 2 anomalous, 3 error
+                                        7  Verdict 0 none, 1 normal, 2 anomalous, 3 error, 4 learning
     14 ErrorCode  0 none, 1 trigger refused: queue full, 2 trigger refused: part id, 3 part not scored
     16-31  PartId for the next trigger (PLC, 32 ASCII bytes, high byte first, NUL padded; empty: the
            station names the part; zeroed by the trigger that takes it)
@@ -35,7 +35,7 @@ REG = {"Trigger": 0, "ResultAck": 1, "BufferOverrun": 2, "TriggerAck": 3, "Busy"
        "Verdict": 7, "Score": 8, "Threshold": 10, "RegionCount": 12, "ResultCounter": 13, "ErrorCode": 14}
 PART_ID_IN, PART_ID_OUT, PART_ID_REGS = 16, 32, 16
 MAP_SIZE = 48
-VERDICT = {"normal": 1, "anomalous": 2, "error": 3}
+VERDICT = {"normal": 1, "anomalous": 2, "error": 3, "learning": 4}
 WRITABLE = {0, 1, 2} | set(range(PART_ID_IN, PART_ID_IN + PART_ID_REGS))
 READ_FUNCTIONS, WRITE_FUNCTIONS = {3, 4}, {6, 16}
 BLOCK = 65536  # every address reaches the action, so every refusal is logged
