@@ -27,11 +27,14 @@ import numpy as np
 from . import visual
 from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
 from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
+from .backend import create_backend
 from .decide import Result
+from .engine_calibration import follow_engine
 from .errors import EdgeError
 from .findings import describe
 from .notify import SystemdNotifier
 from .pack import load_pack
+from .scorer import FeatureExtractor
 from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .station_lock import StationLock
@@ -165,9 +168,12 @@ class Runtime:
         self.exit_at_end = exit_at_end
         self.station = config.station.name
         self.pack = load_pack(config.pack)
-        self.state = load_state(config.state, self.pack)
-        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), kind=config.scorer,
-                                     allow_undertrained=config.student_allow_undertrained)
+        # The encoder backend of the whole station (TensorRT engines and GPU banks live on the process's
+        # device thread, edge.device); the state's threshold must have been calibrated with its numerics.
+        self.backend = create_backend(self.pack, config.gpu.backend, gpu=config.gpu.options())
+        self.state = self._state_for_backend(load_state(config.state, self.pack))
+        self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), backend=self.backend,
+                                     kind=config.scorer, allow_undertrained=config.student_allow_undertrained)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -712,6 +718,7 @@ class Runtime:
         old = self.scorer.threshold
         with self._state_lock:
             state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
+                           extractor=FeatureExtractor(self.pack, self.backend),
                            tiling=self.config.tiling_spec(), target_false_reject=self.config.target_false_reject)
             self.state = state
             self.scorer = self._scorer_for(state)
@@ -725,10 +732,15 @@ class Runtime:
                              f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
         return reply
 
+    def _state_for_backend(self, state):
+        """The state, or (gpu.on_calibration_mismatch: recalibrate) it recalibrated for this backend."""
+        return follow_engine(self.pack, state, FeatureExtractor(self.pack, self.backend),
+                             self.config.gpu.on_calibration_mismatch, self.config.tiling_spec())
+
     def _scorer_for(self, state):
         # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
         extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
-        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor,
+        return station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, extractor=extractor,
                               kind=self.config.scorer,
                               allow_undertrained=self.config.student_allow_undertrained)
 
@@ -747,7 +759,7 @@ class Runtime:
             if restart:
                 log.warning("reload: %s changed but need a restart to take effect", ", ".join(restart))
         with self._state_lock:
-            state = load_state(self.config.state, self.pack)
+            state = self._state_for_backend(load_state(self.config.state, self.pack))
             scorer = self._scorer_for(state)  # may refuse (an undertrained student): the old pair keeps scoring
             self.state, self.scorer = state, scorer
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)

@@ -360,6 +360,7 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
     not complete its training; `kind` student refuses one unless `allow_undertrained`). Refuses a tiling
     other than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an
     encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
+    from . import engine_calibration
     from .scorer import Scorer
     from .student import student_scorer
 
@@ -370,15 +371,19 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
     if spec is not None:
         if kind == "student":
             raise StateError("scorer student scores whole frames: use scorer bank (or auto) with tiling")
-        return TiledScorer.from_state(pack, state, backend, extractor)
-    if kind != "bank":
-        student = student_scorer(pack, state, kind, allow_undertrained)
-        if student is not None:
-            return student
-    if extractor is not None:
-        return Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
-                      calibration=state.calibration)
-    return Scorer.from_state(pack, state, backend)
+        scorer = TiledScorer.from_state(pack, state, backend, extractor)
+    else:
+        if kind != "bank":
+            student = student_scorer(pack, state, kind, allow_undertrained)
+            if student is not None:
+                return student  # its own graph on ONNX Runtime's CPU, calibrated there
+        if extractor is not None:
+            scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
+                            calibration=state.calibration)
+        else:
+            scorer = Scorer.from_state(pack, state, backend)
+    engine_calibration.check(state, scorer.extractor.backend)  # the threshold holds for its numerics only
+    return scorer
 
 
 def _tiling_words(spec: TilingSpec | None) -> str:
