@@ -200,6 +200,29 @@ def test_an_unsupported_tensorrt_version_is_named(default_pack_dir, tmp_path, gp
         add_engine(pack_dir)
 
 
+def test_the_float16_graph_for_tensorrt_11_keeps_float32_io_and_the_features(default_pack, tmp_path):
+    """export.fp16 on the default pack's encoder, run by ONNX Runtime on the CPU: float32 in and out,
+    float16 inside, features within float16 rounding of the float32 graph's."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.fp16 import write_float16
+
+    path = write_float16(default_pack.file(default_pack.encoder.file), tmp_path / "encoder.fp16.onnx")
+    model = onnx.load(str(path))
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    weights = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    batch = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    half = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": batch})[0]
+    full = _onnx_features(default_pack, batch)
+    assert half.dtype == np.float32 and half.shape == full.shape
+    assert np.abs(half - full).max() <= 1e-2 * np.abs(full).max()
+    cos = (half * full).sum(1) / (np.linalg.norm(half, axis=1) * np.linalg.norm(full, axis=1))
+    assert cos.min() > 0.999
+
+
 def _onnx_features(pack, batch):
     from edge.backend import OnnxRuntimeBackend
 
@@ -459,9 +482,8 @@ def test_export_engine_imports_no_torch(default_pack_dir, tmp_path):
 def _real_gpu_or_skip():
     try:
         import pycuda.driver  # noqa: F401
-        import tensorrt  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"tensorrt and pycuda are needed: {e}")
+        pytest.skip(f"pycuda is needed: {e}")
     from edge.device import CudaUnavailable, cuda_executor
 
     try:
@@ -470,21 +492,32 @@ def _real_gpu_or_skip():
         pytest.skip(f"no usable CUDA GPU here: {e}")
 
 
+@pytest.fixture
+def gpu_pack_dir(request, tmp_path):
+    """A writable copy of ANOMALY_EDGE_GPU_PACK (bench/gpu_check.sh: a pack carried to the GPU machine,
+    which may have no torch to export one), else of the default pack exported here."""
+    src = os.environ.get("ANOMALY_EDGE_GPU_PACK")
+    return _copy_pack(Path(src) if src else request.getfixturevalue("default_pack_dir"), tmp_path / "pack")
+
+
 @pytest.mark.gpu
-def test_gpu_tensorrt_backend_created_in_one_thread_runs_in_another(default_pack_dir, tmp_path):
+def test_gpu_tensorrt_backend_created_in_one_thread_runs_in_another(gpu_pack_dir):
     _real_gpu_or_skip()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"tensorrt is needed: {e}")
     from edge.backend import TensorRtBackend
     from edge.pack import load_pack
     from export.tensorrt import add_engine
 
-    pack_dir = _copy_pack(default_pack_dir, tmp_path / "pack")
-    add_engine(pack_dir, fp16=False)
-    pack = load_pack(pack_dir)
+    add_engine(gpu_pack_dir, fp16=False)
+    pack = load_pack(gpu_pack_dir)
     made = {}
     t = threading.Thread(target=lambda: made.update(backend=TensorRtBackend(pack)), name="maker")
     t.start()
     t.join()
-    batch = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    batch = np.random.default_rng(0).standard_normal((10, 3, pack.input.height, pack.input.width)).astype(np.float32)
     out = {}
     t = threading.Thread(target=lambda: out.update(features=made["backend"].run(batch)), name="user")
     t.start()
@@ -494,9 +527,71 @@ def test_gpu_tensorrt_backend_created_in_one_thread_runs_in_another(default_pack
 
 
 @pytest.mark.gpu
-def test_gpu_onnxruntime_gpu_has_the_cuda_provider():
+def test_gpu_bank_created_in_one_thread_searches_in_another():
+    _real_gpu_or_skip()
+    from edge.bank import MemoryBank
+    from edge.cuda import GpuMemoryBank, gpu_bank
+
+    rng = np.random.default_rng(3)
+    bank = MemoryBank(rng.standard_normal((20000, 272)).astype(np.float32), groups=4)
+    queries = rng.standard_normal((784, 272)).astype(np.float32)
+    made, out = {}, {}
+    t = threading.Thread(target=lambda: made.update(bank=gpu_bank(bank)))
+    t.start()
+    t.join()
+    assert isinstance(made["bank"], GpuMemoryBank)
+    t = threading.Thread(target=lambda: out.update(d=made["bank"].nearest_sqdist(queries)))
+    t.start()
+    t.join()
+    np.testing.assert_allclose(out["d"], bank.nearest_sqdist(queries), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_onnxruntime_cuda_provider_matches_the_cpu(gpu_pack_dir):
     import onnxruntime as ort
 
+    from edge.backend import OnnxRuntimeBackend
+    from edge.pack import load_pack
+
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime-gpu not installed here (providers: {ort.get_available_providers()})")
-    _real_gpu_or_skip()
+        pytest.skip(f"onnxruntime-gpu is not installed here (providers: {ort.get_available_providers()})")
+    pack = load_pack(gpu_pack_dir)
+    backend = OnnxRuntimeBackend(pack, providers=["CUDAExecutionProvider"])
+    assert backend.session.get_providers()[0] == "CUDAExecutionProvider" and backend.numerics == "onnxruntime fp32"
+    batch = np.random.default_rng(1).standard_normal((8, 3, pack.input.height, pack.input.width)).astype(np.float32)
+    cpu = _onnx_features(pack, batch)
+    assert np.abs(backend.run(batch) - cpu).max() <= 1e-3 * np.abs(cpu).max()
+
+
+def test_a_station_on_a_tensorrt_engine_scores_and_reloads_across_its_threads(
+        default_pack_dir, enrolled_state, tmp_path, gpu_stand_in, caplog):
+    """The line runtime with gpu.backend tensorrt: the engine is made in the constructing thread, scores
+    in the score thread, and a reload (another thread) rebuilds the scorer; the state calibrated on ONNX
+    Runtime is recalibrated for the engine first (gpu.on_calibration_mismatch: recalibrate)."""
+    from station_helpers import finish, start, write_config
+
+    from edge.backend import TensorRtBackend
+
+    _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
+    cfg = write_config(tmp_path, pack_dir, enrolled_state, 1, {"kind": "synthetic", "seed": 0, "count": 12},
+                       mqtt={"enabled": False}, api={"enabled": False}, explain={"enabled": False},
+                       gpu={"backend": "tensorrt", "on_calibration_mismatch": "recalibrate"})
+    with caplog.at_level("WARNING", logger="edge.engine_calibration"):
+        rt = start(cfg)
+    try:
+        assert isinstance(rt.backend, TensorRtBackend) and rt.scorer.extractor.backend is rt.backend
+        assert "recalibrating from its 16 stored references with tensorrt fp16" in caplog.text
+        assert (rt.state.calibration.backend, rt.state.calibration.precision) == ("tensorrt", "fp16")
+        finish_reload = {}
+        t = threading.Thread(target=lambda: finish_reload.update(r=rt.reload()), name="edge-maintenance-test")
+        t.start()
+        t.join()
+        assert "threshold" in finish_reload["r"]
+    finally:
+        finish(rt)
+    assert rt.counts["parts"] == 12 and rt.counts.get("errors", 0) == 0, dict(rt.counts)
+    gc.collect()
+    from edge.device import cuda_executor
+
+    cuda_executor().call(lambda: None)
+    assert fake_gpu.OFF_CONTEXT_FREES == []
