@@ -125,6 +125,9 @@ class GpuSpec(_Strict):
     # A state calibrated with another backend or precision than the station runs: refuse to start, or
     # recalibrate (re-enroll the stored references with the running backend, which rebuilds bank and threshold).
     on_calibration_mismatch: Literal["refuse", "recalibrate"] = "refuse"
+    # On ONNX Runtime's CPU: score a bank station with the one station graph (edge.station_graph:
+    # preprocess to score in one ONNX Runtime run) or the NumPy path; docs/benchmarks.md has both.
+    cpu_scoring: Literal["numpy", "station_graph"] = "station_graph"
 
     def options(self):
         from .backend import GpuOptions

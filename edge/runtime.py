@@ -173,7 +173,8 @@ class Runtime:
         self.backend = create_backend(self.pack, config.gpu.backend, gpu=config.gpu.options())
         self.state = self._state_for_backend(load_state(config.state, self.pack))
         self.scorer = station_scorer(self.pack, self.state, config.tiling_spec(), backend=self.backend,
-                                     kind=config.scorer, allow_undertrained=config.student_allow_undertrained)
+                                     kind=config.scorer, allow_undertrained=config.student_allow_undertrained,
+                                     cpu_scoring=config.gpu.cpu_scoring)
         self.store = TraceStore(config.storage.dir, config.storage.retention_days, config.storage.disk_budget_mb)
         self.publisher = None
         self.explainer = None
@@ -741,7 +742,7 @@ class Runtime:
         # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
         extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
         return station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, extractor=extractor,
-                              kind=self.config.scorer,
+                              kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
                               allow_undertrained=self.config.student_allow_undertrained)
 
     def reload(self) -> dict:

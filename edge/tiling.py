@@ -354,12 +354,16 @@ def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
 
 
 def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False):
+                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False,
+                   cpu_scoring: str = "numpy"):
     """The scorer a station's configuration asks for: `Scorer`, `TiledScorer` when it tiles, or the
     learned `StudentScorer` (`kind` student, or auto as edge.student decides: never a student that did
     not complete its training; `kind` student refuses one unless `allow_undertrained`). Refuses a tiling
     other than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an
-    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
+    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph).
+    `cpu_scoring` station_graph: a bank scorer whose encoder runs on ONNX Runtime's CPU scores with
+    the one station graph (edge.station_graph) where it covers the state. A state calibrated with other
+    numerics than the backend's is refused (edge.engine_calibration)."""
     from . import engine_calibration
     from .scorer import Scorer
     from .student import student_scorer
@@ -377,7 +381,15 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
             student = student_scorer(pack, state, kind, allow_undertrained)
             if student is not None:
                 return student  # its own graph on ONNX Runtime's CPU, calibrated there
-        if extractor is not None:
+        from .station_graph import StationGraphScorer, on_cpu, supports
+
+        if cpu_scoring == "station_graph" and supports(pack, state.bank, state.head) is None:
+            extractor = extractor or FeatureExtractor(pack, backend)
+        if (cpu_scoring == "station_graph" and extractor is not None and on_cpu(extractor.backend)
+                and supports(pack, state.bank, state.head) is None):
+            scorer = StationGraphScorer(pack, state.bank, state.calibration.threshold, extractor,
+                                        calibration=state.calibration)
+        elif extractor is not None:
             scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
                             calibration=state.calibration)
         else:
