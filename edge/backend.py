@@ -1,5 +1,7 @@
 """Backends run the pack's encoder: `run(batch) -> features`. ONNX Runtime everywhere; TensorRT where
-the pack carries an engine (`files.<encoder>_engine`) and tensorrt + pycuda import on a GPU.
+the pack carries an engine (`files.<encoder>_engine`) and tensorrt + pycuda import on a GPU, with all
+its device work on the process's device thread (edge.device). Each backend says which numerics it
+computes with (`family`, `precision`), which a state's calibration must match (edge.engine_calibration).
 
 The interface is deliberately small (OpenVINO model_api's adapter idea): a backend knows its input
 and output shapes and turns an N x C x H x W float32 batch into the pack's feature tensor.
