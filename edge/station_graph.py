@@ -157,9 +157,10 @@ def build_station_graph(pack: Pack):
         helper.make_node("Sub", ["patches", "proj_mean"], ["patches_centred"]),
         helper.make_node("MatMul", ["patches_centred", "proj_components"], ["q"]),
         # min_j |b_j|^2 - 2 q.b_j, then + |q|^2, clamped at 0
-        helper.make_node("Transpose", ["bank"], ["bank_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["q", "bank_t"], ["qb"]),
-        helper.make_node("Mul", ["qb", const("minus_two", np.array(-2.0, np.float32))], ["qb2"]),
+        # -2 on the (small) bank, not on the N*h*w x M product: exact in float32, one big tensor fewer
+        helper.make_node("Mul", ["bank", const("minus_two", np.array(-2.0, np.float32))], ["bank_m2"]),
+        helper.make_node("Transpose", ["bank_m2"], ["bank_m2_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["q", "bank_m2_t"], ["qb2"]),
         helper.make_node("Add", ["qb2", "bank_sq"], ["partial"]),
         reduce("ReduceMin", "partial", "best"),
         helper.make_node("Mul", ["q", "q"], ["q_sq_terms"]),
