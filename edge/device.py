@@ -16,6 +16,7 @@ ANOMALY_EDGE_CUDA_DEVICE (default 0), shared with ONNX Runtime's CUDA provider.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import logging
 import os
@@ -177,6 +178,7 @@ def cuda_executor() -> DeviceExecutor:
             except CudaUnavailable as e:
                 _executor_error = e
                 raise
+            atexit.register(close_cuda_executor)  # the context is closed on its own thread at exit
         return _executor
 
 
