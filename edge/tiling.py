@@ -383,16 +383,18 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
                 return student  # its own graph on ONNX Runtime's CPU, calibrated there
         from .station_graph import StationGraphScorer, on_cpu, supports
 
+        scorer = None
         if cpu_scoring == "station_graph" and supports(pack, state.bank, state.head) is None:
-            extractor = extractor or FeatureExtractor(pack, backend)
-        if (cpu_scoring == "station_graph" and extractor is not None and on_cpu(extractor.backend)
-                and supports(pack, state.bank, state.head) is None):
-            scorer = StationGraphScorer(pack, state.bank, state.calibration.threshold, extractor,
-                                        calibration=state.calibration)
-        elif extractor is not None:
+            graph_extractor = extractor or FeatureExtractor(pack, backend)
+            if on_cpu(graph_extractor.backend):
+                scorer = StationGraphScorer(pack, state.bank, state.calibration.threshold, graph_extractor,
+                                            calibration=state.calibration)
+            else:  # a GPU backend: the bank path, with the bank on the GPU where CUDA is usable
+                backend = graph_extractor.backend
+        if scorer is None and extractor is not None:
             scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
                             calibration=state.calibration)
-        else:
+        elif scorer is None:
             scorer = Scorer.from_state(pack, state, backend)
     engine_calibration.check(state, scorer.extractor.backend)  # the threshold holds for its numerics only
     return scorer

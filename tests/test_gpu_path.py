@@ -595,3 +595,24 @@ def test_a_station_on_a_tensorrt_engine_scores_and_reloads_across_its_threads(
 
     cuda_executor().call(lambda: None)
     assert fake_gpu.OFF_CONTEXT_FREES == []
+
+
+def test_a_gpu_backend_keeps_the_bank_path_whatever_cpu_scoring_says(default_pack_dir, tmp_path, gpu_stand_in):
+    """cpu_scoring: station_graph is for ONNX Runtime on the CPU; a TensorRT station scores with its engine."""
+    from edge.backend import TensorRtBackend
+    from edge.pack import load_pack
+    from edge.scorer import FeatureExtractor, Scorer
+    from edge.state import build_state
+    from edge.station_graph import StationGraphScorer
+    from edge.synthetic import SyntheticLine
+    from edge.tiling import station_scorer
+
+    _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
+    pack = load_pack(pack_dir)
+    engine = TensorRtBackend(pack)
+    state = build_state(pack, SyntheticLine(seed=1).good(18), FeatureExtractor(pack, engine), quiet=True,
+                        few_shot=False)
+    assert (state.calibration.backend, state.calibration.precision) == ("tensorrt", "fp16")
+    scorer = station_scorer(pack, state, None, backend=engine, kind="bank", cpu_scoring="station_graph")
+    assert type(scorer) is Scorer and not isinstance(scorer, StationGraphScorer)
+    assert scorer.extractor.backend is engine
