@@ -1,10 +1,8 @@
-"""Each CUDA kernel against the CPU path it replaces, at realistic sizes.
+"""The CUDA kernel (nn_min.cu) against the CPU path it replaces, at realistic sizes.
 
     python bench/bench_kernels.py [--repeats 20]
 
 nn:         784 query patches x a 50,000-patch bank x 272 channels (and the default pack's 8,192 x 128)
-preprocess: a 2448x2048 BGR frame -> 3 x 224 x 224, normalised
-map_post:   28x28 patch grid -> 224x224, Gaussian sigma 8, max
 The CPU side always runs; the GPU side needs pycuda, nvcc and a CUDA device, and says why it did not run.
 """
 from __future__ import annotations
@@ -17,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,8 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.bank import MemoryBank  # noqa: E402
 from edge.cuda import CudaKernels, CudaUnavailable, GpuMemoryBank  # noqa: E402
-from edge.pack import InputSpec, Normalization  # noqa: E402
-from edge.preprocess import to_batch  # noqa: E402
 from kernels import reference as R  # noqa: E402
 
 
@@ -45,9 +40,6 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    spec = InputSpec(height=224, width=224, normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3))
-    frame = rng.integers(0, 256, (2048, 2448, 3), np.uint8)
-    grid = rng.random((28, 28)).astype(np.float32)
     queries = rng.standard_normal((784, 272)).astype(np.float32)
     banks = {"50000x272": MemoryBank(rng.standard_normal((50000, 272)).astype(np.float32)),
              "8192x128 (default pack)": MemoryBank(rng.standard_normal((8192, 128)).astype(np.float32))}
@@ -56,18 +48,12 @@ def main() -> int:
     for name, bank in banks.items():
         q = queries[:, :bank.channels]
         out["cpu_ms"][f"nn {name}"] = timed(lambda: bank.nearest_sqdist(q), max(3, args.repeats // 4))
-    out["cpu_ms"]["preprocess 2448x2048"] = timed(lambda: to_batch([frame], spec), args.repeats)
-    out["cpu_ms"]["map_post 28->224 sigma 8"] = timed(
-        lambda: cv2.GaussianBlur(cv2.resize(grid, (224, 224), interpolation=cv2.INTER_LINEAR), (0, 0), 8).max(),
-        args.repeats)
     try:
         kernels = CudaKernels.get()
     except CudaUnavailable as e:
         out["gpu_ms"] = f"not run: {e}"
         print(json.dumps(out, indent=1))
         return 0
-    import pycuda.gpuarray as gpuarray
-
     out["gpu"] = kernels.arch
     for name, bank in banks.items():
         gpu = GpuMemoryBank(bank, kernels)
@@ -75,17 +61,6 @@ def main() -> int:
         got = gpu.nearest_sqdist(q)
         out[f"nn {name} max abs error vs reference"] = float(np.abs(got - R.nn_min_sqdist(q, bank.features)).max())
         out["gpu_ms"][f"nn {name} (incl. copies)"] = timed(lambda: gpu.nearest_sqdist(q), args.repeats)
-    src = gpuarray.to_gpu(frame)
-    dst = gpuarray.empty((3, 224, 224), np.float32)
-    fn = kernels.function("preprocess", "preprocess_f32")
-
-    def preprocess():
-        fn(src.gpudata, np.int32(2048), np.int32(2448), np.int32(3), np.int32(2448 * 3), dst.gpudata, np.int32(224),
-           np.int32(224), np.int32(0), np.int32(3), *[np.float32(127)] * 3, *[np.float32(1 / 128)] * 3,
-           block=(16, 16, 1), grid=(14, 14))
-        kernels.cuda.Context.synchronize()
-
-    out["gpu_ms"]["preprocess 2448x2048 (frame on device)"] = timed(preprocess, args.repeats)
     print(json.dumps(out, indent=1))
     return 0
 

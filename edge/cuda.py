@@ -1,6 +1,8 @@
 """The CUDA kernels (kernels/*.cu) on a GPU: compiled once per architecture with nvcc, cached on disk,
-loaded with pycuda. Everything imports lazily; without pycuda, nvcc or a device, `CudaUnavailable`
-says which is missing and the CPU path is used.
+loaded with pycuda on the process's device thread (edge.device), which owns the CUDA context: the
+kernels' module, the bank's device arrays and every launch live there, whichever thread asks.
+Everything imports lazily; without pycuda, nvcc or a device, `CudaUnavailable` says which is missing
+and the CPU path is used.
 
     kernels = CudaKernels.get()                  # None-free: raises CudaUnavailable with the reason
     bank = GpuMemoryBank(memory_bank, kernels)   # same nearest_sqdist() as edge.bank.MemoryBank
@@ -17,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeError
+from .device import CudaUnavailable, DeviceExecutor, cuda_executor
 
+__all__ = ["CACHE", "CudaKernels", "CudaUnavailable", "GpuMemoryBank", "compile_cubin", "gpu_bank", "nvcc"]
 log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("ANOMALY_EDGE_CACHE", Path.home() / ".cache" / "anomaly-edge")) / "kernels"
-
-
-class CudaUnavailable(EdgeError):
-    """No usable CUDA here (no pycuda, no driver, no device or no nvcc); the message says which."""
 
 
 def kernel_sources() -> dict[str, Path]:
@@ -61,26 +60,26 @@ def compile_cubin(name: str, arch: str, cache: Path = CACHE) -> Path:
 
 
 class CudaKernels:
-    """The loaded kernel functions on the current device (one per process, see `get`)."""
+    """The loaded kernel functions on the device thread's context (one per process, see `get`)."""
 
     _instance: "CudaKernels | None" = None
     _lock = threading.Lock()
 
-    def __init__(self):
+    def __init__(self, device: DeviceExecutor | None = None):
         try:
-            import pycuda.driver as cuda
-            import pycuda.autoprimaryctx  # noqa: F401  (the device's primary context, shared with ORT/TensorRT)
+            import pycuda.driver  # noqa: F401
         except ImportError as e:
             raise CudaUnavailable(f"pycuda is not installed (pip install 'anomaly-edge[gpu]'): {e}") from None
-        except Exception as e:  # pycuda raises its own errors when there is no driver or device
-            raise CudaUnavailable(f"no CUDA device: {e}") from None
+        self.device = device or cuda_executor()
+        self.device.call(self._load)
+
+    def _load(self) -> None:  # on the device thread
+        import pycuda.driver as cuda
+
         self.cuda = cuda
         major, minor = cuda.Context.get_device().compute_capability()
         self.arch = f"sm_{major}{minor}"
-        self.functions = {}
-        for name in kernel_sources():
-            module = cuda.module_from_file(str(compile_cubin(name, self.arch)))
-            self.functions[name] = module
+        self.functions = {name: cuda.module_from_file(str(compile_cubin(name, self.arch))) for name in kernel_sources()}
         self.stream = cuda.Stream()
 
     @classmethod
@@ -91,25 +90,29 @@ class CudaKernels:
             return cls._instance
 
     def function(self, module: str, name: str):
-        return self.functions[module].get_function(name)
+        return self.device.call(lambda: self.functions[module].get_function(name))
 
 
 class GpuMemoryBank:
     """A MemoryBank searched on the GPU with nn_min.cu: the bank's rows stay on the device; queries are
-    projected on the host (a small GEMM) and searched per channel group."""
+    projected on the host (a small GEMM) and searched per channel group. Created, searched and freed
+    on the kernels' device thread, from whichever thread calls."""
 
     def __init__(self, bank, kernels: CudaKernels):
+        self.bank, self.kernels = bank, kernels
+        self.device = kernels.device
+        self.groups = bank.groups
+        self._dims = bank.features.shape[1] // self.groups
+        self._device_arrays = self.device.call(self._upload)
+
+    def _upload(self) -> dict:  # on the device thread
         import pycuda.gpuarray as gpuarray
 
-        self.bank, self.kernels = bank, kernels
-        self.groups = bank.groups
-        rows = np.ascontiguousarray(bank.features, np.float32)
-        dims = rows.shape[1] // self.groups
-        self._rows = gpuarray.to_gpu(rows)
-        self._sq = [gpuarray.to_gpu(np.einsum("ij,ij->i", g, g).astype(np.float32))
-                    for g in np.split(rows, self.groups, axis=1)]
-        self._dims = dims
-        self._fn = kernels.function("nn_min", "nn_min_sqdist")
+        rows = np.ascontiguousarray(self.bank.features, np.float32)
+        return {"rows": gpuarray.to_gpu(rows),
+                "sq": [gpuarray.to_gpu(np.einsum("ij,ij->i", g, g).astype(np.float32))
+                       for g in np.split(rows, self.groups, axis=1)],
+                "fn": self.kernels.functions["nn_min"].get_function("nn_min_sqdist")}
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -119,23 +122,34 @@ class GpuMemoryBank:
         return self.bank.channels
 
     def nearest_sqdist(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.ascontiguousarray(self.bank.project(np.asarray(queries, np.float32)), np.float32)
+        return self.device.call(self._search, queries)
+
+    def _search(self, queries: np.ndarray) -> np.ndarray:  # on the device thread
         import pycuda.gpuarray as gpuarray
 
-        queries = np.ascontiguousarray(self.bank.project(np.asarray(queries, np.float32)), np.float32)
+        arrays, stream = self._device_arrays, self.kernels.stream
         n, width = queries.shape
-        q = gpuarray.to_gpu_async(queries, stream=self.kernels.stream)
+        q = gpuarray.to_gpu_async(queries, stream=stream)
         out = gpuarray.empty(n, np.float32)
         total = np.zeros(n, np.float32)
         m = np.int32(len(self.bank))
         for g in range(self.groups):
             off = g * self._dims * 4  # bytes into each row
-            self._fn(np.intp(int(q.gpudata) + off), np.int32(n), np.int32(width),
-                     np.intp(int(self._rows.gpudata) + off), self._sq[g].gpudata, m, np.int32(width),
-                     np.int32(self._dims), out.gpudata, block=(32, 32, 1), grid=((n + 31) // 32, 1),
-                     stream=self.kernels.stream)
-            self.kernels.stream.synchronize()
+            arrays["fn"](np.intp(int(q.gpudata) + off), np.int32(n), np.int32(width),
+                         np.intp(int(arrays["rows"].gpudata) + off), arrays["sq"][g].gpudata, m, np.int32(width),
+                         np.int32(self._dims), out.gpudata, block=(32, 32, 1), grid=((n + 31) // 32, 1),
+                         stream=stream)
+            stream.synchronize()
             total += out.get()
         return total / self.groups if self.groups > 1 else total
+
+    def __del__(self):
+        # The device arrays are freed on the device thread (where their context is current), whichever
+        # thread drops the bank (a reload swaps it in the maintenance thread).
+        device = self.__dict__.get("device")
+        if device is not None:
+            device.release(self.__dict__, "_device_arrays")
 
 
 def gpu_bank(bank):

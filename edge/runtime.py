@@ -27,12 +27,15 @@ import numpy as np
 from . import visual
 from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
 from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
+from .backend import create_backend
 from .decide import Result
+from .engine_calibration import follow_engine
 from .errors import EdgeError
 from .findings import describe
 from .line_learning import LineLearner
 from .notify import SystemdNotifier
 from .pack import load_pack
+from .scorer import FeatureExtractor
 from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .station_lock import StationLock
@@ -166,7 +169,9 @@ class Runtime:
         self.config_path = Path(config_path) if config_path else None
         self.exit_at_end = exit_at_end
         self.station = config.station.name
-        self.pack, self.state, self.scorer = load_models(config)
+        # The encoder backend of the whole station (TensorRT engines and GPU banks live on the process's
+        # device thread, edge.device); the state's threshold must have been calibrated with its numerics.
+        self.pack, self.backend, self.state, self.scorer = load_models(config)
         self.learner: LineLearner | None = None
         if self.scorer is None:
             # Learn mode: no state yet; the first learn.parts parts build it (edge.line_learning).
@@ -689,7 +694,9 @@ class Runtime:
         learner = self.learner
         with self._state_lock:
             state, summary = learner.build(log=log.info)
-            scorer = station_scorer(self.pack, state, self.config.tiling_spec(), kind=self.config.scorer,
+            state = self._state_for_backend(state)
+            scorer = station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend,
+                                    kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
                                     allow_undertrained=self.config.student_allow_undertrained)
             self.state, self.scorer, self.learner = state, scorer, None
         log.info("learn mode: state built from %d parts (%d set aside as suspect: %s); threshold %.4f",
@@ -806,6 +813,7 @@ class Runtime:
         old = self.scorer.threshold
         with self._state_lock:
             state = enroll(self.pack, [Path(image)], self.config.state, quiet=True, log=log.info,
+                           extractor=FeatureExtractor(self.pack, self.backend),
                            tiling=self.config.tiling_spec(), target_false_reject=self.config.target_false_reject)
             self.state = state
             self.scorer = self._scorer_for(state)
@@ -819,11 +827,16 @@ class Runtime:
                              f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
         return reply
 
+    def _state_for_backend(self, state):
+        """The state, or (gpu.on_calibration_mismatch: recalibrate) it recalibrated for this backend."""
+        return follow_engine(self.pack, state, FeatureExtractor(self.pack, self.backend),
+                             self.config.gpu.on_calibration_mismatch, self.config.tiling_spec())
+
     def _scorer_for(self, state):
         # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
         extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
-        return station_scorer(self.pack, state, self.config.tiling_spec(), extractor=extractor,
-                              kind=self.config.scorer,
+        return station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, extractor=extractor,
+                              kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
                               allow_undertrained=self.config.student_allow_undertrained)
 
     def reload(self) -> dict:
@@ -846,7 +859,7 @@ class Runtime:
             return {"applied": applied, "needs_restart": restart, "threshold": None,
                     "learning": self.learner.progress() if self.learner else None}
         with self._state_lock:
-            state = load_state(self.config.state, self.pack)
+            state = self._state_for_backend(load_state(self.config.state, self.pack))
             scorer = self._scorer_for(state)  # may refuse (an undertrained student): the old pair keeps scoring
             self.state, self.scorer = state, scorer
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
@@ -933,22 +946,24 @@ class Runtime:
 
 
 def load_models(config: StationConfig):
-    """(pack, state, scorer) as the station runs them: the pack's files checked against their sha256, the
+    """(pack, backend, state, scorer) as the station runs them: the pack's files checked against their sha256, the
     state's schema, hashes and encoder against the pack, the scorer built (an undertrained student refused).
-    In learn mode with no state yet: (pack, None, None)."""
+    In learn mode with no state yet: (pack, backend, None, None)."""
     pack = load_pack(config.pack)
+    backend = create_backend(pack, config.gpu.backend, gpu=config.gpu.options())
     if config.learn is not None and not (Path(config.state) / "state.yaml").is_file():
-        return pack, None, None
-    state = load_state(config.state, pack)
-    scorer = station_scorer(pack, state, config.tiling_spec(), kind=config.scorer,
-                            allow_undertrained=config.student_allow_undertrained)
-    return pack, state, scorer
+        return pack, backend, None, None
+    state = follow_engine(pack, load_state(config.state, pack), FeatureExtractor(pack, backend),
+                          config.gpu.on_calibration_mismatch, config.tiling_spec())
+    scorer = station_scorer(pack, state, config.tiling_spec(), backend=backend, kind=config.scorer,
+                            allow_undertrained=config.student_allow_undertrained, cpu_scoring=config.gpu.cpu_scoring)
+    return pack, backend, state, scorer
 
 
 def check(config: StationConfig) -> str:
     """What `run --check` verifies beyond the config file: the models exactly as `run` loads them and
     the MQTT TLS files; returns a one-line summary, raises EdgeError naming what is wrong."""
-    pack, state, scorer = load_models(config)
+    pack, _, state, scorer = load_models(config)
     tls = config.mqtt.tls
     if config.mqtt.enabled and tls is not None:
         from .publish import tls_context

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .bank import MemoryBank, greedy_coreset
 from .calibration import TARGET_FALSE_REJECT, Calibration, calibrate, calibrate_few_shot, check_target_false_reject
 from .decide import image_score
+from . import engine_calibration
 from .errors import StateError
 from .fewshot import FewShotHead, SubspaceHead, few_shot_views, jittered_views, synthetic_defects
 from .pack import Pack, ScorerSpec
@@ -375,7 +376,9 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     if few_shot is None:
         few_shot = enrolls_few_shot(pack, len(images))
     if few_shot:
-        return build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
+        state = build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
+        engine_calibration.stamp(state, extractor.backend)
+        return state
     single = len(images) == 1
     frames = augmented_views(images[0]) if single else images
     with _progress("extracting features", len(frames), quiet, unit="img") as bar:
@@ -386,13 +389,15 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
         normal_scores, source = holdout_scores(pack, feats, seed, quiet=quiet), "holdout"
     calibration = calibrate(normal_scores, target_false_reject, source=source)
     bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
-    return StationState(
+    state = StationState(
         pack_model_id=pack.model_id,
         pack_encoder_sha256=pack.encoder_sha256,
         bank=bank, calibration=calibration, references=list(references or []),
         info={"shots": len(images), "augmented_views": len(frames) if single else 0, "seed": seed,
               "bank_patches": len(bank), "candidate_patches": int(feats.shape[0] * feats.shape[1] * feats.shape[2])},
     )
+    engine_calibration.stamp(state, extractor.backend)
+    return state
 
 
 def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int) -> FewShotHead:
@@ -575,6 +580,7 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         all_names = existing + names
         all_images = [read_image(out / GOOD_DIR / n) for n in existing] + [read_image(staging / n) for n in names]
         log(f"enrolling {len(all_images)} good images ({len(names)} new, {len(existing)} already enrolled)")
+        extractor = extractor or FeatureExtractor(pack)
         if tiling is None:
             state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet,
                                 target_false_reject=target_false_reject)
@@ -584,6 +590,7 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
             state = build_tiled_state(pack, all_images, tiling, extractor, seed=seed, references=all_names,
                                       quiet=quiet)
         state.info["skipped"] = skipped
+        engine_calibration.stamp(state, extractor.backend)  # the threshold holds for these numerics only
         out.mkdir(parents=True, exist_ok=True)
         if train_student is not None:
             state.student = train_student(all_images, out)

@@ -354,12 +354,17 @@ def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
 
 
 def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False):
+                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False,
+                   cpu_scoring: str = "numpy"):
     """The scorer a station's configuration asks for: `Scorer`, `TiledScorer` when it tiles, or the
     learned `StudentScorer` (`kind` student, or auto as edge.student decides: never a student that did
     not complete its training; `kind` student refuses one unless `allow_undertrained`). Refuses a tiling
     other than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an
-    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph)."""
+    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph).
+    `cpu_scoring` station_graph: a bank scorer whose encoder runs on ONNX Runtime's CPU scores with
+    the one station graph (edge.station_graph) where it covers the state. A state calibrated with other
+    numerics than the backend's is refused (edge.engine_calibration)."""
+    from . import engine_calibration
     from .scorer import Scorer
     from .student import student_scorer
 
@@ -370,15 +375,29 @@ def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend 
     if spec is not None:
         if kind == "student":
             raise StateError("scorer student scores whole frames: use scorer bank (or auto) with tiling")
-        return TiledScorer.from_state(pack, state, backend, extractor)
-    if kind != "bank":
-        student = student_scorer(pack, state, kind, allow_undertrained)
-        if student is not None:
-            return student
-    if extractor is not None:
-        return Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
-                      calibration=state.calibration)
-    return Scorer.from_state(pack, state, backend)
+        scorer = TiledScorer.from_state(pack, state, backend, extractor)
+    else:
+        if kind != "bank":
+            student = student_scorer(pack, state, kind, allow_undertrained)
+            if student is not None:
+                return student  # its own graph on ONNX Runtime's CPU, calibrated there
+        from .station_graph import StationGraphScorer, on_cpu, supports
+
+        scorer = None
+        if cpu_scoring == "station_graph" and supports(pack, state.bank, state.head) is None:
+            graph_extractor = extractor or FeatureExtractor(pack, backend)
+            if on_cpu(graph_extractor.backend):
+                scorer = StationGraphScorer(pack, state.bank, state.calibration.threshold, graph_extractor,
+                                            calibration=state.calibration)
+            else:  # a GPU backend: the bank path, with the bank on the GPU where CUDA is usable
+                backend = graph_extractor.backend
+        if scorer is None and extractor is not None:
+            scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
+                            calibration=state.calibration)
+        elif scorer is None:
+            scorer = Scorer.from_state(pack, state, backend)
+    engine_calibration.check(state, scorer.extractor.backend)  # the threshold holds for its numerics only
+    return scorer
 
 
 def _tiling_words(spec: TilingSpec | None) -> str:

@@ -1,8 +1,10 @@
-"""CUDA kernels for the per-frame hot path (`*.cu`), with NumPy references in `reference.py`.
+"""CUDA kernels the runtime uses (`*.cu`), with NumPy references in `reference.py`.
 
-preprocess.cu  uint8 frame -> resized, normalised CHW float32/float16 (OpenCV INTER_AREA semantics)
-nn_min.cu      patch nearest neighbour, squared L2 with the min fused into the tiles
-map_post.cu    anomaly-map bilinear upsample, Gaussian blur, max
+nn_min.cu      patch nearest neighbour, squared L2 with the min fused into the tiles (edge.cuda.GpuMemoryBank)
+
+Every kernel here is launched by the runtime (tests/test_kernels.py checks it). Preprocessing and map
+post-processing kernels were removed: nothing called them (frames arrive in host memory, where
+OpenCV does both), and on a GPU the encoder's backend is where such work belongs.
 
 `edge.cuda` compiles them with nvcc once per GPU architecture (cached on disk) and loads them with pycuda.
 """
