@@ -115,14 +115,15 @@ class Explainer:
             fallback = region_description(f.regions[0], f)
         else:
             start, n_sentences = "", FOLLOW_UP_SENTENCES
+            fallback = fallback_description(f, focus)
             if len(focus) == 1 and len(f.regions) > 1:  # the runtime says which region the answer is about
                 start = f"Region {focus[0].index} is {place_words(focus[0].place)}."
-            fallback = fallback_description(f, focus)
+                fallback = region_description(focus[0], f)
         if start:
             emit(start)
         model_start = (start + DESCRIPTION_START) if kind == "verdict" else start
         gate = _SentenceGate(f, focus, n_sentences, emit, lead=" " if start else "",
-                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "")
+                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "", shown=start)
         g = self.engine.generate(self._segments(session, q, model_start), max_tokens=self.max_tokens,
                                  time_limit_s=self.time_limit_s, cancel=cancel, on_token=gate.feed,
                                  stop=self.prompt.stop, repeat_penalty=self.repeat_penalty)
@@ -221,8 +222,9 @@ class Cancelled(EdgeError):
 class _SentenceGate:
     """Passes the model's text on sentence by sentence, only sentences that hold up against the findings."""
 
-    def __init__(self, f: Findings, regions, max_sentences: int, emit, lead: str, prefix: str):
+    def __init__(self, f: Findings, regions, max_sentences: int, emit, lead: str, prefix: str, shown: str = ""):
         self.f, self.regions, self.max, self.emit = f, regions, max_sentences, emit
+        self.shown = {_same_words(s) for s in sentences(shown)}
         self.lead, self.buffer = lead, prefix
         self.kept: list[str] = []
         self.problems: list[str] = []
@@ -240,6 +242,9 @@ class _SentenceGate:
         if len(self.kept) >= self.max:
             return
         self.judged += 1
+        if _same_words(sentence) in self.shown:
+            self.problems.append(f"{sentence!r}: repeats what the answer says already")
+            return
         kept, problems = checked_description(sentence, self.f, 1, self.regions)
         self.problems += problems
         if kept:
@@ -247,6 +252,7 @@ class _SentenceGate:
             self.kept.append(kept)
 
     def emit_text(self, text: str) -> None:
+        self.shown.add(_same_words(text))
         self.emit(self.lead + text)
         self.lead = " "
 
@@ -255,6 +261,10 @@ class _SentenceGate:
             self._judge(self.buffer.strip())
         self.buffer = ""
         return " ".join(self.kept)
+
+
+def _same_words(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", sentence.lower()))
 
 
 def lower_thread_priority(nice: int) -> None:

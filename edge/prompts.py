@@ -142,11 +142,13 @@ def region_reference(question: str, f: Findings) -> list[int] | None:
     m = _ORDINAL_REF.search(question)
     if m and (m.group(2) or re.search(r"\bthe\s+" + m.group(1), question, re.I)):
         return [_ORDINALS[m.group(1).lower()]]
-    m = _SUPERLATIVE_Q.search(question)
-    if m and f.regions:
+    picked = []
+    for m in _SUPERLATIVE_Q.finditer(question) if f.regions else ():
         key, pick = _SUPERLATIVE_REF[m.group(1).lower()]
         target = pick(getattr(r, key) for r in f.regions)
-        return [next(r.index for r in f.regions if getattr(r, key) == target)]
+        picked.append(next(r.index for r in f.regions if getattr(r, key) == target))
+    if picked:
+        return sorted(set(picked))
     m = _PLACE_REF.search(question)
     if m:
         place = _place_name(next(g for g in m.groups() if g))
@@ -343,6 +345,8 @@ _AFFIRM = re.compile(r"\b(there is|there are|has|shows|with) (an? |some )?(visib
 _ADVICE = re.compile(r"\b(scrap\w*|rework\w*|ship\w*|reject\w*|discard\w*|throw\w*|repair\w*|replace\w*|"
                      r"you should|you must|you can|should be|must be|needs? to be|recommend\w*|safe|acceptable)\b",
                      re.I)
+_CAUSE = re.compile(r"\b(caused|formed|made|created|produced|left) by\b|\b(due to|result of|because of|"
+                    r"probably|likely|maybe|perhaps|might be|could be)\b", re.I)
 _COMPARATIVE = re.compile(r"\b(larger|bigger|smaller|longer|shorter|wider|narrower|thinner|thicker|deeper|"
                           r"more severe|less severe|same size|similar size|twice|half)\b", re.I)
 _ONLY = re.compile(r"\b(the only|only one|single|sole|one and only)\b", re.I)
@@ -470,6 +474,8 @@ def check_claims(text: str, f: Findings, regions: Sequence[RegionFinding] | None
         problems.append("claims a defect on a normal part")
     if _ADVICE.search(text):
         problems.append(f"gives advice ('{_ADVICE.search(text).group(1)}'): dispositions are not the model's")
+    if _CAUSE.search(text):
+        problems.append(f"guesses ('{_CAUSE.search(text).group()}'): the station measures, it does not tell causes")
     named = sorted({int(i) for i in _NAMED_REGION.findall(text)})
     have = {r.index for r in f.regions}
     focus = {r.index for r in regions}
