@@ -3,6 +3,7 @@
 The service inspects parts on MQTT triggers from a folder of identical defective frames, so that a
 false alarm enrolled as good from the console makes the next identical part pass.
 """
+import io
 import os
 import signal
 import subprocess
@@ -162,10 +163,13 @@ def test_at_80_columns_a_technician_opens_what_the_list_shows(broker, tmp_path, 
         ids = [p["part_id"] for p in api.get("/parts?verdict=anomalous&limit=10")["parts"]]
         assert len(ids[0]) > 30  # what `list` used to cut
         child = spawn_console(sock)
+        child.logfile_read = seen = io.StringIO()  # everything the console writes from here on
         command(child, "list", rf" 1 {ids[0]} \d\d:\d\d:\d\d", rf" 2 {ids[1]} ", r"\[0m>")
-        listed = _screen_lines(child.before)
+        listed = _screen_lines(seen.getvalue())
+        child.logfile_read = seen = io.StringIO()
         command(child, "open 2", f"part {ids[1]}", "verdict anomalous", "overlay: ", r"\]>")
-        opened = _screen_lines(child.before)
+        opened = _screen_lines(seen.getvalue())
+        child.logfile_read = None
         # the unique start of the third id (the ids differ in their time of day)
         start = next(ids[2][:n] for n in range(1, len(ids[2]) + 1)
                      if sum(i.startswith(ids[2][:n]) for i in ids) == 1)
