@@ -168,14 +168,14 @@ def legend_strip(width: int, score: float, threshold: float, verdict: str, with_
     cv2.line(strip, (mid, 19), (mid, 34), _BLACK, 1)
     for x, label in ((bar_x0, f"{0.5 * threshold:.3g}"), (mid - 6, "thr"), (bar_x1 - 24, f"{1.5 * threshold:.3g}")):
         cv2.putText(strip, label, (max(0, x), 42), _FONT, 0.3, _TEXT, 1, cv2.LINE_AA)
-    keys = [("detected", PREDICTION_COLOUR)] + ([("truth", TRUTH_COLOUR)] if with_truth else [])
-    x = bar_x1 + 10
+    keys = [("found", PREDICTION_COLOUR)] + ([("truth", TRUTH_COLOUR)] if with_truth else [])
+    x = bar_x1 + 8
     for name, colour in keys:
-        if x + 70 > width:
+        if x + 50 > width:
             break
         cv2.rectangle(strip, (x, 23), (x + 12, 31), colour, 2)
         cv2.putText(strip, name, (x + 16, 31), _FONT, 0.33, _TEXT, 1, cv2.LINE_AA)
-        x += 80
+        x += 56
     return strip
 
 
