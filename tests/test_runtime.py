@@ -368,7 +368,7 @@ def test_flagged_parts_are_explained_stored_and_published_and_a_full_queue_only_
         api = ApiClient(tmp_path / "var" / "api.sock")
         size = api.post(f"/parts/{part}/ask", {"question": "How big is it?"})["answer"]
         assert "mm" in size
-        with pytest.raises(ApiError, match="only flagged parts are explained"):
+        with pytest.raises(ApiError, match="is normal: only flagged parts have a dialogue to ask about"):
             api.post(f"/parts/{normal[0]['part_id']}/ask", {"question": "Is it ok?"})
         with pytest.raises(ApiError, match="question is empty"):
             api.post(f"/parts/{part}/ask", {"question": "   "})
