@@ -10,6 +10,9 @@ part, and the frame loop's latency with the LLM busy against idle.
 3. Frame loop: the scorer on one thread (ONNX Runtime and BLAS at 1 thread) scoring synthetic frames
    while the worker (1 thread) explains a stream of parts, against the same loop with the worker idle;
    idle and busy blocks alternate to spread drift from other load on the machine.
+4. With --sentences: how many of the model's sentences survive the check against the findings
+   (edge.prompts.check_claims), over the first explanation and the follow-ups the model answers
+   (descriptions), on synthetic flagged parts and issue 17's three-region part; why the rest were dropped.
 Prints markdown for docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -122,6 +125,39 @@ def _wait(worker: ExplainWorker, done: int, timeout: float = 600) -> None:
     raise RuntimeError(f"worker stuck: {worker.stats()}")
 
 
+MODEL_QUESTIONS = (FIRST_QUESTION, "Can you describe it more precisely?", "What does it look like?",
+                   "Describe the defect in detail.", "What about region 2?")
+
+
+def bench_sentences(pack, findings: list, work: Path) -> dict:
+    """Model sentences checked and kept, per question, over every part's dialogue; the reasons for drops."""
+    import collections
+    import re as _re
+
+    from edge.explain import respond
+
+    explainer = Explainer(pack, n_threads=1)
+    judged = kept = answers = model_answers = 0
+    reasons: collections.Counter = collections.Counter()
+    with DialogueStore(work / "sentences.sqlite") as store:
+        for i, f in enumerate(findings):
+            store.open_session(f"part-{i}", f.to_dict())
+            for q in MODEL_QUESTIONS:
+                a = respond(explainer, store, f"part-{i}", q)
+                answers += 1
+                judged += a.model_sentences
+                kept += a.kept_sentences
+                model_answers += a.source == "findings+model"
+                for why in a.rejected:
+                    reason = why.rsplit(": ", 1)[-1] if not why.startswith("unfinished") else "unfinished or too short"
+                    reasons[_re.sub(r"[\d.]+|'[^']*'", "#", reason.split(";")[0]).strip()] += 1
+    explainer.close()
+    return {"parts": len(findings), "questions": list(MODEL_QUESTIONS), "answers": answers,
+            "model_sentences": judged, "kept_sentences": kept, "kept_fraction": kept / max(1, judged),
+            "answers_with_a_model_sentence": model_answers / max(1, answers),
+            "drop_reasons": dict(reasons.most_common(8))}
+
+
 def bench_frame_loop(pack, line, scorer, findings: list, frames: int, blocks: int, nice: int) -> dict:
     """Frame latency with the LLM explaining (busy) and not (idle), in short alternating blocks so that
     other load on the machine falls on both alike. The LLM runs the worker's code (Explainer, 1 thread,
@@ -193,6 +229,8 @@ def main() -> int:
     ap.add_argument("--nice", type=int, nargs="+", default=[10, 0],
                     help="worker nice values to measure the frame loop with (the default worker uses 10)")
     ap.add_argument("--frame-loop-only", action="store_true", help="measure only the frame loop")
+    ap.add_argument("--sentences", action="store_true",
+                    help="measure only how many model sentences survive the check (see the module docstring)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     pack = load_pack(args.pack)
@@ -203,6 +241,16 @@ def main() -> int:
     findings = flagged_findings(line, scorer, args.parts)
     results = {"date": dt.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
                "pack": pack.model_id, "llm": pack.manifest.provenance.get("llm", pack.llm.file)}
+    if args.sentences:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_explain_adversarial import issue_part
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["sentences"] = bench_sentences(pack, findings + [issue_part()], Path(tmp))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        print(sentences_report(results))
+        return 0
     if not args.frame_loop_only:
         results["engine"] = [bench_engine(pack, findings[0], t) for t in (1, 2)]
         with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +261,15 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(report(results))
     return 0
+
+
+def sentences_report(r: dict) -> str:
+    s = r["sentences"]
+    reasons = "; ".join(f"{why} ({n})" for why, n in s["drop_reasons"].items())
+    return (f"Date {r['date']}, {r['cpu']}; LLM {r['llm']}. {s['parts']} flagged parts x {len(s['questions'])} "
+            f"questions the model answers ({s['answers']} answers): {s['kept_sentences']} of "
+            f"{s['model_sentences']} model sentences kept ({s['kept_fraction']:.0%}); "
+            f"{s['answers_with_a_model_sentence']:.0%} of answers carry at least one. Dropped: {reasons}.")
 
 
 def report(r: dict) -> str:

@@ -271,8 +271,11 @@ def ask(runtime, part_id: str, body: dict):
     try:
         runtime.explainer.store.session(part_id)
     except DialogueError:
-        raise ApiError(f"part {part_id!r} has no explanation session: only flagged parts are explained "
-                       f"(this one is {row['verdict']})", 400) from None
+        if row["verdict"] == "anomalous":
+            raise ApiError(f"part {part_id} was flagged while explanations were off, so there is no "
+                           "dialogue to ask about (parts flagged while they are on have one)", 400) from None
+        raise ApiError(f"part {part_id} is {row['verdict']}: only flagged parts have a dialogue to ask "
+                       "about", 400) from None
     if body.get("stream"):
         return Stream(lambda emit: {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(
             part_id, question, on_token=lambda t: emit({"token": t}), timeout=120)})

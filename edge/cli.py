@@ -244,7 +244,7 @@ def cmd_score(args) -> int:
             if name in written:
                 name = f"{path.stem}_{len(written)}_overlay.png"
             written.add(name)
-            cv2.imwrite(str(Path(args.overlays) / name), visual.result_overlay(img, r, r.mask_at_frame()))
+            cv2.imwrite(str(Path(args.overlays) / name), visual.result_overlay(img, r))
     return 1 if failed else 0
 
 
@@ -261,6 +261,11 @@ def cmd_eval(args) -> int:
     if args.json:
         write_json(result, args.json)
     print(summary_markdown(result))
+    where = [f"metrics {args.json}"] if args.json else []
+    if result.get("report"):
+        where.append(f"report {result['report']['dir']} (summary.md, roc.png, overlays)")
+    if where:
+        print("written: " + "; ".join(where), file=sys.stderr)
     training = result.get("student_training")
     if training and training["status"] != "complete":
         from .student import StudentTraining

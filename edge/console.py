@@ -1,7 +1,8 @@
 """`anomaly-edge console`: the technician's view of a running station, over its local API.
 
     list [anomalous|normal|error|all] [--since 2h|2026-11-24T06:00] [--until ...] [--station S] [--limit N]
-    open <part-id>            findings, explanation, heatmap preview and the overlay's path
+    open <part>               findings, explanation, heatmap preview, overlay path; <part> is an id,
+                              the start of one (Tab completes), or a row number of the last list
     ask <question>            about the open part; answers stream in; the dialogue is kept per part
     defect                    confirm the open part's defect
     false-alarm [--enroll]    mark it a false alarm; --enroll also teaches the station it is good
@@ -53,16 +54,61 @@ def _short(text: str | None, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def part_line(p: dict) -> str:
-    """One line per part, 80 columns: id, time, score, verdict, a short explanation or the findings."""
+def part_line(p: dict, row: int | None = None) -> str:
+    """One line per part, 80 columns: row number, the whole id (what `open` takes), time, score,
+    verdict, and as much of the explanation or findings as fits (cut at a word)."""
     when = p["time"][11:19]
     verdict = {"anomalous": "FLAGGED", "normal": "ok", "error": "ERROR", "learning": "learning"}.get(p["verdict"], p["verdict"])
     score = f"{p['score']:.2f}" if isinstance(p.get("score"), (int, float)) and p["score"] == p["score"] else "-"
-    head = f"{_short(p['part_id'], 30):30s} {when} {score:>7s} {verdict:8s}"
+    number = f"{row:>2d} " if row is not None else ""
+    head = f"{number}{_short(p['part_id'], WIDTH - 30 - len(number))} {when} {score:>6s} {verdict}"
     words = p.get("explanation") or (p.get("findings") or {}).get("summary") or ""
     if p.get("explanation_status") == "pending" and not p.get("explanation"):
         words = "(explanation pending)"
-    return f"{head} {_short(words, WIDTH - len(head) - 2)}".rstrip()
+    room = WIDTH - len(head) - 2
+    return f"{head}  {_short_words(words, room)}".rstrip() if room >= 8 else head
+
+
+def _short_words(text: str | None, n: int) -> str:
+    """`text` cut to `n` columns at a word boundary, with an ellipsis when cut."""
+    text = " ".join((text or "").split())
+    if len(text) <= n:
+        return text
+    cut = text[: n - 1].rsplit(" ", 1)[0] if " " in text[: n - 1] else text[: n - 1]
+    return cut.rstrip(",;:") + "…"
+
+
+def wrapped(text: str, indent: str = "", first: str = "") -> list[str]:
+    """`text` in lines of at most 80 columns, broken between words (a path or an id longer than a line
+    is broken where it must, at a '/' when it has one)."""
+    import textwrap
+
+    return textwrap.wrap(" ".join(text.split()), WIDTH, initial_indent=first, subsequent_indent=indent,
+                         break_long_words=True, break_on_hyphens=False) or [first.rstrip()]
+
+
+def path_lines(path: str, first: str, indent: str = "  ") -> list[str]:
+    """A file path in lines of at most 80 columns, broken after a '/' (copy it as one)."""
+    lines, line = [], first
+    for piece in re.split(r"(?<=/)", path):
+        if len(line) + len(piece) > WIDTH and line.strip():
+            lines.append(line)
+            line = indent
+        line += piece
+    return lines + [line]
+
+
+def explain_words(e: dict) -> str:
+    """The explanation worker's state in words (the health's `explain` section)."""
+    if e.get("error") and e.get("state") != "running":
+        return f"explanations off: {e['error']}"
+    if "state" not in e:
+        return "explanations: " + ", ".join(f"{k} {v}" for k, v in e.items())
+    busy = f", explaining part {e['busy_part']} now" if e.get("busy") and e.get("busy_part") else ""
+    waiting = e.get("pending", 0)
+    return (f"explanations {e['state']}: {waiting} part{'s' if waiting != 1 else ''} waiting "
+            f"({e.get('queue_depth', 0)} in the queue of {e.get('queue_size', '?')}), {e.get('done', 0)} explained, "
+            f"{e.get('failed', 0)} failed{busy}")
 
 
 def heatmap_preview(overlay_path: str | None, mask_path: str | None, image_path: str | None, colour: bool,
@@ -100,6 +146,7 @@ class Console:
         self.api, self.user, self.colour = api, user, colour
         self.out = out or sys.stdout
         self.part: dict | None = None
+        self.listed: list[str] = []  # part ids of the last `list`, in its rows' order
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -126,25 +173,62 @@ class Console:
         if not parts:
             self.say("no parts match")
             return
-        for p in parts:
-            self.say(part_line(p))
+        self.listed = [p["part_id"] for p in parts]
+        for row, p in enumerate(parts, 1):
+            self.say(part_line(p, row))
+
+    def resolve_part(self, word: str) -> str:
+        """A part id from what a technician typed: a row number of the last `list`, a whole id, or the
+        start of exactly one listed (or recent) id."""
+        if word.isdigit() and self.listed and word not in self.listed:
+            row = int(word)
+            if not 1 <= row <= len(self.listed):
+                raise EdgeError(f"open: row {row} is not in the last list (rows 1 to {len(self.listed)})")
+            return self.listed[row - 1]
+        known = list(dict.fromkeys(self.listed + self._recent_ids()))
+        if word in known:
+            return word
+        matches = [i for i in known if i.startswith(word)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise EdgeError(f"open: {word!r} is the start of {len(matches)} parts ({', '.join(matches[:3])}"
+                            f"{', …' if len(matches) > 3 else ''}); type more of the id, or its row number")
+        return word  # not listed: the station may still know it
+
+    def _recent_ids(self) -> list[str]:
+        try:
+            return [p["part_id"] for p in self.api.get("/parts?limit=200")["parts"]]
+        except ApiError:
+            return []
 
     def do_open(self, args: list[str]) -> None:
         if len(args) != 1:
-            raise EdgeError("open: give one part id (see `list`)")
-        p = self.api.get(f"/parts/{args[0]}")
+            raise EdgeError("open: give one part id, the start of one, or a row number of `list`")
+        p = self.api.get(f"/parts/{self.resolve_part(args[0])}")
         self.part = p
-        self.say(f"part {p['part_id']}  {p['time']}  station {p['station']}  trigger {p['trigger']}")
-        self.say(f"verdict {p['verdict']}  score {'-' if p['score'] is None else format(p['score'], '.3f')}  threshold {'-' if p['threshold'] is None else format(p['threshold'], '.3f')}  "
-                 f"model {p['model_id']}")
+        score = "-" if p["score"] is None else format(p["score"], ".3f")
+        for line in (f"part {p['part_id']}", f"  {p['time']}  station {p['station']}  trigger {p['trigger']}",
+                     f"verdict {p['verdict']}  score {score}  threshold {'-' if p['threshold'] is None else format(p['threshold'], '.3f')}",
+                     f"model {p['model_id']}"):
+            for piece in wrapped(line, "    "):
+                self.say(piece)
         for sentence in ((p.get("findings") or {}).get("summary") or "").split(". Region"):
             if sentence:
-                self.say("  " + (sentence if sentence.startswith("Anomalous") or sentence.startswith("No ")
-                                 else "Region" + sentence).rstrip("."))
+                text = (sentence if sentence.startswith("Anomalous") or sentence.startswith("No ")
+                        else "Region" + sentence).rstrip(".") + "."
+                for piece in wrapped(text, "    ", "  "):
+                    self.say(piece)
+        status = p.get("explanation_status")
         if p.get("explanation"):
-            self.say(f"explanation: {p['explanation']}")
-        elif p.get("explanation_status"):
-            self.say(f"explanation: {p['explanation_status']}")
+            text = p["explanation"]
+        elif p["verdict"] == "anomalous" and not status:
+            text = "none: this part was flagged while explanations were off, so it has no dialogue"
+        else:
+            text = status
+        if text:
+            for piece in wrapped(text, "  ", "explanation: "):
+                self.say(piece)
         if p.get("feedback"):
             when = datetime.fromtimestamp(p["feedback_at"], timezone.utc).strftime("%Y-%m-%d %H:%M")
             self.say(f"feedback: {p['feedback']} by {p['feedback_by']} at {when} UTC")
@@ -152,7 +236,8 @@ class Console:
         for line in heatmap_preview(files.get("overlay"), files.get("mask"), files.get("image"), self.colour):
             self.say(line)
         if files.get("overlay"):
-            self.say(f"overlay: {files['overlay']}")
+            for piece in path_lines(files["overlay"], "overlay: "):
+                self.say(piece)
 
     def _open_part(self, command: str) -> dict:
         if self.part is None:
@@ -163,6 +248,13 @@ class Console:
         p = self._open_part("ask")
         if not question.strip():
             raise EdgeError("ask: type a question after ask, e.g. ask How big is it?")
+        try:
+            e = self.api.get("/health").get("explain") or {}
+        except ApiError:
+            e = {}
+        if e.get("busy") and e.get("busy_part") not in (None, p["part_id"]):
+            self.say(f"(the model is finishing part {e['busy_part']}; your question goes next, ahead of "
+                     f"{e.get('pending', 0)} waiting)")
         streamed = []
 
         def show(event: dict) -> None:
@@ -212,7 +304,8 @@ class Console:
         s = h["source"]
         self.say(f"camera: {s['name']} {s['state']}" + (f" ({s['detail']})" if s["detail"] else ""))
         if h.get("explain"):
-            self.say("explanations: " + ", ".join(f"{k} {v}" for k, v in h["explain"].items()))
+            for piece in wrapped(explain_words(h["explain"]), "  "):
+                self.say(piece)
 
     def do_help(self) -> None:
         self.say(__doc__.split("\n\n")[1])
@@ -261,13 +354,12 @@ class Console:
             self.say(f"error: {e}")
         if sys.stdin.isatty():
             from prompt_toolkit import PromptSession
-            from prompt_toolkit.completion import WordCompleter
             from prompt_toolkit.history import FileHistory, InMemoryHistory
 
             if history is not None:
                 history.parent.mkdir(parents=True, exist_ok=True)
             session = PromptSession(history=FileHistory(str(history)) if history else InMemoryHistory(),
-                                    completer=WordCompleter(list(COMMANDS)), color_depth=None)
+                                    completer=self._completer(), color_depth=None)
             read = lambda: session.prompt(self._prompt())  # noqa: E731
         else:
             read = lambda: input(self._prompt())  # noqa: E731
@@ -280,6 +372,29 @@ class Console:
                 return 0
             if not self.handle(line):
                 return 0
+
+    def _completer(self):
+        """Command names first; after `open `, the ids of the last list (and recent parts)."""
+        from prompt_toolkit.completion import Completer, Completion
+
+        console = self
+
+        class PartCompleter(Completer):
+            def get_completions(self, document, complete_event):
+                text = document.text_before_cursor
+                if " " not in text:
+                    for c in COMMANDS:
+                        if c.startswith(text):
+                            yield Completion(c, -len(text))
+                    return
+                command, _, word = text.partition(" ")
+                if command == "open" and " " not in word.strip():
+                    word = word.strip()
+                    for i in dict.fromkeys(console.listed + console._recent_ids()):
+                        if i.startswith(word):
+                            yield Completion(i, -len(word))
+
+        return PartCompleter()
 
     def _prompt(self) -> str:
         return f"[{self.part['part_id']}]> " if self.part else "> "

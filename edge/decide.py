@@ -1,6 +1,7 @@
 """The decide stage: anomaly map -> image score, verdict, binary mask, connected regions."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -21,8 +22,21 @@ class Region:
     mean_score: float
     max_score: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, mm_per_pixel: float | None = None) -> dict:
+        """JSON-ready, rounded to what the measurement supports: whole pixels for the box and area, a
+        tenth of a pixel for the centroid, 4 decimals for scores; with a scale, the same in mm rounded
+        to the scale's own resolution (0.1 mm/px: 0.1 mm, 0.01 mm²)."""
+        d = asdict(self)
+        d["centroid_x"], d["centroid_y"] = round(self.centroid_x, 1), round(self.centroid_y, 1)
+        d["mean_score"], d["max_score"] = round(self.mean_score, 4), round(self.max_score, 4)
+        if mm_per_pixel:
+            mpp = float(mm_per_pixel)
+            digits = max(0, math.ceil(-math.log10(mpp) - 1e-9))
+            area_digits = max(0, math.ceil(-math.log10(mpp * mpp) - 1e-9))
+            d.update({f"{k}_mm": round(getattr(self, k) * mpp, digits)
+                      for k in ("x", "y", "width", "height", "centroid_x", "centroid_y")})
+            d["area_mm2"] = round(self.area * mpp * mpp, area_digits)
+        return d
 
 
 @dataclass
@@ -60,12 +74,13 @@ class Result:
         h, w = self.frame_size
         return cv2.resize(self.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
-    def summary(self) -> dict:
+    def summary(self, mm_per_pixel: float | None = None) -> dict:
+        """JSON-ready verdict, score, threshold and regions (with mm fields when `mm_per_pixel` is given)."""
         return {
             "score": round(self.score, 6),
             "threshold": round(self.threshold, 6),
             "verdict": self.verdict,
-            "regions": [r.to_dict() for r in self.regions],
+            "regions": [r.to_dict(mm_per_pixel) for r in self.regions],
             "latency_ms": round(self.latency_ms, 3),
             **({"p_value": round(self.p_value, 6)} if self.p_value is not None else {}),
         }

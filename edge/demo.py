@@ -53,7 +53,7 @@ def run_demo(pack_dir: str | Path, out: str | Path, parts: int = 60, shots: int 
         print(f"{part.part_id:12s} {truth:14s} {r.score:8.3f} {r.verdict.upper():10s} {len(r.regions):7d} "
               f"{r.latency_ms:7.1f} ms{mark}")
         if r.anomalous or part.defect:
-            overlay = visual.result_overlay(part.image, r, mask=part.mask if part.defect else None)
+            overlay = visual.result_overlay(part.image, r, truth=part.mask if part.defect else None)
             for reg in r.regions:
                 cv2.rectangle(overlay, (reg.x, reg.y), (reg.x + reg.width, reg.y + reg.height), (255, 255, 255), 1)
             cv2.imwrite(str(out / "overlays" / f"{part.part_id}_{truth}.png"), overlay)

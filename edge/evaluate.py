@@ -207,7 +207,9 @@ def _p_value_stats(p_values: np.ndarray, labels: np.ndarray) -> dict:
 def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scorer: Scorer, n_overlays: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     visual.roc_plot_png(out / "roc.png", [("image", roc[0], roc[1], result["image_auroc"])],
-                        title=f"{Path(result['dataset']).name}, {result['shots']} shots")
+                        title=f"{Path(result['dataset']).name}, {result['shots']} shots",
+                        points=[(f"automatic threshold {result['threshold']:.3g}", result["false_reject_rate"],
+                                 1.0 - result["miss_rate"])])
     # The highest-scoring defective images, the highest-scoring good one (closest false alarm), lowest defective.
     defective = sorted((c for c in candidates if labels[c[1]]), key=lambda c: -scores[c[1]])
     good = sorted((c for c in candidates if not labels[c[1]]), key=lambda c: -scores[c[1]])
@@ -220,7 +222,7 @@ def _write_report(out: Path, result: dict, roc, scores, labels, candidates, scor
         r = scorer.score_one(img)
         mask = read_mask(s, img.shape[:2])
         panel = visual.side_by_side(
-            [img, visual.result_overlay(img, r, mask=mask)],
+            [img, visual.result_overlay(img, r, truth=mask)],
             [f"{s.kind}: {s.path.name}", f"score {r.score:.3f} ({r.verdict})"])
         name = f"overlay_{len(overlays):02d}_{s.kind}.png"
         cv2.imwrite(str(out / name), panel)

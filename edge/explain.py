@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from .llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError
 from .llm_process import LlmProcess, LlmProcessError
 from .pack import Pack
 from .prompts import (FIRST_QUESTION, AnomalyGptPrompt, ChatPrompt, checked_description, clean_question,
-                      fact_answer, fallback_description, intent, opening, region_description, sentences)
+                      fact_answer, fallback_description, intent, missing_regions, opening, place_words,
+                      region_description, region_reference, sentences)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class Answer:
     ttft_ms: float | None = None  # first model token
     stop_reason: str | None = None
     rejected: list[str] = field(default_factory=list)  # model sentences dropped by the check, and why
+    regions: list[int] = field(default_factory=list)   # the regions the answer is about (1-based)
+    model_sentences: int = 0      # sentences of the model's that were checked ...
+    kept_sentences: int = 0       # ... and how many of them held up and were shown
 
 
 class Explainer:
@@ -95,24 +100,30 @@ class Explainer:
         f = Findings.from_dict(session.findings)
         emit = on_token or (lambda _: None)
         kind = intent(q)
-        facts = fact_answer(f, kind)
+        focus, missing = answer_focus(q, f, session, kind)
+        regions = [r.index for r in focus]
+        facts = missing or fact_answer(f, kind, focus, q)
         if facts is not None:
             emit(facts)
-            return Answer(facts, "findings", compute_ms=_ms(t0))
+            return Answer(facts, "findings", compute_ms=_ms(t0), regions=regions)
         if f.verdict != "anomalous" or not f.regions:
             text = opening(f)
             emit(text)
-            return Answer(text, "findings", compute_ms=_ms(t0))
+            return Answer(text, "findings", compute_ms=_ms(t0), regions=regions)
         if kind == "verdict":
-            start, focus, n_sentences = opening(f), f.regions[:1], 1
+            start, n_sentences = opening(f), 1
             fallback = region_description(f.regions[0], f)
-            emit(start)
         else:
-            start, focus, n_sentences = "", f.regions, FOLLOW_UP_SENTENCES
-            fallback = fallback_description(f)
-        model_start = (start + DESCRIPTION_START) if kind == "verdict" else ""
+            start, n_sentences = "", FOLLOW_UP_SENTENCES
+            fallback = fallback_description(f, focus)
+            if len(focus) == 1 and len(f.regions) > 1:  # the runtime says which region the answer is about
+                start = f"Region {focus[0].index} is {place_words(focus[0].place)}."
+                fallback = region_description(focus[0], f)
+        if start:
+            emit(start)
+        model_start = (start + DESCRIPTION_START) if kind == "verdict" else start
         gate = _SentenceGate(f, focus, n_sentences, emit, lead=" " if start else "",
-                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "")
+                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "", shown=start)
         g = self.engine.generate(self._segments(session, q, model_start), max_tokens=self.max_tokens,
                                  time_limit_s=self.time_limit_s, cancel=cancel, on_token=gate.feed,
                                  stop=self.prompt.stop, repeat_penalty=self.repeat_penalty)
@@ -126,7 +137,8 @@ class Explainer:
         text = " ".join(s for s in (start, described) if s)
         return Answer(text, source, n_tokens=len(g.tokens), compute_ms=_ms(t0),
                       ttft_ms=None if np.isnan(g.ttft_s) else g.ttft_s * 1000, stop_reason=g.stop_reason,
-                      rejected=gate.problems)
+                      rejected=gate.problems, regions=regions, model_sentences=gate.judged,
+                      kept_sentences=len(gate.kept))
 
     def respond(self, store: DialogueStore, part_id: str, question: str,
                 on_token: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
@@ -170,10 +182,37 @@ def respond(answerer, store: DialogueStore, part_id: str, question: str,
     store.add_turn(part_id, "user", clean_question(question))
     store.add_turn(part_id, "assistant", answer.text, {"source": answer.source, "n_tokens": answer.n_tokens,
                                                        "compute_ms": answer.compute_ms,
-                                                       "rejected": answer.rejected})
+                                                       "rejected": answer.rejected, "regions": answer.regions})
     if session.status != "done":
         store.set_status(part_id, "done")
     return answer
+
+
+def answer_focus(question: str, f: Findings, session: Session, kind: str) -> tuple[list, str | None]:
+    """The regions an answer is about, and the answer itself when the question names a region the part
+    does not have. A question that names a region (number, ordinal, superlative, place, "all of them")
+    moves the dialogue there; one that does not stays on the region of the last answer ("it"); the
+    first explanation is about the largest region; size and place questions without any of that get
+    every region."""
+    if f.verdict != "anomalous" or not f.regions:
+        return [], None
+    refs = region_reference(question, f)
+    if refs is not None:
+        missing = missing_regions(f, refs)
+        return [r for r in f.regions if r.index in refs], missing
+    if kind == "verdict":
+        return f.regions[:1], None
+    for turn in reversed(session.turns):
+        if turn.role == "assistant" and turn.meta.get("regions"):
+            wanted = set(turn.meta["regions"])
+            return [r for r in f.regions if r.index in wanted], None
+    if kind in ("kind", "tone") or (kind == "where" and intent_is_yes_no(question)):
+        return f.regions[:1], None  # "is it ...?" before any answer: the largest, as the first answer says
+    return list(f.regions), None
+
+
+def intent_is_yes_no(question: str) -> bool:
+    return bool(re.match(r"\s*(is|are|does|do|was|could)\b", question, re.I))
 
 
 class Cancelled(EdgeError):
@@ -183,11 +222,13 @@ class Cancelled(EdgeError):
 class _SentenceGate:
     """Passes the model's text on sentence by sentence, only sentences that hold up against the findings."""
 
-    def __init__(self, f: Findings, regions, max_sentences: int, emit, lead: str, prefix: str):
+    def __init__(self, f: Findings, regions, max_sentences: int, emit, lead: str, prefix: str, shown: str = ""):
         self.f, self.regions, self.max, self.emit = f, regions, max_sentences, emit
+        self.shown = {_same_words(s) for s in sentences(shown)}
         self.lead, self.buffer = lead, prefix
         self.kept: list[str] = []
         self.problems: list[str] = []
+        self.judged = 0
 
     def feed(self, piece: str) -> None:
         self.buffer += piece
@@ -200,6 +241,10 @@ class _SentenceGate:
     def _judge(self, sentence: str) -> None:
         if len(self.kept) >= self.max:
             return
+        self.judged += 1
+        if _same_words(sentence) in self.shown:
+            self.problems.append(f"{sentence!r}: repeats what the answer says already")
+            return
         kept, problems = checked_description(sentence, self.f, 1, self.regions)
         self.problems += problems
         if kept:
@@ -207,6 +252,7 @@ class _SentenceGate:
             self.kept.append(kept)
 
     def emit_text(self, text: str) -> None:
+        self.shown.add(_same_words(text))
         self.emit(self.lead + text)
         self.lead = " "
 
@@ -215,6 +261,10 @@ class _SentenceGate:
             self._judge(self.buffer.strip())
         self.buffer = ""
         return " ".join(self.kept)
+
+
+def _same_words(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", sentence.lower()))
 
 
 def lower_thread_priority(nice: int) -> None:

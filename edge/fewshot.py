@@ -188,7 +188,7 @@ class FewShotHead:
     `patch_scores(features, bank)` takes N x h x w x C features and returns N x h x w scores."""
 
     def __init__(self, kind: str, views: str, subspace: SubspaceHead, subspace_scale: float,
-                 nn_scale: float | None = None):
+                 nn_scale: float | None = None, border_offsets: np.ndarray | None = None):
         if kind not in HEAD_KINDS:
             raise ValueError(f"few-shot head {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
         if kind == "nn+subspace" and not nn_scale:
@@ -196,6 +196,11 @@ class FewShotHead:
         self.kind, self.views, self.subspace = kind, views, subspace
         self.subspace_scale = float(subspace_scale)
         self.nn_scale = None if nn_scale is None else float(nn_scale)
+        # h x w x C: what the encoder's zero padding adds to the features of the grid's outer ring (each
+        # position's mean over the references minus the mean of all; zero inside the ring), taken off
+        # before scoring. None: heads fitted without it (single shots, states written before).
+        self.border_offsets = None if border_offsets is None else np.ascontiguousarray(border_offsets, np.float32)
+        self.border_scales = None  # h x w: the ring's typical score on the references over the interior's (1 inside)
 
     def flat_scores(self, rows: np.ndarray, bank=None) -> np.ndarray:
         s = self.subspace.residual(rows) / self.subspace_scale
@@ -205,16 +210,51 @@ class FewShotHead:
 
     def patch_scores(self, features: np.ndarray, bank=None) -> np.ndarray:
         n, h, w, c = features.shape
-        return self.flat_scores(features.reshape(-1, c), bank).reshape(n, h, w)
+        scores = self.flat_scores(self.without_border_offsets(features).reshape(-1, c), bank).reshape(n, h, w)
+        if self.border_scales is not None:
+            scores = scores / self.border_scales
+        return scores
+
+    def without_border_offsets(self, features: np.ndarray) -> np.ndarray:
+        """N x h x w x C features with the padding ring's offsets taken off (as the head was fitted)."""
+        if self.border_offsets is None:
+            return features
+        if features.shape[1:] != self.border_offsets.shape:
+            raise ValueError(f"features of shape {features.shape[1:]} (h x w x C) do not fit the few-shot head's "
+                             f"border offsets {self.border_offsets.shape}: the state was enrolled with another "
+                             "encoder grid")
+        return features - self.border_offsets
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "views": self.views, "dims": self.subspace.dims,
                 "subspace_scale": self.subspace_scale, "nn_scale": self.nn_scale}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.subspace.mean, "basis": self.subspace.basis}
+        out = {"mean": self.subspace.mean, "basis": self.subspace.basis}
+        if self.border_offsets is not None:
+            out["border_offsets"] = self.border_offsets
+        if self.border_scales is not None:
+            out["border_scales"] = self.border_scales
+        return out
 
     @classmethod
     def from_parts(cls, d: dict, arrays) -> "FewShotHead":
-        return cls(d["kind"], d["views"], SubspaceHead(arrays["mean"], arrays["basis"]), d["subspace_scale"],
-                   d.get("nn_scale"))
+        head = cls(d["kind"], d["views"], SubspaceHead(arrays["mean"], arrays["basis"]), d["subspace_scale"],
+                   d.get("nn_scale"), arrays.get("border_offsets"))
+        head.border_scales = arrays.get("border_scales")
+        return head
+
+
+PADDING_RING = 3  # grid cells from the edge whose features the encoder's zero padding shifts (docs/evaluation.md)
+
+
+def border_offsets(features: np.ndarray, ring: int = PADDING_RING) -> np.ndarray | None:
+    """h x w x C offsets of the outer `ring` cells of N x h x w x C reference features: each position's
+    mean minus the mean over all positions, zero further in. None when the grid is too small for a ring."""
+    n, h, w, c = features.shape
+    if ring < 1 or h <= 2 * ring or w <= 2 * ring:
+        return None
+    per_position = features.mean(axis=0, dtype=np.float64)
+    offsets = (per_position - per_position.reshape(-1, c).mean(axis=0)).astype(np.float32)
+    offsets[ring:h - ring, ring:w - ring] = 0.0
+    return offsets

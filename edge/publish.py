@@ -4,8 +4,9 @@ drains it to the broker one message at a time and deletes a row only after the b
 Delivery is at least once and in `put` order: a message is not sent before the previous one is
 acknowledged, and one in flight when the link drops is retransmitted by paho on reconnect (or
 replayed from the outbox after a process restart), so subscribers de-duplicate by `message_id`.
-The station's presence is `<prefix>/status`, retained: "online" on every connect, "offline" from
-the Last Will on an unclean drop and published explicitly on `close()`.
+The station's presence is `<prefix>/status`, retained: online on every connect (the full status when
+the station passes `online_status`), "offline" from the Last Will on an unclean drop and published
+explicitly on `close()`.
 
 With `persistent_session` (a stable client id, MQTT 3.1.1 clean_session false) the broker keeps our
 subscriptions and queues the QoS 1 messages (commands) sent to them while we are away; they arrive
@@ -77,9 +78,13 @@ class MqttPublisher:
         reconnect_max_delay: int = 30,
         persistent_session: bool = False,
         connect: bool = True,
+        online_status=None,
     ):
         """`connect=False` leaves connecting to `connect()`, so handlers can be subscribed first (a
-        persistent session delivers what waited right after the connection is accepted)."""
+        persistent session delivers what waited right after the connection is accepted).
+        `online_status`: a callable giving the station's full status (a dict), published retained on
+        `<prefix>/status` at every connect so the first status a subscriber sees is complete; without
+        it, {"state": "online"}."""
         self._owns_outbox = not isinstance(outbox, Outbox)
         self.outbox = Outbox(outbox) if self._owns_outbox else outbox
         self.topic_prefix = topic_prefix.rstrip("/")
@@ -87,6 +92,7 @@ class MqttPublisher:
             raise PublisherError("topic_prefix must not be empty (status goes to '<prefix>/status')")
         self.status_topic = f"{self.topic_prefix}/status"
         self.host, self.port = host, port
+        self._online_status = online_status
 
         self._connected = threading.Event()
         self._wake = threading.Event()
@@ -220,7 +226,9 @@ class MqttPublisher:
             self.last_error = str(reason_code)
             return
         self.last_error = None
-        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        online = self._online_payload()
+        if online is not None:
+            client.publish(self.status_topic, online, qos=1, retain=True)
         for topic, qos in list(self._subscriptions.items()):
             client.subscribe(topic, qos)
         self._connected.set()
@@ -251,6 +259,17 @@ class MqttPublisher:
                 reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
                 return (f"TLS handshake failed: {reason} (is {self.host}:{self.port} a TLS listener, of a "
                         "protocol version this client speaks?)")
+
+    def _online_payload(self) -> str | None:
+        """The retained status at connect; None when the station's status cannot be built yet (still
+        starting: its health loop publishes the full status as soon as it runs)."""
+        if self._online_status is None:
+            return ONLINE
+        try:
+            return json.dumps({**self._online_status(), "state": "online"})
+        except Exception as e:
+            log.debug("status at connect not ready (%s): the health loop publishes it", e)
+            return None
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:

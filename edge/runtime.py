@@ -238,7 +238,8 @@ class Runtime:
                 topic_prefix=c.topic_prefix, client_id=c.mqtt.client_id or f"anomaly-edge-{c.station.line}-{self.station}",
                 username=c.mqtt.username, password=mqtt_password(c), keepalive=c.mqtt.keepalive,
                 tls_ca=tls.ca if tls else None, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
-                reconnect_min_delay=1, reconnect_max_delay=10, persistent_session=True, connect=False)
+                reconnect_min_delay=1, reconnect_max_delay=10, persistent_session=True, connect=False,
+                online_status=self.health)
             self.store.siblings.append(self.publisher.outbox)
             self._replay_unpublished()
             self.publisher.subscribe("cmd/+", self._on_command)
@@ -327,6 +328,10 @@ class Runtime:
 
         close_sinks(self.sinks)
         if self.publisher is not None:
+            # The retained source must not say "streaming" after the station is gone.
+            self.publisher.publish_now("source", {"source": self.source.name, "state": "stopped",
+                                                  "detail": "the station stopped", "time": iso_time(time.time())},
+                                       retain=True)
             self.publisher.close(flush_timeout=max(0.5, deadline - time.monotonic()))
         self.source.close()
         self.store.close()
@@ -611,7 +616,7 @@ class Runtime:
         elif r is None:
             summary = {"verdict": "error", "score": None, "threshold": self._threshold(), "regions": []}
         else:
-            summary = r.summary()
+            summary = r.summary(c.station.mm_per_pixel)
         flagged = r is not None and r.anomalous
         findings = None
         images = None
@@ -634,6 +639,8 @@ class Runtime:
             "model_id": self.pack.model_id, "source": {"name": self.source.name, "index": p.frame.index,
                                                        **p.frame.meta},
         }
+        if c.station.mm_per_pixel:
+            result["mm_per_pixel"] = c.station.mm_per_pixel
         if p.request_id:
             result["request_id"] = p.request_id
         if learning is not None:
@@ -644,7 +651,7 @@ class Runtime:
         if flagged:
             paths = self.store.file_paths(files[0])
             event = {"message_id": uuid.uuid4().hex, "part_id": p.part_id, "station": self.station,
-                     "timestamp": result["timestamp"], "score": result["score"], "threshold": result["threshold"],
+                     "line": c.station.line, "timestamp": result["timestamp"], "score": result["score"], "threshold": result["threshold"],
                      "severity": result["severity"], "regions": summary["regions"],
                      "findings": findings["summary"], "files": paths}
             mode = c.mqtt.heatmap.mode

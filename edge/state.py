@@ -28,7 +28,8 @@ from .calibration import TARGET_FALSE_REJECT, Calibration, calibrate, calibrate_
 from .decide import image_score
 from . import engine_calibration
 from .errors import StateError
-from .fewshot import FewShotHead, SubspaceHead, few_shot_views, jittered_views, synthetic_defects
+from .fewshot import (PADDING_RING, FewShotHead, SubspaceHead, border_offsets, few_shot_views, jittered_views,
+                      synthetic_defects)
 from .pack import Pack, ScorerSpec
 from .preprocess import choose_shots, read_image, read_images
 from .scorer import FeatureExtractor, grid_maps, image_scores, pack_maps
@@ -54,6 +55,12 @@ FEW_SHOT_MAX_VIEWED_SHOTS = 16
 FEW_SHOT_VIEWS = "rot8+shift"
 FEW_SHOT_MAX_FOLDS = 16  # above this many shots the held-out scores come from folds of shots, not one each
 FEW_SHOT_HEAD = "subspace"
+# Several shots: the subspace head takes the encoder's zero-padding offsets off the grid's outer ring
+# (BORDER_OFFSETS) and divides the ring's scores by their typical level on the references (BORDER_SCALES).
+# Off: on magnetic_tile, whose defects often sit on the frame's edge, they cost image and pixel AUROC
+# (docs/evaluation.md, "Regions on the frame border"), though on the synthetic line they end border boxes.
+BORDER_SCALES = False
+BORDER_OFFSETS = False
 SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
 MAX_SIZE_RATIO = 16.0  # largest / smallest reference area enrollment accepts
 
@@ -400,14 +407,31 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
     return state
 
 
-def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int) -> FewShotHead:
-    """The few-shot head fitted to N x h x w x C (or rows x C) reference features."""
+def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int, border: bool = False) -> FewShotHead:
+    """The few-shot head fitted to N x h x w x C (or rows x C) reference features; `border` (N x h x w x C
+    of several shots only): the padding ring's offsets are taken off first (edge.fewshot.border_offsets)."""
+    # (the subspace head only: the nn+subspace head's bank holds the features as they come)
+    offsets = border_offsets(feats) if border and kind == "subspace" and feats.ndim == 4 else None
+    if offsets is not None:
+        feats = feats - offsets
     rows = feats.reshape(-1, feats.shape[-1])
     subspace = SubspaceHead.fit(rows, seed=seed)
     sample = rows[:: max(1, len(rows) // 20000)]
     scale = float(np.median(subspace.residual(sample))) or 1.0
     nn_scale = _nn_scale(feats, pack, seed) if kind == "nn+subspace" else None
-    return FewShotHead(kind, views, subspace, scale, nn_scale)
+    head = FewShotHead(kind, views, subspace, scale, nn_scale, offsets)
+    if offsets is not None and BORDER_SCALES:
+        head.border_scales = _border_scales(head.flat_scores(rows).reshape(feats.shape[:3]))
+    return head
+
+
+def _border_scales(scores: np.ndarray, ring: int = PADDING_RING) -> np.ndarray:
+    """h x w: each ring position's median reference score over the interior's median; 1 inside."""
+    n, h, w = scores.shape
+    inner = float(np.median(scores[:, ring:h - ring, ring:w - ring])) or 1.0
+    scales = np.maximum(np.median(scores, axis=0) / inner, 1.0).astype(np.float32)
+    scales[ring:h - ring, ring:w - ring] = 1.0
+    return scales
 
 
 def _head_bank(head: FewShotHead, feats: np.ndarray, pack: Pack, seed: int) -> MemoryBank | None:
@@ -476,7 +500,7 @@ def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarra
     for f in range(n_folds):
         held = [i for i in range(len(per_shot)) if i % n_folds == f]
         others = np.concatenate([x for i, x in enumerate(per_shot) if i % n_folds != f])
-        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f)
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f, border=BORDER_OFFSETS)
         part_bank = _head_bank(part_head, others, pack, seed + 1 + f)
         scores.append(head_image_scores(part_head, part_bank, np.concatenate([per_shot[i] for i in held]), pack))
     return np.concatenate(scores)
@@ -496,7 +520,7 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
             per_shot.append(extractor.patch_features_batched(few_shot_views(img, views)))
             bar.update(1)
     feats = np.concatenate(per_shot)
-    head = fit_head(kind, views, feats, pack, seed)
+    head = fit_head(kind, views, feats, pack, seed, border=BORDER_OFFSETS and len(images) > 1)
     if kind == "subspace":
         # The subspace head scores without the bank; it is kept (a random sample, not a coreset, in the
         # head's own principal axes: no second decomposition) so the state stays a valid bank state.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -209,7 +210,8 @@ class TraceStore(SqliteStore):
     def file_paths(self, files_dir: str | None) -> dict[str, str]:
         """{"image": path, "overlay": path, "mask": path} of what a part's folder holds."""
         folder = self.root / files_dir if files_dir else None
-        return {p.stem: str(p) for p in sorted(folder.glob("*"))} if folder and folder.is_dir() else {}
+        return {p.stem: os.path.normpath(os.path.abspath(p)) for p in sorted(folder.glob("*"))} \
+            if folder and folder.is_dir() else {}
 
     def mark_published(self, part_id: str) -> None:
         self._sql("UPDATE parts SET published = 1, messages = NULL WHERE part_id = ?", (part_id,))

@@ -8,7 +8,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["heatmap_overlay", "roc_plot_png", "side_by_side"]
+__all__ = ["heatmap_overlay", "legend_strip", "result_overlay", "roc_plot_png", "side_by_side"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _WHITE = (255, 255, 255)
@@ -116,10 +116,67 @@ def _dashed_line(img, p0, p1, color, dash=8, gap=6, thickness=1):
         pos += dash + gap
 
 
-def result_overlay(image: np.ndarray, result, mask: np.ndarray | None = None) -> np.ndarray:
-    """A scored frame's map over the frame, coloured from half to one and a half times the threshold."""
-    th = result.threshold
-    return heatmap_overlay(image, result.map_at_frame(), vmin=th * 0.5, vmax=th * 1.5, mask=mask)
+TRUTH_COLOUR = (0, 220, 0)        # BGR green: the ground-truth outline (demo, eval)
+PREDICTION_COLOUR = (255, 0, 255)  # BGR magenta: the station's anomalous mask and its numbered regions
+LEGEND_HEIGHT = 44
+
+
+def result_overlay(image: np.ndarray, result, truth: np.ndarray | None = None) -> np.ndarray:
+    """The one look of a scored frame everywhere (demo, score --overlays, eval, the line's stored
+    overlay.jpg): the map over the frame, coloured from half to one and a half times the threshold;
+    the anomalous mask outlined in magenta with each region's box numbered as in the findings (largest
+    first); the ground truth, when given, outlined in green; below, a legend with score, threshold,
+    verdict and the colour bar (the threshold marked on it)."""
+    th = float(result.threshold)
+    out = heatmap_overlay(image, result.map_at_frame(), vmin=th * 0.5, vmax=th * 1.5)
+    h, w = out.shape[:2]
+    thickness = 1 if min(h, w) < 384 else 2
+    if truth is not None:
+        _outline(out, truth, TRUTH_COLOUR, thickness)
+    if result.anomalous:
+        _outline(out, result.mask_at_frame(), PREDICTION_COLOUR, thickness)
+        for i, r in enumerate(sorted(result.regions, key=lambda g: g.area, reverse=True), 1):
+            cv2.rectangle(out, (r.x, r.y), (r.x + r.width - 1, r.y + r.height - 1), PREDICTION_COLOUR, 1, cv2.LINE_8)
+            label_y = r.y - 3 if r.y >= 14 else min(h - 3, r.y + r.height + 12)
+            cv2.putText(out, str(i), (max(0, r.x), label_y), _FONT, 0.45, _BLACK, 3, cv2.LINE_AA)
+            cv2.putText(out, str(i), (max(0, r.x), label_y), _FONT, 0.45, PREDICTION_COLOUR, 1, cv2.LINE_AA)
+    return np.vstack([out, legend_strip(w, result.score, th, result.verdict, truth is not None)])
+
+
+def _outline(img: np.ndarray, mask: np.ndarray, colour, thickness: int) -> None:
+    m = np.asarray(mask)
+    m = (m[:, :, 0] if m.ndim == 3 else m) > 0
+    h, w = img.shape[:2]
+    if m.shape != (h, w):
+        m = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(img, contours, -1, colour, thickness, lineType=cv2.LINE_8)
+
+
+def legend_strip(width: int, score: float, threshold: float, verdict: str, with_truth: bool = False) -> np.ndarray:
+    """A LEGEND_HEIGHT-pixel strip: "score 3.12 / threshold 2.55  ANOMALOUS", the JET bar from 0.5x to
+    1.5x the threshold with the threshold marked, and what the outline colours mean."""
+    strip = np.full((LEGEND_HEIGHT, width, 3), 255, np.uint8)
+    scale = 0.4 if width >= 320 else 0.3
+    flagged = verdict == "anomalous"
+    text = f"score {score:.3g} / threshold {threshold:.3g}  {verdict.upper()}"
+    cv2.putText(strip, text, (4, 14), _FONT, scale, (0, 0, 200) if flagged else (0, 120, 0), 1, cv2.LINE_AA)
+    bar_x0, bar_x1 = 4, max(40, width // 2)
+    ramp = np.linspace(0, 255, bar_x1 - bar_x0).astype(np.uint8)[None, :]
+    strip[22:32, bar_x0:bar_x1] = cv2.applyColorMap(np.repeat(ramp, 10, axis=0), cv2.COLORMAP_JET)
+    mid = (bar_x0 + bar_x1) // 2
+    cv2.line(strip, (mid, 19), (mid, 34), _BLACK, 1)
+    for x, label in ((bar_x0, f"{0.5 * threshold:.3g}"), (mid - 6, "thr"), (bar_x1 - 24, f"{1.5 * threshold:.3g}")):
+        cv2.putText(strip, label, (max(0, x), 42), _FONT, 0.3, _TEXT, 1, cv2.LINE_AA)
+    keys = [("found", PREDICTION_COLOUR)] + ([("truth", TRUTH_COLOUR)] if with_truth else [])
+    x = bar_x1 + 8
+    for name, colour in keys:
+        if x + 50 > width:
+            break
+        cv2.rectangle(strip, (x, 23), (x + 12, 31), colour, 2)
+        cv2.putText(strip, name, (x + 16, 31), _FONT, 0.33, _TEXT, 1, cv2.LINE_AA)
+        x += 56
+    return strip
 
 
 def roc_plot_png(
@@ -127,10 +184,12 @@ def roc_plot_png(
     curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]],
     title: str,
     size: tuple[int, int] = (640, 560),
+    points: Sequence[tuple[str, float, float]] = (),
 ) -> None:
     """Write a ROC plot PNG. size is (width, height) in pixels.
 
-    curves: (name, fpr, tpr, auc) each; the legend reads "name (AUROC 0.973)".
+    curves: (name, fpr, tpr, auc) each; the legend reads "name (AUROC 0.973)". points: (label, fpr, tpr)
+    operating points marked with a filled circle and their label (eval: the automatic threshold).
     Creates the parent directory; raises OSError if the image cannot be written.
     """
     width, height = int(size[0]), int(size[1])
@@ -170,6 +229,14 @@ def roc_plot_png(
             raise ValueError(f"curve {name!r}: fpr and tpr must be non-empty and equally long")
         pts = np.round(to_px(np.clip(fpr, 0, 1), np.clip(tpr, 0, 1)) * (1 << shift)).astype(np.int32)
         cv2.polylines(img, [pts.reshape(-1, 1, 2)], False, _PALETTE[i % len(_PALETTE)], 2, cv2.LINE_AA, shift)
+
+    for label, fx, fy in points:
+        cx, cy = (int(round(v)) for v in to_px(min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)))
+        cv2.circle(img, (cx, cy), 6, (0, 0, 200), -1, cv2.LINE_AA)
+        cv2.circle(img, (cx, cy), 6, _BLACK, 1, cv2.LINE_AA)
+        (tw, _), _ = cv2.getTextSize(label, _FONT, 0.45, 1)
+        tx = cx + 10 if cx + 10 + tw < x1 else cx - 10 - tw
+        cv2.putText(img, label, (tx, min(y1 - 6, cy + 18)), _FONT, 0.45, (0, 0, 160), 1, cv2.LINE_AA)
 
     # Legend, lower right (ROC curves rarely pass there).
     if curves:

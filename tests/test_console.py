@@ -3,6 +3,7 @@
 The service inspects parts on MQTT triggers from a folder of identical defective frames, so that a
 false alarm enrolled as good from the console makes the next identical part pass.
 """
+import io
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         child = spawn_console(sock)
         command(child, "ask", "error: ask: open a part first")
         command(child, "list", r"P-1\s+\d\d:\d\d:\d\d\s+[\d.]+ FLAGGED\s+Yes")
-        command(child, "open P-1", "verdict anomalous", "Region 1: ", "explanation: Yes", "#", "overlay: .*overlay.jpg")
+        command(child, "open P-1", "verdict anomalous", "Region 1: ", "explanation: Yes", "#", "overlay: ", "overlay.jpg")
         command(child, "open NOPE-7", "error: no part with id 'NOPE-7'")
         command(child, "ask   ", "type a question after ask")
         command(child, "ask How big is it?", r"\d mm")
@@ -128,4 +129,91 @@ def test_a_part_line_fits_80_columns():
     long = {"part_id": "X" * 60, "time": "2026-11-24T14:22:42.388Z", "score": 12.3456, "verdict": "anomalous",
             "explanation": "Yes. " + "a very long explanation " * 10, "findings": None}
     line = part_line(long)
-    assert len(line) <= 80 and "FLAGGED" in line and line.endswith("…")
+    assert len(line) <= 80 and "FLAGGED" in line
+    free_run = {**long, "part_id": "station-1-20261201T194928.322-0042ab"}  # 36 characters, kept whole
+    line = part_line(free_run, row=12)
+    assert len(line) <= 80 and line.startswith("12 station-1-20261201T194928.322-0042ab 14:22:42")
+    assert line.endswith("…") and line[:-1].endswith(("Yes.", "explanation", "very", "long", "a"))
+
+
+ANSI = __import__("re").compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def _screen_lines(text: str) -> list[str]:
+    return [line for line in ANSI.sub("", text).split("\n")]
+
+
+@needs_mosquitto
+@pytest.mark.timeout(300)
+def test_at_80_columns_a_technician_opens_what_the_list_shows(broker, tmp_path, default_pack_dir, enrolled_state):
+    """Free-run ids (36 characters) listed whole with row numbers; `open 2`, `open <unique start>` and
+    Tab completion reach them; nothing printed is wider than 80 columns or broken inside a word; a part
+    flagged while explanations were off says so plainly."""
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "defect_rate": 1.0, "count": 6},
+                       explain={"enabled": False}, station={"name": "station-1"})
+    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = tmp_path / "var" / "api.sock"
+    api = ApiClient(sock)
+    child = None
+    try:
+        wait_until(lambda: sock.exists() and len(api.get("/parts?limit=10")["parts"]) == 6, 90,
+                   "the six parts scored")
+        ids = [p["part_id"] for p in api.get("/parts?verdict=anomalous&limit=10")["parts"]]
+        assert len(ids[0]) > 30  # what `list` used to cut
+        child = spawn_console(sock)
+        child.logfile_read = seen = io.StringIO()  # everything the console writes from here on
+        command(child, "list", rf" 1 {ids[0]} \d\d:\d\d:\d\d", rf" 2 {ids[1]} ", r"\[0m>")
+        listed = _screen_lines(seen.getvalue())
+        child.logfile_read = seen = io.StringIO()
+        command(child, "open 2", f"part {ids[1]}", "verdict anomalous", "overlay: ", r"\]>")
+        opened = _screen_lines(seen.getvalue())
+        child.logfile_read = None
+        # the unique start of the third id (the ids differ in their time of day)
+        start = next(ids[2][:n] for n in range(1, len(ids[2]) + 1)
+                     if sum(i.startswith(ids[2][:n]) for i in ids) == 1)
+        command(child, f"open {start}", f"part {ids[2]}", r"\]>")
+        command(child, "open 99", "row 99 is not in the last list")
+        child.send("open " + ids[0][: len(ids[0]) - 6] + "\t")  # Tab completes the rest of the id
+        child.expect(ids[0][-6:])
+        child.sendline("")
+        child.expect(f"part {ids[0]}")
+        command(child, "ask How big is it?", r"this station has no language model \(.*explain.enabled is false\)")
+        for line in listed + opened:
+            assert len(line) <= 80, line
+        # wrapped between words: every word of the findings is on the screen whole
+        shown = set(" ".join(opened).split())
+        summary = api.get(f"/parts/{ids[1]}")["findings"]["summary"]
+        assert [w for w in summary.split() if w not in shown and w.rstrip(".") not in shown] == []
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        if child is not None and child.isalive():
+            child.terminate(force=True)
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(30)
+        except subprocess.TimeoutExpired:
+            service.kill()
+
+
+def test_asking_about_a_part_flagged_while_explanations_were_off_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from edge.api import ApiError, ask
+    from edge.dialogue import DialogueStore
+    from edge.store import TraceStore
+
+    store = TraceStore(tmp_path / "var")
+    summary = {"verdict": "anomalous", "score": 3.1, "threshold": 2.5, "regions": []}
+    store.add_part("F-1", "s1", time.time(), "free_run", summary, "m", None, (None, 0), None)
+    store.add_part("N-1", "s1", time.time(), "free_run", {**summary, "verdict": "normal"}, "m", None, (None, 0), None)
+    with DialogueStore(tmp_path / "d.sqlite") as dialogue:
+        station = SimpleNamespace(store=store, explainer=SimpleNamespace(store=dialogue))
+        with pytest.raises(ApiError, match=r"^part F-1 was flagged while explanations were off, so there is no "
+                                           r"dialogue to ask about"):
+            ask(station, "F-1", {"question": "How big is it?"})
+        with pytest.raises(ApiError, match=r"^part N-1 is normal: only flagged parts have a dialogue"):
+            ask(station, "N-1", {"question": "How big is it?"})
+    store.close()

@@ -149,3 +149,52 @@ def test_bad_enrollment_input_gets_a_clear_error(default_pack, tmp_path):
         build_state(default_pack, [large, small], references=["big.png", "small.png"], quiet=True)
     with pytest.raises(StateError, match="target false-reject"):
         enroll(default_pack, good, tmp_path / "s1", quiet=True, log=lambda m: None, target_false_reject=0.7)
+
+
+def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
+    """The encoder's zero padding lifts the outer ring of the feature grid; with its offsets and scales
+    taken off (several shots; off by default, see edge.state) a good part's hottest point is no longer
+    drawn to the frame's border, and defective parts get fewer regions off their defect (without: 88% of
+    good parts peaked within 16 px of the border, 22 of 79 regions were border boxes; docs/evaluation.md)."""
+    import edge.state as state_module
+
+    good_line, test_line = SyntheticLine(seed=0), SyntheticLine(seed=0, defect_rate=0.3)
+    parts = list(test_line.parts(60))
+    peaks_in_band, spurious = {}, {}
+    for fixed in (False, True):
+        state_module.BORDER_OFFSETS = state_module.BORDER_SCALES = fixed
+        try:
+            state = build_state(default_pack, good_line.good(8), seed=0, quiet=True)
+        finally:
+            state_module.BORDER_OFFSETS = state_module.BORDER_SCALES = False
+        assert (state.head.border_scales is not None) == fixed
+        scorer = Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head,
+                        calibration=state.calibration)
+        band, off = [], 0
+        for part, r in zip(parts, scorer.score([p.image for p in parts])):
+            if part.defect is None:
+                h, w = r.anomaly_map.shape
+                y, x = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
+                band.append(min(y, x, h - 1 - y, w - 1 - x) < 16)
+            off += sum(not part.mask[g.y:g.y + g.height, g.x:g.x + g.width].any() for g in r.regions)
+        peaks_in_band[fixed], spurious[fixed] = float(np.mean(band)), off
+    band_area = 1 - (192 / 224) ** 2  # 27% of the map lies within 16 px of its border
+    assert peaks_in_band[False] > 2 * band_area  # the fault this guards against is real
+    assert peaks_in_band[True] < band_area, peaks_in_band
+    assert spurious[True] < spurious[False], spurious
+
+
+def test_the_border_offsets_survive_a_state_round_trip(default_pack, tmp_path, monkeypatch):
+    import edge.state as state_module
+
+    monkeypatch.setattr(state_module, "BORDER_OFFSETS", True)
+    monkeypatch.setattr(state_module, "BORDER_SCALES", True)
+    good = write_good_parts(tmp_path / "good", 2, seed=3)
+    state = enroll(default_pack, good, tmp_path / "state", quiet=True, log=lambda m: None)
+    loaded = load_state(tmp_path / "state", default_pack)
+    np.testing.assert_array_equal(loaded.head.border_offsets, state.head.border_offsets)
+    np.testing.assert_array_equal(loaded.head.border_scales, state.head.border_scales)
+    h, w = state.head.border_scales.shape
+    assert (state.head.border_scales[3:h - 3, 3:w - 3] == 1).all() and state.head.border_scales.max() > 1
+    with pytest.raises(ValueError, match=r"do not fit the few-shot head's border offsets"):
+        state.head.patch_scores(np.zeros((1, 7, 7, state.head.border_offsets.shape[-1]), np.float32))

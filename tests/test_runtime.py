@@ -368,7 +368,7 @@ def test_flagged_parts_are_explained_stored_and_published_and_a_full_queue_only_
         api = ApiClient(tmp_path / "var" / "api.sock")
         size = api.post(f"/parts/{part}/ask", {"question": "How big is it?"})["answer"]
         assert "mm" in size
-        with pytest.raises(ApiError, match="only flagged parts are explained"):
+        with pytest.raises(ApiError, match="is normal: only flagged parts have a dialogue to ask about"):
             api.post(f"/parts/{normal[0]['part_id']}/ask", {"question": "Is it ok?"})
         with pytest.raises(ApiError, match="question is empty"):
             api.post(f"/parts/{part}/ask", {"question": "   "})
@@ -516,3 +516,55 @@ def test_a_technicians_question_that_crashes_the_engine_gets_an_error_naming_the
         assert rt.health()["state"] == "online" and api.get("/health")["explain"]["crashes"] >= 2
     finally:
         rt.stop()
+
+
+REGION_KEYS = {"x", "y", "width", "height", "area", "centroid_x", "centroid_y", "mean_score", "max_score"}
+REGION_MM_KEYS = {"x_mm", "y_mm", "width_mm", "height_mm", "centroid_x_mm", "centroid_y_mm", "area_mm2"}
+
+
+def _decimals(value) -> int:
+    text = repr(value)
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 0
+
+
+@pytest.mark.timeout(120)
+def test_golden_payloads_carry_mm_rounded_numbers_the_line_and_plain_paths(broker, tmp_path, default_pack_dir,
+                                                                          enrolled_state):
+    """What a PLC/SCADA engineer reads: result and flagged payloads with their keys, regions in pixels
+    and, on a calibrated station (0.1 mm/px), in mm, every float rounded to what it measures; the first
+    retained status is complete; after the stop the retained source says stopped."""
+    sub = Subscriber(broker.port, "test/s1/#")
+    (tmp_path / "configs").mkdir()
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(20),
+                       storage={"dir": "configs/../var"}, explain={"enabled": False})
+    rt = start(cfg)
+
+    def statuses():  # live ones: a retained status of an earlier test came with the subscription
+        with sub.lock:
+            return [json.loads(m.payload) for m in sub.messages if m.topic == "test/s1/status" and not m.retain]
+
+    wait_until(statuses, 10, "a status")
+    first_status = statuses()[0]
+    finish(rt)
+    got = wait_results(sub, 20)
+    assert first_status["state"] == "online" and first_status["station"] == "s1" and "counts" in first_status
+    assert set(got[0]) >= {"message_id", "part_id", "station", "line", "timestamp", "trigger", "verdict", "score",
+                           "threshold", "severity", "regions", "frame_size", "latency_ms", "model_id", "source",
+                           "mm_per_pixel"}
+    assert all(r["mm_per_pixel"] == 0.1 and r["line"] == "l1" for r in got)
+    regions = [g for r in got for g in r["regions"]]
+    assert regions, "the synthetic defects give regions"
+    for g in regions:
+        assert set(g) == REGION_KEYS | REGION_MM_KEYS
+        assert all(isinstance(g[k], int) for k in ("x", "y", "width", "height", "area"))
+        assert _decimals(g["centroid_x"]) <= 1 and _decimals(g["max_score"]) <= 4
+        assert g["width_mm"] == round(g["width"] * 0.1, 1) and _decimals(g["centroid_y_mm"]) <= 1
+        assert g["area_mm2"] == round(g["area"] * 0.01, 2)
+    events = sub.unique_by_topic()["test/s1/flagged"]
+    assert events and all(e["line"] == "l1" and e["station"] == "s1" for e in events)
+    for e in events:
+        assert e["regions"] == next(r["regions"] for r in got if r["part_id"] == e["part_id"])
+        for path in e["files"].values():
+            assert "/../" not in path and Path(path).is_absolute() and Path(path).is_file()
+    assert retained(broker.port, "test/s1/source")["state"] == "stopped"
+    assert retained(broker.port, "test/s1/status")["state"] == "offline"

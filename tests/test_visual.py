@@ -95,3 +95,50 @@ def test_side_by_side_keeps_aspect_converts_gray_and_adds_gaps_and_captions():
 def test_side_by_side_label_count_must_match():
     with pytest.raises(ValueError):
         side_by_side([np.zeros((4, 4), np.uint8)], ["a", "b"])
+
+
+def test_result_overlay_has_a_legend_and_tells_truth_from_prediction():
+    from edge.decide import decide
+    from edge.visual import LEGEND_HEIGHT, PREDICTION_COLOUR, TRUTH_COLOUR, result_overlay
+
+    amap = np.zeros((64, 64), np.float32)
+    amap[10:20, 40:56] = 3.0   # region 1 (larger)
+    amap[44:50, 8:14] = 3.0    # region 2
+    r = decide(amap, score=3.0, threshold=2.0, frame_size=(128, 128))
+    assert [g.area for g in r.regions] == sorted((g.area for g in r.regions), reverse=True) and len(r.regions) == 2
+    image = np.full((128, 128), 90, np.uint8)
+    truth = np.zeros((128, 128), bool)
+    truth[22:38, 82:110] = True
+    out = result_overlay(image, r, truth=truth)
+    assert out.shape == (128 + LEGEND_HEIGHT, 128, 3)
+    frame, legend = out[:128], out[128:]
+
+    def has(img, colour):
+        return bool((np.abs(img.astype(int) - colour).sum(axis=2) == 0).any())
+
+    assert has(frame, PREDICTION_COLOUR) and has(frame, TRUTH_COLOUR)
+    assert not has(frame, (255, 255, 255))  # no white outline left to confuse the two
+    # the legend: the colour bar's two ends (JET dark blue and dark red) and the verdict text in red
+    assert has(legend, tuple(int(v) for v in cv2.applyColorMap(np.uint8([[0]]), cv2.COLORMAP_JET)[0, 0]))
+    assert has(legend, tuple(int(v) for v in cv2.applyColorMap(np.uint8([[255]]), cv2.COLORMAP_JET)[0, 0]))
+    assert (legend == 255).all(axis=2).mean() > 0.5
+    # region numbers sit on the boxes in findings order: "1" above the larger box
+    box1 = r.regions[0]
+    above = frame[max(0, box1.y - 14):box1.y, box1.x:box1.x + 12]
+    assert has(above, PREDICTION_COLOUR)
+    normal = decide(np.zeros((64, 64), np.float32), score=1.0, threshold=2.0, frame_size=(128, 128))
+    assert not has(result_overlay(image, normal)[:128], PREDICTION_COLOUR)
+
+
+def test_roc_plot_marks_the_operating_point(tmp_path):
+    from edge.visual import roc_plot_png
+
+    fpr, tpr = np.linspace(0, 1, 50), np.sqrt(np.linspace(0, 1, 50))
+    roc_plot_png(tmp_path / "a.png", [("image", fpr, tpr, 0.8)], "t")
+    roc_plot_png(tmp_path / "b.png", [("image", fpr, tpr, 0.8)], "t", points=[("automatic threshold 2.5", 0.1, 0.6)])
+    a, b = cv2.imread(str(tmp_path / "a.png")), cv2.imread(str(tmp_path / "b.png"))
+    diff = np.abs(a.astype(int) - b.astype(int)).sum(axis=2) > 0
+    ys, xs = np.nonzero(diff)
+    # the marker lies where (0.1, 0.6) falls inside the plot's axes (78 px left margin, 48 px top)
+    assert diff.any() and xs.min() < 78 + 0.1 * (640 - 102) + 8 < xs.max() + 8
+    assert ys.min() <= 48 + 0.4 * (560 - 112) + 8
