@@ -189,6 +189,11 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
     root = Path(root)
     path = root / STATE_FILE
     if not path.is_file():
+        if (root / "pack.yaml").is_file():
+            # A pack folder given as the state: the state lives beside the pack, never inside it.
+            raise StateError(f"{root} is a model pack, not a station state; enroll good parts into a folder of "
+                             f"their own: anomaly-edge enroll --pack {root} --good DIR --out station (and pass "
+                             "that folder as --state)")
         raise StateError(f"{path}: missing (enroll good parts first: anomaly-edge enroll --pack P --good DIR --out {root})")
     try:
         doc = yaml.safe_load(path.read_text())

@@ -101,3 +101,13 @@ def test_export_and_demo_bad_arguments_are_clear(default_pack_dir, tmp_path):
     assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
     proc = run_cli("demo", "--pack", default_pack_dir, "--parts", "0", check=False)
     assert proc.returncode == 2 and "expected a positive integer" in proc.stderr
+
+
+def test_a_pack_folder_given_as_the_state_says_so(default_pack_dir, tmp_path):
+    import numpy as np
+
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.full((64, 64), 128, np.uint8))
+    proc = run_cli("score", "--pack", default_pack_dir, "--state", default_pack_dir, img, check=False)
+    assert proc.returncode == 2
+    assert "is a model pack, not a station state" in proc.stderr and "--out station" in proc.stderr
