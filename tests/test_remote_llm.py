@@ -59,7 +59,8 @@ class LlamaServer:
     def start(self) -> "LlamaServer":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_threads", "1", "--n_ctx", "2048", "--api_key", self.api_key],
+             "--port", str(self.port), "--n_threads", "1", "--n_ctx", "2048", "--api_key", self.api_key,
+             "--interrupt_requests", "False"],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 60
         while True:
