@@ -90,7 +90,7 @@ def llama_server(smollm_gguf, tmp_path):
 class TinyServer(http.server.ThreadingHTTPServer):
     """Answers POST /v1/chat/completions with `reply(body) -> bytes` and keeps every request body."""
 
-    def __init__(self, reply):
+    def __init__(self, reply, port: int = 0):
         self.reply, self.bodies = reply, []
         outer = self
 
@@ -107,7 +107,7 @@ class TinyServer(http.server.ThreadingHTTPServer):
             def log_message(self, *args):
                 pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -284,3 +284,45 @@ def test_config_backend_remote(tmp_path):
         StationConfig.model_validate({**raw, "explain": {"backend": "remote"}})
     with pytest.raises(ValueError, match="url"):
         StationConfig.model_validate({**raw, "explain": {"backend": "remote", "remote": {"url": "llm.plant:8000"}}})
+
+
+@pytest.mark.timeout(300)  # the first test of a session also exports the pack
+def test_a_station_with_backend_remote_publishes_explanations_from_the_server(broker, tmp_path, default_pack_dir,
+                                                                            enrolled_state):
+    """The runtime end to end: a real station (default pack, synthetic parts, real broker) whose
+    explanations come from a server that is down at first; the flagged parts wait and are published
+    once it answers, with the runtime's yes/no and the server named."""
+    from mqtt_helpers import Subscriber, retained
+    from station_helpers import start, write_config
+
+    port = free_port()
+    key = key_file(tmp_path)
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                            {"kind": "synthetic", "seed": 0, "defect_rate": 0.5, "count": 16},
+                            explain={"backend": "remote", "remote": {"url": f"http://127.0.0.1:{port}",
+                                                                     "model": "plant-llm", "api_key_file": str(key),
+                                                                     "retries": 0}}))
+    server = None
+    try:
+        wait_until(lambda: len(sub.unique_by_topic().get("test/s1/result", [])) >= 16, 90, "16 results")
+        flagged = {r["part_id"] for r in sub.unique_by_topic()["test/s1/result"] if r["verdict"] == "anomalous"}
+        assert flagged
+        wait_until(lambda: (retained(broker.port, "test/s1/status").get("explain") or {}).get("remote", {})
+                   .get("failures", 0) >= 1, 30, "the status to show the server down")
+        assert sub.unique_by_topic().get("test/s1/explanation", []) == []
+        assert rt.explainer.stats()["pending"] == len(flagged) and rt.explainer.worker_pid is None
+
+        server = TinyServer(lambda body: sse(" dark spot."), port)  # the server comes up
+        wait_until(lambda: len(sub.unique_by_topic().get("test/s1/explanation", [])) >= len(flagged), 90,
+                   "an explanation for every flagged part")
+        messages = sub.unique_by_topic()["test/s1/explanation"]
+        assert {m["part_id"] for m in messages} == flagged
+        for m in messages:
+            assert m["status"] == "done" and m["answer"].startswith("Yes") and m["llm"] == f"plant-llm @ http://127.0.0.1:{port}"
+        assert all(b["messages"][-1]["content"].startswith("Yes") for b in server.bodies)
+    finally:
+        rt.stop()
+        sub.close()
+        if server is not None:
+            server.shutdown()
