@@ -4,8 +4,6 @@ subscriber in order and complete, and the central side sees the station's retain
 Will and the bridge's own presence."""
 import json
 import os
-import pwd
-import re
 import signal
 import subprocess
 import sys
@@ -14,26 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_helpers import Broker, Subscriber, needs_mosquitto, retained, wait_until
+from mqtt_helpers import BRIDGE_PREFIX as PREFIX
+from mqtt_helpers import Broker, Subscriber, needs_mosquitto, render_bridge, retained, wait_until
 
 pytestmark = needs_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "configs" / "mosquitto-bridge.conf"
-PREFIX = "anomaly-edge/line-1/station-1"  # the prefix the shipped file is written for
-
-
-def render_bridge(local: Broker, central_port: int, workdir: Path) -> None:
-    """The shipped file with only this test's ports, folders and user put in."""
-    text = SHIPPED.read_text()
-    substitutions = {r"^listener 1883 127\.0\.0\.1$": f"listener {local.port} 127.0.0.1",
-                     r"^persistence_location .*$": f"persistence_location {workdir}/",
-                     r"^address .*$": f"address 127.0.0.1:{central_port}"}
-    for pattern, value in substitutions.items():
-        text, n = re.subn(pattern, value, text, flags=re.M)
-        assert n == 1, f"{SHIPPED}: expected one line matching {pattern!r}"
-    # Run as root, mosquitto drops to user "mosquitto", which cannot write tmp_path.
-    local.config.write_text(f"user {pwd.getpwuid(os.getuid()).pw_name}\n{text}")
 
 
 @pytest.fixture
@@ -41,7 +25,7 @@ def bridged(tmp_path):
     central_dir, local_dir = tmp_path / "central", tmp_path / "local"
     central_dir.mkdir(), local_dir.mkdir()
     central, local = Broker(central_dir), Broker(local_dir)
-    render_bridge(local, central.port, local_dir)
+    render_bridge(local, central.port)
     central.start()
     local.start()
     yield central, local
