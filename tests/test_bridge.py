@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from mqtt_helpers import BRIDGE_PREFIX as PREFIX
 from mqtt_helpers import Broker, Subscriber, needs_mosquitto, render_bridge, retained, wait_until
 
@@ -96,6 +97,8 @@ def test_commands_come_down_the_bridge_once_and_the_bridge_last_will_reaches_cen
     local.process.wait()
     local.process = None
     wait_until(lambda: _retained_or_none(central.port, f"{PREFIX}/bridge") == "0", 10, "the bridge's Last Will")
+    rows = json.loads(run_cli("fleet", "--broker", "127.0.0.1", "--port", central.port, "--once", "--json").stdout)
+    assert [(r["station"], r["state"]) for r in rows] == [(PREFIX, "unreachable")]  # the fleet view says so
 
 
 def _results(subscriber: Subscriber) -> list[dict]:
