@@ -231,7 +231,7 @@ class RemoteFirst:
 
     def __init__(self, remote: RemoteLlm, local=None):
         self.remote, self.local = remote, local
-        self.kind = "chat"
+        self.kind = local.kind if local is not None else "chat"  # an AnomalyGPT fallback needs the embeddings
         self.name = remote.name
         self.local_answers = 0
 

@@ -274,7 +274,8 @@ class Runtime:
             from .dialogue import DialogueStore
             from .explain import ExplainWorker
 
-            if self.pack.llm is not None and self.pack.llm.kind == "anomalygpt":
+            local_llm = spec.backend == "local" or spec.remote.fallback_local  # a remote server gets findings only
+            if local_llm and self.pack.llm is not None and self.pack.llm.kind == "anomalygpt":
                 from .anomalygpt import Projector
 
                 self._projector = Projector(self.pack, threads=1)
