@@ -14,7 +14,7 @@ $(BIN)/anomaly-edge: pyproject.toml scripts/build-llama-cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	scripts/build-llama-cpp.sh $(VENV)
-	$(BIN)/pip install --quiet -e '.[cpu,export,dev,llm,plc]'
+	$(BIN)/pip install --quiet -e '.[cpu,export,dev,llm,plc,server]'
 	touch $@
 
 install: $(BIN)/anomaly-edge

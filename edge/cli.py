@@ -302,6 +302,17 @@ def cmd_run(args) -> int:
     return run(args.config, exit_at_end=args.exit_at_end)
 
 
+def cmd_fleet(args) -> int:
+    from .fleet import FleetError, run_fleet
+
+    if args.interval <= 0:
+        raise FleetError(f"fleet: --interval must be > 0 seconds, got {args.interval:g}")
+
+    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    return run_fleet(args.broker, args.port, args.prefix, args.once, args.interval, args.json,
+                     username=args.username, password=password, stale_s=args.stale_s)
+
+
 def cmd_console(args) -> int:
     from .console import main as console_main
 
@@ -516,6 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user", help="who gives feedback (default: $USER)")
     c.add_argument("--no-colour", action="store_true", help="plain text (also with NO_COLOR set)")
     c.set_defaults(func=cmd_console)
+
+    f = sub.add_parser("fleet", help="one line per station from every station's retained status on a broker")
+    f.add_argument("--broker", required=True, help="the (central) broker's host")
+    f.add_argument("--port", type=int, default=1883)
+    f.add_argument("--prefix", default="anomaly-edge/+/+", help="station topic prefix pattern (MQTT wildcards)")
+    f.add_argument("--once", action="store_true", help="print one table and exit")
+    f.add_argument("--json", action="store_true", help="the rows as JSON instead of a table")
+    f.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    f.add_argument("--stale-s", type=float, default=60.0, help="an online status older than this reads 'stale'")
+    f.add_argument("--username")
+    f.add_argument("--password-file")
+    f.set_defaults(func=cmd_fleet)
     return p
 
 

@@ -203,8 +203,21 @@ class ApiSpec(_Strict):
         return self
 
 
+class RemoteExplainSpec(_Strict):
+    # An OpenAI-compatible server (llama.cpp's or llama-cpp-python's server, vLLM): POST
+    # <url>/v1/chat/completions, streamed (a url ending in /chat/completions is used as it is).
+    url: str = Field(pattern=r"^https?://")
+    model: str = "default"
+    api_key_file: Path | None = None  # sent as "Authorization: Bearer <key>"; read at every request
+    time_limit_s: float = Field(default=30, gt=0)  # per attempt, connection to the last token
+    retries: int = Field(default=2, ge=0, le=10)   # more attempts per answer, with backoff 0.5, 1, 2 s
+    fallback_local: bool = False  # also load the pack's LLM locally and answer there when the server fails
+
+
 class ExplainSpec(_Strict):
-    enabled: bool = True  # used when the pack has an llm section
+    enabled: bool = True  # used when the pack has an llm section (or backend is remote)
+    backend: Literal["local", "remote"] = "local"
+    remote: RemoteExplainSpec | None = None
     queue_size: int = Field(default=4, ge=1, le=1000)
     threads: int = Field(default=1, ge=1, le=64)
     max_tokens: int = Field(default=96, ge=1, le=4096)
@@ -214,6 +227,12 @@ class ExplainSpec(_Strict):
     # explanations turn off (health says why) until the service restarts.
     max_attempts: int = Field(default=2, ge=1, le=10)
     max_crashes: int = Field(default=4, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _remote_needs_its_section(self):
+        if self.backend == "remote" and self.remote is None:
+            raise ValueError("backend is remote but there is no explain.remote section (url, model, ...)")
+        return self
 
 
 class LearnSpec(_Strict):
@@ -361,6 +380,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             for k in keys:
                 if k in raw[section]:
                     raw[section][k] = fix(raw[section][k])
+    remote = raw.get("explain", {}).get("remote") if isinstance(raw.get("explain"), dict) else None
+    if isinstance(remote, dict) and "api_key_file" in remote:
+        remote["api_key_file"] = fix(remote["api_key_file"])
     tls = raw.get("mqtt", {}).get("tls") if isinstance(raw.get("mqtt"), dict) else None
     if isinstance(tls, dict):
         for k in ("ca", "cert", "key"):

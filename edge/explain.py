@@ -41,6 +41,7 @@ from .pack import Pack
 from .prompts import (FIRST_QUESTION, AnomalyGptPrompt, ChatPrompt, checked_description, clean_question,
                       fact_answer, fallback_description, intent, missing_regions, opening, place_words,
                       region_description, region_reference, sentences)
+from .remote_llm import RemoteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,50 +96,13 @@ class Explainer:
     def answer(self, session: Session, question: str, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None) -> Answer:
         """The answer to `question` in the session (not stored: the caller records the turn)."""
-        t0 = time.monotonic()
-        q = clean_question(question)
-        f = Findings.from_dict(session.findings)
-        emit = on_token or (lambda _: None)
-        kind = intent(q)
-        focus, missing = answer_focus(q, f, session, kind)
-        regions = [r.index for r in focus]
-        facts = missing or fact_answer(f, kind, focus, q)
-        if facts is not None:
-            emit(facts)
-            return Answer(facts, "findings", compute_ms=_ms(t0), regions=regions)
-        if f.verdict != "anomalous" or not f.regions:
-            text = opening(f)
-            emit(text)
-            return Answer(text, "findings", compute_ms=_ms(t0), regions=regions)
-        if kind == "verdict":
-            start, n_sentences = opening(f), 1
-            fallback = region_description(f.regions[0], f)
-        else:
-            start, n_sentences = "", FOLLOW_UP_SENTENCES
-            fallback = fallback_description(f, focus)
-            if len(focus) == 1 and len(f.regions) > 1:  # the runtime says which region the answer is about
-                start = f"Region {focus[0].index} is {place_words(focus[0].place)}."
-                fallback = region_description(focus[0], f)
-        if start:
-            emit(start)
-        model_start = (start + DESCRIPTION_START) if kind == "verdict" else start
-        gate = _SentenceGate(f, focus, n_sentences, emit, lead=" " if start else "",
-                             prefix=DESCRIPTION_START.strip() if kind == "verdict" else "", shown=start)
-        g = self.engine.generate(self._segments(session, q, model_start), max_tokens=self.max_tokens,
-                                 time_limit_s=self.time_limit_s, cancel=cancel, on_token=gate.feed,
-                                 stop=self.prompt.stop, repeat_penalty=self.repeat_penalty)
-        described = gate.close()
-        if g.stop_reason == "cancelled":
-            raise Cancelled(f"part {session.part_id}: explanation cancelled")
-        source = "findings+model" if described else "findings"
-        if not described:
-            gate.emit_text(fallback)
-            described = fallback
-        text = " ".join(s for s in (start, described) if s)
-        return Answer(text, source, n_tokens=len(g.tokens), compute_ms=_ms(t0),
-                      ttft_ms=None if np.isnan(g.ttft_s) else g.ttft_s * 1000, stop_reason=g.stop_reason,
-                      rejected=gate.problems, regions=regions, model_sentences=gate.judged,
-                      kept_sentences=len(gate.kept))
+        def describe(q: str, model_start: str, gate: "_SentenceGate"):
+            g = self.engine.generate(self._segments(session, q, model_start), max_tokens=self.max_tokens,
+                                     time_limit_s=self.time_limit_s, cancel=cancel, on_token=gate.feed,
+                                     stop=self.prompt.stop, repeat_penalty=self.repeat_penalty)
+            return len(g.tokens), None if np.isnan(g.ttft_s) else g.ttft_s * 1000, g.stop_reason
+
+        return grounded_answer(session, question, on_token, describe)
 
     def respond(self, store: DialogueStore, part_id: str, question: str,
                 on_token: Callable[[str], None] | None = None, cancel: threading.Event | None = None) -> Answer:
@@ -215,6 +179,54 @@ def intent_is_yes_no(question: str) -> bool:
     return bool(re.match(r"\s*(is|are|does|do|was|could)\b", question, re.I))
 
 
+def grounded_answer(session: Session, question: str, on_token: Callable[[str], None] | None, describe) -> Answer:
+    """The runtime's answer: facts and the yes/no from the findings, and where the question wants a
+    description, the model's text through the sentence check (findings' own words if none holds up).
+    `describe(question, model_start, gate)` runs the model, feeding its text to `gate.feed`, and returns
+    (n_tokens, ttft_ms, stop_reason); the local engine and the remote server (edge.remote_llm) share this."""
+    t0 = time.monotonic()
+    q = clean_question(question)
+    f = Findings.from_dict(session.findings)
+    emit = on_token or (lambda _: None)
+    kind = intent(q)
+    focus, missing = answer_focus(q, f, session, kind)
+    regions = [r.index for r in focus]
+    facts = missing or fact_answer(f, kind, focus, q)
+    if facts is not None:
+        emit(facts)
+        return Answer(facts, "findings", compute_ms=_ms(t0), regions=regions)
+    if f.verdict != "anomalous" or not f.regions:
+        text = opening(f)
+        emit(text)
+        return Answer(text, "findings", compute_ms=_ms(t0), regions=regions)
+    if kind == "verdict":
+        start, n_sentences = opening(f), 1
+        fallback = region_description(f.regions[0], f)
+    else:
+        start, n_sentences = "", FOLLOW_UP_SENTENCES
+        fallback = fallback_description(f, focus)
+        if len(focus) == 1 and len(f.regions) > 1:  # the runtime says which region the answer is about
+            start = f"Region {focus[0].index} is {place_words(focus[0].place)}."
+            fallback = region_description(focus[0], f)
+    if start:
+        emit(start)
+    model_start = (start + DESCRIPTION_START) if kind == "verdict" else start
+    gate = _SentenceGate(f, focus, n_sentences, emit, lead=" " if start else "",
+                         prefix=DESCRIPTION_START.strip() if kind == "verdict" else "", shown=start)
+    n_tokens, ttft_ms, stop_reason = describe(q, model_start, gate)
+    described = gate.close()
+    if stop_reason == "cancelled":
+        raise Cancelled(f"part {session.part_id}: explanation cancelled")
+    source = "findings+model" if described else "findings"
+    if not described:
+        gate.emit_text(fallback)
+        described = fallback
+    text = " ".join(s for s in (start, described) if s)
+    return Answer(text, source, n_tokens=n_tokens, compute_ms=_ms(t0), ttft_ms=ttft_ms, stop_reason=stop_reason,
+                  rejected=gate.problems, regions=regions, model_sentences=gate.judged,
+                  kept_sentences=len(gate.kept))
+
+
 class Cancelled(EdgeError):
     """An explanation was interrupted (the worker is stopping); the part stays pending."""
 
@@ -255,6 +267,12 @@ class _SentenceGate:
         self.shown.add(_same_words(text))
         self.emit(self.lead + text)
         self.lead = " "
+
+    def fresh_message(self) -> None:
+        """The model began a message of its own instead of continuing the runtime's opening (a server
+        that does not continue a final assistant message): its text is judged without the prefix."""
+        if not self.kept and not self.problems:
+            self.buffer = ""
 
     def close(self) -> str:
         if self.buffer.strip():
@@ -309,12 +327,13 @@ class ExplainWorker:
     def __init__(self, pack: Pack, store: DialogueStore, on_explanation: Callable[[dict], None],
                  queue_size: int = 4, n_threads: int = 1, max_tokens: int = 48, time_limit_s: float = 20.0,
                  question: str = FIRST_QUESTION, nice: int = 10, max_attempts: int = 2, max_crashes: int = 4,
-                 hang_grace_s: float | None = None):
+                 hang_grace_s: float | None = None, llm=None):
+        """`llm`: the answerer to use instead of a local LLM child (edge.remote_llm.RemoteFirst)."""
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if max_attempts < 1 or max_crashes < 1:
             raise ValueError(f"max_attempts and max_crashes must be >= 1, got {max_attempts}, {max_crashes}")
-        if pack.llm is None:
+        if pack.llm is None and llm is None:
             raise LlmError(f"pack {pack.model_id} ({pack.root}) has no llm section: it cannot explain parts")
         self.pack = pack
         self.store = store
@@ -323,8 +342,8 @@ class ExplainWorker:
         self.max_attempts = int(max_attempts)
         self.max_crashes = int(max_crashes)
         extra = {} if hang_grace_s is None else {"hang_grace_s": hang_grace_s}
-        self._llm = LlmProcess(pack, n_threads=n_threads, max_tokens=max_tokens, time_limit_s=time_limit_s,
-                               nice=nice, **extra)
+        self._llm = llm if llm is not None else LlmProcess(pack, n_threads=n_threads, max_tokens=max_tokens,
+                                                           time_limit_s=time_limit_s, nice=nice, **extra)
         self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._asks: queue.Queue[tuple] = queue.Queue()
         self._retries: collections.deque[str] = collections.deque()  # lost to a crash: served first
@@ -387,7 +406,7 @@ class ExplainWorker:
         """Queue a flagged part for explanation. Never waits for the LLM: returns False when the queue is
         full, and the part is then pending in the store and explained later."""
         doc = findings.to_dict() if isinstance(findings, Findings) else dict(findings)
-        if self.pack.llm.kind == "anomalygpt" and embeddings is None:
+        if self._llm.kind == "anomalygpt" and embeddings is None:
             raise LlmError(f"part {part_id}: this AnomalyGPT pack needs the image and prompt embeddings "
                            "(submit(..., embeddings=(image_rows, prompt_rows)))")
         self.store.open_session(part_id, doc, embeddings)
@@ -427,6 +446,8 @@ class ExplainWorker:
                "worker_pid": self.worker_pid}
         if self.off_reason:
             out["error"] = self.off_reason
+        if hasattr(self._llm, "status"):
+            out["remote"] = self._llm.status()
         return out
 
     # -- the thread -----------------------------------------------------------------------------------------
@@ -434,6 +455,10 @@ class ExplainWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._llm_ready():
+                continue
+            wait = self._llm.retry_in_s() if hasattr(self._llm, "retry_in_s") else 0.0
+            if wait > 0:  # the remote server failed: parts stay pending until its backoff is over
+                self._stop.wait(min(wait, self.IDLE_POLL_S))
                 continue
             try:
                 job = self._asks.get_nowait()
@@ -542,6 +567,11 @@ class ExplainWorker:
         except LlmProcessError as e:
             self._crashed(part_id, e)
             return
+        except RemoteUnavailable as e:  # the server is down, slow or refuses us: the part stays pending
+            log.warning("part %s stays pending: %s", part_id, e)
+            self._retries.append(part_id)
+            self._check_store.set()
+            return
         except Exception as e:  # a bad part must not stop the worker
             log.warning("explanation of part %s failed: %s", part_id, e)
             self._fail(part_id, f"{type(e).__name__}: {e}")
@@ -566,7 +596,8 @@ class ExplainWorker:
         session = self.store.get(part_id)
         message = {"part_id": part_id, "question": self.question, **fields,
                    "verdict": session.findings.get("verdict") if session else None, "model_id": self.pack.model_id,
-                   "llm": self.pack.manifest.files[self.pack.llm.file].path, "latency_ms": latency,
+                   "llm": getattr(self._llm, "name", None) or self.pack.manifest.files[self.pack.llm.file].path,
+                   "latency_ms": latency,
                    "time": _now_iso()}
         try:
             self.on_explanation(message)

@@ -519,6 +519,15 @@ def checked_description(text: str, f: Findings, max_sentences: int = 1,
 
 # --- prompts ---------------------------------------------------------------------------------------------
 
+def chat_messages(f: Findings, turns: Sequence[Turn], question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
+    """The grounded chat: the findings in the system message, the dialogue so far, the question (the
+    local template renders these; a remote server gets them as they are)."""
+    msgs = [{"role": "system", "content": f"{system}\n\nFindings:\n{facts_for_model(f)}"}]
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": question}]
+
+
 class ChatPrompt:
     """A grounded prompt in the GGUF's own chat template: the findings in the system message, the
     dialogue so far, the question, and the start of the answer (written by the runtime)."""
@@ -536,10 +545,7 @@ class ChatPrompt:
                                            bos_token=model.token_text(model.bos), add_generation_prompt=True)
 
     def messages(self, f: Findings, turns: Sequence[Turn], question: str) -> list[dict]:
-        msgs = [{"role": "system", "content": f"{self.system}\n\nFindings:\n{facts_for_model(f)}"}]
-        for q, a in turns:
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return msgs + [{"role": "user", "content": question}]
+        return chat_messages(f, turns, question, self.system)
 
     def tokens(self, f: Findings, turns: Sequence[Turn], question: str, answer_start: str = "") -> list[int]:
         text = self._format(messages=self.messages(f, turns, question)).prompt + answer_start

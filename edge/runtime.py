@@ -278,13 +278,14 @@ class Runtime:
         runs in a supervised child process (edge.llm_process); one that cannot be loaded, or whose process
         dies loading it, turns explanations off (logged, in health); the line keeps running."""
         spec = self.config.explain
-        if not (spec.enabled and self.pack.llm is not None):
+        if not (spec.enabled and (self.pack.llm is not None or spec.backend == "remote")):
             return
         try:
             from .dialogue import DialogueStore
             from .explain import ExplainWorker
 
-            if self.pack.llm.kind == "anomalygpt":
+            local_llm = spec.backend == "local" or spec.remote.fallback_local  # a remote server gets findings only
+            if local_llm and self.pack.llm is not None and self.pack.llm.kind == "anomalygpt":
                 from .anomalygpt import Projector
 
                 self._projector = Projector(self.pack, threads=1)
@@ -293,7 +294,7 @@ class Runtime:
             self.explainer = ExplainWorker(self.pack, store, self.on_explanation, queue_size=spec.queue_size,
                                            n_threads=spec.threads, max_tokens=spec.max_tokens,
                                            time_limit_s=spec.time_limit_s, max_attempts=spec.max_attempts,
-                                           max_crashes=spec.max_crashes).start()
+                                           max_crashes=spec.max_crashes, llm=remote_answerer(self.pack, spec)).start()
         except (ImportError, EdgeError) as e:
             self.explain_error = str(e)
             log.error("explanations off: %s", e)
@@ -985,6 +986,21 @@ def check(config: StationConfig) -> str:
                 f"{config.learn.parts} parts")
     return (f"pack {pack.model_id}, state with {len(state.references)} references, scorer "
             f"{type(scorer).__name__}, threshold {scorer.threshold:.4f}")
+
+
+def remote_answerer(pack, spec):
+    """explain.backend remote: the server first, the pack's LLM in a local child as fallback if asked for."""
+    if spec.backend != "remote":
+        return None
+    from .llm_process import LlmProcess
+    from .remote_llm import RemoteFirst, RemoteLlm
+
+    r = spec.remote
+    local = None
+    if r.fallback_local and pack.llm is not None:
+        local = LlmProcess(pack, n_threads=spec.threads, max_tokens=spec.max_tokens, time_limit_s=spec.time_limit_s)
+    return RemoteFirst(RemoteLlm(r.url, r.model, r.api_key_file, r.time_limit_s, r.retries,
+                                 max_tokens=spec.max_tokens), local)
 
 
 def run(config_path: str | Path, exit_at_end: bool = False) -> int:

@@ -150,3 +150,25 @@ def retained(port: int, topic: str, timeout: float = 5.0) -> dict:
         client.disconnect()
         client.loop_stop()
     return holder["payload"]
+
+
+SHIPPED_BRIDGE = Path(__file__).resolve().parents[1] / "configs" / "mosquitto-bridge.conf"
+BRIDGE_PREFIX = "anomaly-edge/line-1/station-1"  # the prefix the shipped bridge file is written for
+
+
+def render_bridge(local: Broker, central_port: int, prefix: str = BRIDGE_PREFIX) -> None:
+    """configs/mosquitto-bridge.conf as `local`'s config: only its port, folder, the central port and
+    (when given) another station prefix and client id put in."""
+    import re
+
+    text = SHIPPED_BRIDGE.read_text()
+    substitutions = {r"^listener 1883 127\.0\.0\.1$": f"listener {local.port} 127.0.0.1",
+                     r"^persistence_location .*$": f"persistence_location {local.config.parent}/",
+                     r"^address .*$": f"address 127.0.0.1:{central_port}"}
+    for pattern, value in substitutions.items():
+        text, n = re.subn(pattern, value, text, flags=re.M)
+        assert n == 1, f"{SHIPPED_BRIDGE}: expected one line matching {pattern!r}"
+    if prefix != BRIDGE_PREFIX:
+        text = text.replace(BRIDGE_PREFIX, prefix).replace("bridge-line-1-station-1", f"bridge-{prefix.replace('/', '-')}")
+    # Run as root, mosquitto drops to user "mosquitto", which cannot write tmp_path.
+    local.config.write_text(f"user {pwd.getpwuid(os.getuid()).pw_name}\n{text}")
