@@ -352,8 +352,11 @@ def test_tensorrt_step_runs_trtexec_with_the_batch_profile_and_records_it(tmp_pa
         pytest.skip("the tensorrt package is installed: the Python API path runs instead of trtexec")
     fake = tmp_path / "bin" / "trtexec"
     fake.parent.mkdir()
-    # Records its arguments and writes the engine file where asked (what trtexec does on success).
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
+    # Says its version on --help as TensorRT 10.8's does; records its arguments and writes the engine file
+    # where asked (what trtexec does on success).
+    fake.write_text("#!/bin/sh\n"
+                    "if [ \"$1\" = --help ]; then echo '&&&& RUNNING TensorRT.trtexec [TensorRT v100800]'; exit 0; fi\n"
+                    "echo \"$@\" > \"$(dirname \"$0\")/args\"\n"
                     "for a in \"$@\"; do case $a in --saveEngine=*) echo plan > \"${a#--saveEngine=}\";; esac; done\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
