@@ -349,6 +349,9 @@ class ExplainWorker:
         self._retries: collections.deque[str] = collections.deque()  # lost to a crash: served first
         self._stop = threading.Event()
         self._cancel = threading.Event()
+        # Set by stop(), and by a technician's question while a backlog part is being explained: that
+        # explanation is cut short (its part stays pending and is explained right after the answer).
+        self._preempt = threading.Event()
         self._thread: threading.Thread | None = None
         self._check_store = threading.Event()
         self._lock = threading.Lock()
@@ -358,7 +361,7 @@ class ExplainWorker:
         self.off_reason: str | None = None
         self._stats = {"overflowed": 0, "explained": 0, "failed": 0, "last_latency_ms": None,
                        "last_compute_ms": None, "busy": False, "busy_part": None, "crashes": 0, "restarts": 0,
-                       "last_crash": None}
+                       "last_crash": None, "preempted": 0}
 
     # -- life cycle --------------------------------------------------------------------------------------
 
@@ -379,6 +382,7 @@ class ExplainWorker:
         """Stop after cancelling the explanation in progress (its part stays pending); end the LLM process."""
         self._stop.set()
         self._cancel.set()
+        self._preempt.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
@@ -434,6 +438,9 @@ class ExplainWorker:
             raise EdgeError("ExplainWorker is not running: start() it first")
         future: Future = Future()
         self._asks.put((part_id, question, on_token, future))
+        with self._lock:
+            if self._stats["busy"] and self._stats.get("busy_kind") == "backlog":
+                self._preempt.set()  # questions go ahead of the backlog: the part in progress waits
         return future.result(timeout)
 
     def stats(self) -> dict:
@@ -553,16 +560,31 @@ class ExplainWorker:
         except queue.Empty:
             return None
 
-    def _explain(self, part_id: str) -> None:
+    def _explain(self, part_id: str, backlog: bool = True) -> None:
+        """The first explanation of a flagged part. A backlog part (not the one a question is about) is
+        cut short by a technician's question and explained again right after the answer."""
         session = self.store.get(part_id)
         if session is None or session.status != "pending":
             return  # served already (it was both queued and found pending in the store)
         with self._lock:
             self._stats["busy"] = True
             self._stats["busy_part"] = part_id
+            self._stats["busy_kind"] = "backlog" if backlog else "question"
+            if not self._stop.is_set():
+                self._preempt.clear()
+            if backlog and not self._asks.empty():  # a question came in between: it goes first
+                self._stats["busy"] = False
+                self._retries.appendleft(part_id)
+                return
         try:
-            answer = respond(self._llm, self.store, part_id, self.question, cancel=self._cancel)
+            answer = respond(self._llm, self.store, part_id, self.question,
+                             cancel=self._preempt if backlog else self._cancel)
         except Cancelled:
+            if backlog and not self._stop.is_set():  # cut short for a technician's question: explained right after it
+                with self._lock:
+                    self._stats["preempted"] += 1
+                self._retries.appendleft(part_id)
+                log.info("explanation of part %s paused for a technician's question", part_id)
             return
         except LlmProcessError as e:
             self._crashed(part_id, e)
@@ -580,6 +602,7 @@ class ExplainWorker:
             with self._lock:
                 self._stats["busy"] = False
                 self._stats["busy_part"] = None
+                self._stats["busy_kind"] = None
         with self._lock:
             self._crashes_in_row = 0
         self._report(part_id, {"status": "done", "answer": answer.text, "source": answer.source,
@@ -609,7 +632,7 @@ class ExplainWorker:
             return
         try:
             if self.store.session(part_id).status == "pending":
-                self._explain(part_id)  # the first explanation comes first, and is published
+                self._explain(part_id, backlog=False)  # the first explanation comes first, and is published
                 if not self._llm.alive:
                     raise EdgeError(f"part {part_id}: the LLM process failed while explaining it "
                                     f"({self._stats['last_crash']}); ask again in a moment")

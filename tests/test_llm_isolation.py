@@ -254,3 +254,59 @@ def test_cli_ask_with_a_crashing_engine_prints_one_line_naming_the_signal(defaul
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "SIGILL" in errors[0] and "illegal instruction" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class SlowAnswerer:
+    """An answerer whose first explanation of `slow_part` runs until cancelled (or 60 s): the long
+    backlog explanation a technician's question must not wait behind. Everything else answers at once.
+    It stands in for the LLM process, which is not what this test is about (the worker's order is)."""
+
+    kind, name, pid, alive = "chat", "slow", 4242, True
+
+    def __init__(self, slow_part: str):
+        self.slow_part, self.calls, self.cancelled = slow_part, [], 0
+
+    def start(self):
+        self.alive = True
+
+    def kill(self):
+        self.alive = False
+
+    def close(self, timeout: float = 2.0):
+        self.alive = False
+
+    def answer(self, session, question, on_token=None, cancel=None):
+        from edge.explain import Answer, Cancelled
+
+        self.calls.append((session.part_id, question))
+        if session.part_id == self.slow_part and session.status == "pending":
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60:
+                if cancel is not None and cancel.is_set():
+                    self.cancelled += 1
+                    raise Cancelled(f"part {session.part_id}: explanation cancelled")
+                time.sleep(0.01)
+        return Answer(f"answer to {question!r} about {session.part_id}", "findings")
+
+
+def test_a_technicians_question_goes_ahead_of_a_long_backlog_explanation(tmp_path):
+    class _Pack:  # what the worker reads of a pack when it is handed its answerer
+        model_id, llm, root = "test", None, tmp_path
+
+    slow = SlowAnswerer("backlog-1")
+    with DialogueStore(tmp_path / "d.sqlite") as store:
+        worker = ExplainWorker(_Pack(), store, lambda m: None, llm=slow).start()
+        try:
+            worker.submit("asked-1", flagged("asked-1").findings)
+            wait_for(lambda: store.session("asked-1").status == "done", 10, "asked-1 explained")
+            worker.submit("backlog-1", flagged("backlog-1").findings)
+            wait_for(lambda: worker.stats()["busy_part"] == "backlog-1", 10, "the backlog part in progress")
+            slow.slow_part = None  # the answer in progress keeps running; its next try finishes at once
+            t0 = time.monotonic()
+            text = worker.ask("asked-1", "What does it look like?", timeout=20)
+            waited = time.monotonic() - t0
+            assert "asked-1" in text and waited < 5, waited  # not the 60 s the backlog answer would take
+            assert slow.cancelled == 1 and worker.stats()["preempted"] == 1
+            wait_for(lambda: store.session("backlog-1").status == "done", 10, "backlog-1 explained after the question")
+        finally:
+            worker.stop()
