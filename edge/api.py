@@ -10,6 +10,8 @@ on a TCP port. The technician console and scripts use it; it never blocks the fr
                                language model; with "stream": true the answer comes as NDJSON lines
                                {"token": "..."} ... then {"done": true, "answer": "..."} or {"error": ...})
     POST /reload                               re-read the config and station state
+    POST /deploy  {"pack": ..., "sha256": ...}  verify, trial-score and switch to a pack (edge.deploy)
+    POST /rollback                             back to the previous pack and state
 
 Errors come back as {"error": "..."} with 400 (bad request), 401 (TCP without the token), 404 (unknown
 part or path), 413 (body over MAX_BODY) or 503. The TCP listener (api.tcp_port) answers only requests
@@ -253,6 +255,11 @@ def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> di
             return ask(runtime, part_id, body)
     if method == "POST" and parts == ["reload"]:
         return runtime.reload()
+    if method == "POST" and parts in (["deploy"], ["rollback"]):
+        from .commands import parse_command
+
+        command = parse_command(parts[0], json.dumps(body))  # CommandError (400) naming the bad key
+        return runtime.deploy(command) if parts == ["deploy"] else runtime.rollback(command.request_id)
     raise ApiError(f"no such endpoint: {method} /{'/'.join(parts)}", 404)
 
 

@@ -9,13 +9,17 @@ the runtime answers it on `<prefix>/reply` with `ok: false` instead of acting on
     cmd/enroll-good  {"part_id": "A-1234", "by": "jane"}              a stored part is good: add it to the
                                                                      memory bank and recalibrate
     cmd/reload       {}                                                re-read the config and station state
+    cmd/deploy       {"pack": "URL or path", "sha256": "...", "state": "optional", "state_sha256": "..."}
+                                                                     verify, trial-score and switch to a pack
+                                                                     (edge.deploy; progress on P/reply)
+    cmd/rollback     {}                                                back to the previous pack and state
 """
 from __future__ import annotations
 
 import json
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import PART_ID_PATTERN
 from .errors import EdgeError
@@ -46,7 +50,28 @@ class ReloadCommand(_Command):
     pass
 
 
-COMMANDS = {"trigger": TriggerCommand, "enroll-good": EnrollGoodCommand, "reload": ReloadCommand}
+_SHA256 = r"^[0-9a-fA-F]{64}$"
+
+
+class DeployCommand(_Command):
+    pack: str = Field(min_length=1, max_length=4096)
+    sha256: str = Field(pattern=_SHA256)
+    state: str | None = Field(default=None, min_length=1, max_length=4096)
+    state_sha256: str | None = Field(default=None, pattern=_SHA256)
+
+    @model_validator(mode="after")
+    def _state_with_its_hash(self):
+        if (self.state is None) != (self.state_sha256 is None):
+            raise ValueError("state and state_sha256 go together")
+        return self
+
+
+class RollbackCommand(_Command):
+    pass
+
+
+COMMANDS = {"trigger": TriggerCommand, "enroll-good": EnrollGoodCommand, "reload": ReloadCommand,
+            "deploy": DeployCommand, "rollback": RollbackCommand}
 
 
 def _decode(name: str, payload: bytes | str) -> object:
@@ -84,7 +109,9 @@ def parse_command(name: str, payload: bytes | str) -> _Command:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(body)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            if err["type"] == "string_pattern_mismatch":
+            if err["type"] == "string_pattern_mismatch" and key.endswith("sha256"):
+                msg = "must be the 64 hex digits of a sha256"
+            elif err["type"] == "string_pattern_mismatch":
                 msg = "must be 1-128 letters, digits or . _ : - (starting with a letter or digit)"
             problems.append(f"{key}: {msg}")
         raise CommandError(f"{name}: " + "; ".join(problems)) from None

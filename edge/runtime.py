@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 
 from . import visual
-from .commands import CommandError, EnrollGoodCommand, ReloadCommand, TriggerCommand, parse_command, request_id_of
+from .commands import (CommandError, DeployCommand, EnrollGoodCommand, ReloadCommand, RollbackCommand, TriggerCommand,
+                       parse_command, request_id_of)
 from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
 from .backend import create_backend
 from .decide import Result
@@ -40,6 +41,7 @@ from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .station_lock import StationLock
 from .state import enroll, load_state
+from .deploy import deploy_health, run_deploy, run_rollback, start_models
 from .student import StudentScorer
 from .store import TraceStore, iso_time
 
@@ -171,7 +173,13 @@ class Runtime:
         self.station = config.station.name
         # The encoder backend of the whole station (TensorRT engines and GPU banks live on the process's
         # device thread, edge.device); the state's threshold must have been calibrated with its numerics.
-        self.pack, self.backend, self.state, self.scorer = load_models(config)
+        # The pack and state deployed last (edge.deploy), the previous ones if those fail to load.
+        self.config, models, self.deploy_note = start_models(config, load_models)
+        config = self.config
+        self.pack, self.backend, self.state, self.scorer = models
+        self.deploy_last: dict | None = None
+        if self.deploy_note:
+            log.error("%s", self.deploy_note)
         self.learner: LineLearner | None = None
         if self.scorer is None:
             # Learn mode: no state yet; the first learn.parts parts build it (edge.line_learning).
@@ -772,6 +780,9 @@ class Runtime:
                 self._jobs.put(("enroll-good", command))
             elif isinstance(command, ReloadCommand):
                 self._jobs.put(("reload", command))
+            elif isinstance(command, (DeployCommand, RollbackCommand)):
+                self._reply(name, command.request_id, True, step="queued", done=False)
+                self._jobs.put((name, command))
         except Exception as e:  # EdgeError: refused as sent; anything else is ours, still answered
             self.counts["bad_commands"] += 1
             error = str(e) if isinstance(e, EdgeError) else f"{name}: not carried out: {type(e).__name__}: {e}"
@@ -798,12 +809,15 @@ class Runtime:
                     result = self.reload()
                 elif kind == "learn":
                     result = self._learn_state()
+                elif kind in ("deploy", "rollback"):
+                    result = self.deploy(command) if kind == "deploy" else self.rollback(rid)
                 else:
                     result = self.enroll_good(command.part_id, command.by)
                 self._reply(kind, rid, True, **result)
             except Exception as e:
                 log.warning("%s failed: %s", kind, e)
-                self._reply(kind, rid, False, error=str(e))
+                step = {"step": e.step, "done": True} if hasattr(e, "step") else {}
+                self._reply(kind, rid, False, error=str(e), **step)
 
     def enroll_good(self, part_id: str, by: str) -> dict:
         """A stored part is good: add its image to the station's references, rebuild the bank,
@@ -834,6 +848,36 @@ class Runtime:
             reply["note"] = ("added to the references and the bank; the learned scorer was not retrained: run "
                              f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
         return reply
+
+    def _switch_models(self, config: StationConfig, models) -> None:
+        """Swap pack, backend, state and scorer together (edge.deploy); the score loop takes the next batch's
+        scorer from here. The explainer keeps the LLM it started with until a restart."""
+        with self._state_lock:
+            self.config = config
+            self.pack, self.backend, self.state, self.scorer = models
+
+    def deploy(self, command: DeployCommand) -> dict:
+        """Verify, trial-score and switch to a pack (and state); every step is replied on P/reply."""
+        def progress(step, **fields):
+            self._reply("deploy", command.request_id, True, step=step, done=False, **fields)
+        return self._deploy_outcome(command.request_id, lambda: run_deploy(self, command, load_models, progress))
+
+    def rollback(self, request_id: str | None = None) -> dict:
+        def progress(step, **fields):
+            self._reply("rollback", request_id, True, step=step, done=False, **fields)
+        return self._deploy_outcome(request_id, lambda: run_rollback(self, load_models, progress))
+
+    def _deploy_outcome(self, request_id, attempt) -> dict:
+        try:
+            result = attempt()
+        except EdgeError as e:
+            self.deploy_last = {"request_id": request_id, "ok": False, "step": getattr(e, "step", None),
+                                "error": str(e)[:500], "time": iso_time(time.time())}
+            raise
+        self.deploy_last = {"request_id": request_id, "ok": True, "model_id": result["model_id"],
+                            "time": iso_time(time.time())}
+        log.info("deployed: now on pack %s (%s)", result["model_id"], result["pack_dir"])
+        return result
 
     def _state_for_backend(self, state):
         """The state, or (gpu.on_calibration_mismatch: recalibrate) it recalibrated for this backend."""
@@ -918,6 +962,7 @@ class Runtime:
                         "low_space": low_space, "over_budget": self.store.over_budget,
                         "images_skipped": self.store.images_skipped,
                         "refused_parts": int(self.counts["refused_storage"])},
+            "pack_sha256": self.pack.manifest_sha256, "deploy": deploy_health(self),
             "explain": self.explainer.stats() if self.explainer is not None else (
                 {"error": self.explain_error} if self.explain_error else None),
         }
