@@ -234,3 +234,29 @@ def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
             ApiClient(Path(rt.config.storage.dir) / "api.sock").post("/rollback", {})
     finally:
         rt.stop()
+
+
+def test_a_download_over_the_size_limit_or_with_the_wrong_hash_is_refused(tmp_path):
+    from edge.deploy import DeployError, fetch
+
+    served = tmp_path / "served"
+    (served / "p").mkdir(parents=True)
+    (served / "p" / "pack.yaml").write_text("model_id: x\n")
+    archive = served / "p.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(served / "p", arcname="p")
+    server = _PackServer(served)
+    try:
+        url = f"{server.url}/p.tar.gz"
+        with pytest.raises(DeployError, match="over the 10-byte limit") as e:
+            fetch(url, _sha(archive), tmp_path / "s1", "pack.yaml", "pack", max_bytes=10)
+        assert e.value.step == "download"
+        with pytest.raises(DeployError, match=f"sha256 of {url} is {_sha(archive)}") as e:
+            fetch(url, "b" * 64, tmp_path / "s2", "pack.yaml", "pack")
+        assert e.value.step == "verify"
+        with pytest.raises(DeployError, match="must name a .tar.gz"):
+            fetch(f"{server.url}/p", _sha(archive), tmp_path / "s3", "pack.yaml", "pack")
+        folder = fetch(url, _sha(archive), tmp_path / "s4", "pack.yaml", "pack")
+        assert (folder / "pack.yaml").read_text() == "model_id: x\n" and folder.name == "p"
+    finally:
+        server.close()
