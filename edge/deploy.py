@@ -95,12 +95,25 @@ def start_models(config, load_models):
                             f"no previous pack to fall back to: {e}") from e
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, EdgeError) else str(e)
         chosen = config.model_copy(update={"pack": Path(previous["pack"]), "state": Path(previous["state"])})
-        models = load_models(chosen)
+        try:
+            models = load_models(chosen)
+        except Exception as e2:
+            raise EdgeError(f"deployed pack {active.get('model_id')} at {active['pack']} does not load ({reason[:500]}), "
+                            f"nor does the previous one {previous.get('model_id')} at {previous['pack']} ({e2}); "
+                            f"remove {deploy_dir(config.storage.dir) / RECORD} to start on the configured pack") from e2
         write_record(config.storage.dir, {"active": previous, "previous": None,
                                           "failed": {**active, "error": reason[:2000]}})
         note = (f"deployed pack {active.get('model_id')} ({active['pack']}) failed at start ({reason[:500]}); "
                 f"started on the previous pack {previous.get('model_id')}")
         return chosen, models, note
+
+
+def keep_deployed(new_config, running_config):
+    """A config file re-read (reload) keeps the deployed pack and state while a deployment record exists:
+    the file still names the pack the station was set up with."""
+    if read_record(running_config.storage.dir) is None:
+        return new_config
+    return new_config.model_copy(update={"pack": running_config.pack, "state": running_config.state})
 
 
 # -- fetching ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .tiling import station_scorer
 from .sources import Frame, ReconnectingSource, make_source
 from .station_lock import StationLock
 from .state import enroll, load_state
-from .deploy import deploy_health, run_deploy, run_rollback, start_models
+from .deploy import deploy_health, keep_deployed, run_deploy, run_rollback, start_models
 from .student import StudentScorer
 from .store import TraceStore, iso_time
 
@@ -895,7 +895,7 @@ class Runtime:
         """Re-read the config file (applying what can be applied live) and the station state."""
         applied, restart = [], []
         if self.config_path is not None:
-            new = load_config(self.config_path)
+            new = keep_deployed(load_config(self.config_path), self.config)  # edge.deploy's pack stays
             keys = changed_keys(self.config, new)
             restart = needs_restart(keys)
             applied = [k for k in keys if k not in restart]

@@ -141,6 +141,9 @@ def test_refused_deployments_leave_the_pack_and_a_good_one_switches_and_rolls_ba
         wait_until(lambda: any(json.loads(m.payload).get("model_id") == "default-b" for m in list(sub.messages)
                                if m.topic == f"{PREFIX}/status"), 10, "the status naming the new pack")
 
+        reloaded = rt.reload()  # the config file still names the first pack: the deployed one stays
+        assert rt.pack.model_id == "default-b" and "pack" not in reloaded["needs_restart"], reloaded
+
         steps = _command(broker, sub, "rollback", {}, "r1")
         assert steps[-1]["ok"] and steps[-1]["model_id"] == original, steps
         assert rt.pack.model_id == original and rt.health()["deploy"]["previous"]["model_id"] == "default-b"
