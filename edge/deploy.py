@@ -22,6 +22,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -272,6 +273,7 @@ def run_deploy(rt, command, load_models, progress) -> dict:
 
     if not _one_at_a_time.acquire(blocking=False):
         raise DeployError("queue", "another deployment or rollback is in progress; send it again when it replies")
+    started = time.monotonic()
     storage = rt.config.storage.dir
     staging = new_staging(storage)
     installed: list[Path] = []
@@ -325,7 +327,8 @@ def run_deploy(rt, command, load_models, progress) -> dict:
         installed.clear()
         write_record(storage, {"active": active, "previous": previous})
         return {"step": "switched", "done": True, "model_id": active["model_id"], "pack_sha256": active["pack_sha256"],
-                "pack_dir": active["pack"], "state": active["state"], "previous": previous, **report}
+                "pack_dir": active["pack"], "state": active["state"], "previous": previous, **report,
+                "duration_s": round(time.monotonic() - started, 2)}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in installed:  # installed for this attempt only, never switched to
