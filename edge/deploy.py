@@ -148,7 +148,7 @@ def _download(url: str, dest: Path, max_bytes: int, timeout_s: float) -> None:
 
 
 def _extract(archive: Path, into: Path, where: str) -> Path:
-    """The folder in the archive holding `marker`-less content: the archive root or its single top folder."""
+    """The unpacked folder: the archive's single top-level folder, or the archive root when it has more."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(into, filter="data")  # no absolute paths, no '..', no devices or links out
@@ -244,7 +244,12 @@ def install(staged: Path, kind: str, storage_dir, digest: str) -> Path:
 
 
 def new_staging(storage_dir) -> Path:
+    """A fresh staging folder; called under the one-deployment lock, so what is left there is from a
+    deployment a crash or a kill cut short, and goes."""
     root = deploy_dir(storage_dir) / "staging"
+    if root.is_dir():
+        for stale in root.iterdir():
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="deploy-", dir=root))
 

@@ -91,6 +91,9 @@ def test_refused_deployments_leave_the_pack_and_a_good_one_switches_and_rolls_ba
     (strict_state / "state.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
     cfg = _station(tmp_path, default_pack_dir, enrolled_state, broker)
+    left_over = tmp_path / "var" / "deploy" / "staging" / "deploy-killed"  # a deployment a kill cut short
+    left_over.mkdir(parents=True)
+    (left_over / "half.tar.gz").write_bytes(b"\x1f\x8b")
     sub = Subscriber(broker.port, f"{PREFIX}/#")
     rt = start(cfg)
     try:
