@@ -285,6 +285,7 @@ def run_deploy(rt, command, load_models, progress) -> dict:
     try:
         if rt.scorer is None:
             raise DeployError("compatible", "the station is in learn mode (no state yet): deploy once it has one")
+        state_before = rt.state
         progress("fetch", pack=command.pack)
         pack_dir = fetch(command.pack, command.sha256, staging / "pack", MANIFEST, "pack")
         progress("verified", sha256=command.sha256.lower())
@@ -328,7 +329,10 @@ def run_deploy(rt, command, load_models, progress) -> dict:
                               f"{report['threshold']} (worst {worst['file']}: {worst['score']}); not switched")
         previous = _current_entry(rt)
         active = entry_for(models[0], state_root)
-        rt._switch_models(candidate, models)
+        try:
+            rt._switch_models(candidate, models, expect_state=state_before)
+        except EdgeError as e:
+            raise DeployError("queue", str(e)) from None
         installed.clear()
         write_record(storage, {"active": active, "previous": previous})
         return {"step": "switched", "done": True, "model_id": active["model_id"], "pack_sha256": active["pack_sha256"],

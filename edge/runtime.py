@@ -849,10 +849,14 @@ class Runtime:
                              f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
         return reply
 
-    def _switch_models(self, config: StationConfig, models) -> None:
+    def _switch_models(self, config: StationConfig, models, expect_state=None) -> None:
         """Swap pack, backend, state and scorer together (edge.deploy); the score loop takes the next batch's
-        scorer from here. The explainer keeps the LLM it started with until a restart."""
+        scorer from here. The explainer keeps the LLM it started with until a restart. `expect_state`: refuse
+        (CommandError) if an enrollment or reload replaced the state since the models were built."""
         with self._state_lock:
+            if expect_state is not None and self.state is not expect_state:
+                raise CommandError("the station state changed during the deployment (an enrollment or reload); "
+                                   "nothing switched: send it again")
             self.config = config
             self.pack, self.backend, self.state, self.scorer = models
 

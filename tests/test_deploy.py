@@ -216,6 +216,21 @@ def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
         with pytest.raises(ApiError, match="state and state_sha256 go together"):
             api.post("/deploy", {"pack": str(pack), "sha256": _sha(pack / "pack.yaml"), "state": str(enrolled_state)})
         assert rt.pack.model_id == original
+
+        # An enrollment or reload that replaces the state while the pack is trial-scored: nothing switches.
+        from edge.commands import DeployCommand
+        from edge.deploy import DeployError, run_deploy
+        from edge.runtime import load_models
+
+        def reload_during_trial(step, **fields):
+            if step == "trial":
+                rt.reload()
+        with pytest.raises(DeployError, match="state changed during the deployment") as raced:
+            run_deploy(rt, DeployCommand(pack=str(pack), sha256=_sha(pack / "pack.yaml")), load_models,
+                       reload_during_trial)
+        assert raced.value.step == "queue" and rt.pack.model_id == original
+        assert not (Path(rt.config.storage.dir) / "deploy" / "active.json").exists()
+
         out = api.post("/deploy", {"pack": f"{server.url}/default-c.tar.gz", "sha256": _sha(archive),
                                    "request_id": "http-1"})
         assert out["step"] == "switched" and out["done"]
