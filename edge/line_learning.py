@@ -35,6 +35,7 @@ class LineLearner:
         self.folder = Path(storage_dir) / FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._count = len(self.collected())  # kept before a restart count; then counted here, not globbed per part
         self.attempts = 0
         self.last_error: str | None = None
         self.learning = False  # the state is being built
@@ -44,14 +45,14 @@ class LineLearner:
         return sorted(p for p in self.folder.glob("*.png") if not p.name.startswith("."))
 
     def progress(self) -> dict:
-        return {"collected": min(len(self.collected()), self.parts), "of": self.parts,
+        return {"collected": min(self._count, self.parts), "of": self.parts,
                 "building": self.learning, "attempts": self.attempts, "last_error": self.last_error}
 
     def add(self, part_id: str, image: np.ndarray) -> tuple[dict, bool]:
         """Keep the frame of `part_id` if the collection is not full yet. Returns (progress, full now):
         `full now` is true once, for the part that completes the collection."""
         with self._lock:
-            have = len(self.collected())
+            have = self._count
             if have >= self.parts:
                 return self.progress(), False
             path = self.folder / f"{have:05d}_{_safe(part_id)}.png"
@@ -60,10 +61,11 @@ class LineLearner:
                 raise StateError(f"learn mode: could not write {tmp}")
             path.with_suffix(".id").write_text(part_id, encoding="utf-8")
             tmp.replace(path)
-            return self.progress(), have + 1 == self.parts
+            self._count = have + 1
+            return self.progress(), self._count == self.parts
 
     def full(self) -> bool:
-        return len(self.collected()) >= self.parts
+        return self._count >= self.parts
 
     def build(self, log=print):
         """Learn the state from the collected frames into state_dir. Returns (state, summary with the
@@ -97,8 +99,10 @@ class LineLearner:
             return Path(file_name).stem.split("_", 1)[-1]
 
     def _clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._count = 0
 
 
 def _safe(part_id: str) -> str:

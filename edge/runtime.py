@@ -711,9 +711,7 @@ class Runtime:
         with self._state_lock:
             state, summary = learner.build(log=log.info)
             state = self._state_for_backend(state)
-            scorer = station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend,
-                                    kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
-                                    allow_undertrained=self.config.student_allow_undertrained)
+            scorer = self._scorer_for(state)
             self.state, self.scorer, self.learner = state, scorer, None
         log.info("learn mode: state built from %d parts (%d set aside as suspect: %s); threshold %.4f",
                  summary["parts"], len(summary["suspects"]),
@@ -890,7 +888,7 @@ class Runtime:
 
     def _scorer_for(self, state):
         # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
-        extractor = None if isinstance(self.scorer, StudentScorer) else self.scorer.extractor
+        extractor = None if self.scorer is None or isinstance(self.scorer, StudentScorer) else self.scorer.extractor
         return station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, extractor=extractor,
                               kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
                               allow_undertrained=self.config.student_allow_undertrained)

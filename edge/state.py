@@ -4,7 +4,7 @@
 threshold calibrated on k-fold held-out scores of the references themselves. With at most
 FEW_SHOT_MAX_SHOTS references enrollment is few-shot instead: augmented views of every shot, the
 subspace head of `edge.fewshot` (saved as `head-<sha>.npz`), and a threshold from held-out views
-capped below synthetic-defect scores. Enrolling more images later rebuilds all of it from the
+(capped below synthetic-defect scores up to FEW_SHOT_MAX_VIEWED_SHOTS shots). Enrolling more images later rebuilds all of it from the
 references kept in the state's `good/` folder.
 """
 from __future__ import annotations

@@ -45,6 +45,12 @@ def command(child: pexpect.spawn, line: str, *expect: str, timeout: float = 60) 
         child.expect(pattern, timeout=timeout)
 
 
+def start_service(cfg):
+    """`anomaly-edge run` on the config, in its own process."""
+    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @needs_mosquitto
 @pytest.mark.timeout(300)
 def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker, tmp_path, default_pack_dir,
@@ -56,8 +62,7 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         cv2.imwrite(str(folder / name), stain.image)
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, {"kind": "folder", "path": str(folder)},
                        trigger={"mode": "mqtt"})
-    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = start_service(cfg)
     sock = tmp_path / "var" / "api.sock"
     api = ApiClient(sock)
     child = None
@@ -88,8 +93,7 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         service.send_signal(signal.SIGTERM)
         service.wait(30)
         command(child, "status", "the station service is not running")
-        service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        service = start_service(cfg)
         wait_until(lambda: sock.exists() and api.get("/health")["state"] == "online", 60, "the restarted service")
         command(child, "ask Is it a defect?", "Yes")  # the part and its dialogue survive the restart
         child.expect(r"\[P-1\]>")  # the answer is complete (and recorded) when the prompt is back
@@ -152,8 +156,7 @@ def test_at_80_columns_a_technician_opens_what_the_list_shows(broker, tmp_path, 
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
                        {"kind": "synthetic", "seed": 0, "defect_rate": 1.0, "count": 6},
                        explain={"enabled": False}, station={"name": "station-1"})
-    service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = start_service(cfg)
     sock = tmp_path / "var" / "api.sock"
     api = ApiClient(sock)
     child = None
