@@ -28,8 +28,9 @@ from edge.pack import load_pack  # noqa: E402
 from edge.synthetic import write_good_parts  # noqa: E402
 
 
-def encoder_only_copy(src: Path, dest: Path, model_id: str) -> Path:
-    """The pack without its LLM, under another model_id (same encoder, so the state still fits)."""
+def encoder_only_copy(src: Path, dest: Path, model_id: str, edit=None) -> Path:
+    """The pack without its LLM, under another model_id (same encoder, so the state still fits);
+    `edit(manifest)` may change the manifest before it is written (tests/test_deploy.py)."""
     dest.mkdir(parents=True)
     manifest = yaml.safe_load((src / "pack.yaml").read_text())
     manifest["model_id"] = model_id
@@ -37,6 +38,8 @@ def encoder_only_copy(src: Path, dest: Path, model_id: str) -> Path:
     manifest["files"] = {k: v for k, v in manifest["files"].items() if k == manifest["encoder"]["file"]}
     for entry in manifest["files"].values():
         shutil.copy2(src / entry["path"], dest / entry["path"])
+    if edit:
+        edit(manifest)
     (dest / "pack.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return dest
 

@@ -14,30 +14,16 @@ import cv2
 import pytest
 import yaml
 
+from bench.bench_deploy import encoder_only_copy as make_pack
+from edge.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, wait_until
 from station_helpers import start, write_config
-from edge.synthetic import SyntheticLine
 
 PREFIX = "test/s1"
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def make_pack(src: Path, dest: Path, model_id: str, edit=None) -> Path:
-    """A copy of the session's pack under another model_id, without its LLM (smaller, same encoder)."""
-    dest.mkdir(parents=True)
-    manifest = yaml.safe_load((src / "pack.yaml").read_text())
-    manifest["model_id"] = model_id
-    manifest.pop("llm", None)
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if k == manifest["encoder"]["file"]}
-    for entry in manifest["files"].values():
-        shutil.copy2(src / entry["path"], dest / entry["path"])
-    if edit:
-        edit(manifest)
-    (dest / "pack.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return dest
 
 
 def _send(port: int, name: str, body: dict) -> None:
