@@ -294,11 +294,10 @@ class TraceStore(SqliteStore):
     def files_bytes(self) -> int:
         return self._files_bytes
 
-    def db_bytes(self, pattern: str = "*.sqlite*") -> int:
-        """Every SQLite database in the folder with its WAL and shared-memory files (or the files of
-        `pattern`, e.g. only the WALs)."""
+    def db_bytes(self) -> int:
+        """Every SQLite database in the folder with its WAL and shared-memory files."""
         total = 0
-        for f in self.root.glob(pattern):
+        for f in self.root.glob("*.sqlite*"):
             try:
                 total += f.stat().st_size
             except OSError:  # a WAL removed by a checkpoint between glob and stat
@@ -352,29 +351,21 @@ class TraceStore(SqliteStore):
         with self._space_lock:
             self._last_room_at = time.monotonic()
             self.checkpoint_all()
-            removed = self._purge_oldest_files(lambda: self._free_space() < floor)
+            removed = 0
+            while self._free_space() < floor:
+                rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
+                                 "AND files_purged = 0 ORDER BY captured_at LIMIT 16")
+                if not rows:
+                    break
+                for part_id, files_dir, nbytes in rows:
+                    self._remove_files(files_dir, nbytes)
+                    self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
+                    removed += 1
             if removed:
                 log.warning("traceability: below the free-space floor (%g MB): removed the files of the %d "
                             "oldest parts", self.min_free_mb, removed)
                 self._prune_empty_days()
             return self._free_space() >= floor
-
-    def _purge_oldest_files(self, short_of_space) -> int:
-        """Remove the oldest parts' image files (rows stay, marked purged) while `short_of_space()`;
-        returns how many parts lost their files."""
-        removed = 0
-        while short_of_space():
-            rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
-                             "AND files_purged = 0 ORDER BY captured_at LIMIT 64")
-            if not rows:
-                break
-            for part_id, files_dir, nbytes in rows:
-                self._remove_files(files_dir, nbytes)
-                self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
-                removed += 1
-                if not short_of_space():
-                    break
-        return removed
 
     # -- retention ----------------------------------------------------------------------------
 
@@ -394,13 +385,24 @@ class TraceStore(SqliteStore):
         """Checkpoint the databases, then remove the oldest parts' files until files and databases fit
         the budget; returns how many parts lost files."""
         budget = self.disk_budget_mb * 1e6
-        wal = self.db_bytes("*.sqlite-wal")
+        removed = 0
+        wal = sum(f.stat().st_size for f in self.root.glob("*.sqlite-wal") if f.exists())
         # A checkpoint costs a sync: at most one a second, unless the WALs are a tenth of the budget.
         if self.used_bytes() > budget and (wal > budget / 10 or time.monotonic() - self._last_room_at >= 1.0):
             self._last_room_at = time.monotonic()
             self.checkpoint_all()
         db = self.db_bytes()
-        removed = self._purge_oldest_files(lambda: self._files_bytes + db > budget)
+        while self._files_bytes + db > budget:
+            rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
+                             "AND files_purged = 0 ORDER BY captured_at LIMIT 64")
+            if not rows:
+                break
+            for part_id, files_dir, nbytes in rows:
+                self._remove_files(files_dir, nbytes)
+                self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
+                removed += 1
+                if self._files_bytes + db <= budget:
+                    break
         over = self._files_bytes + db > budget
         if over and not self.over_budget:
             log.error("traceability: the databases in %s alone take %.1f MB, over storage.disk_budget_mb %g "
