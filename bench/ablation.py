@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import metrics  # noqa: E402
-from edge.dataset import open_mvtec, read_mask  # noqa: E402
-from edge.decide import image_score  # noqa: E402
+from edge.evaluation import metrics  # noqa: E402
+from edge.evaluation.dataset import open_mvtec, read_mask  # noqa: E402
+from edge.scoring.decide import image_score  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.preprocess import read_image  # noqa: E402
-from edge.scorer import FeatureExtractor, distances_to_maps  # noqa: E402
-from edge.state import build_bank  # noqa: E402
+from edge.inference.preprocess import read_image  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, distances_to_maps  # noqa: E402
+from edge.station.state import build_bank  # noqa: E402
 
 STEP = 4  # pixel metrics on every 4th row/column
 

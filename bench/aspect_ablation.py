@@ -4,7 +4,7 @@ Exports the default pack's EfficientNet-Lite0 encoder once more with dynamic hei
 (checked against PyTorch at non-square sizes), then scores an MVTec-layout category twice: frames
 squashed to 224x224 (what the pack does) and frames resized to the same area keeping their aspect
 ratio (each side a multiple of 32). References: K shots as eval draws them, `rot8` views, the
-subspace head of edge.fewshot; the map is upsampled to the frame's input size before the top-5% score.
+subspace head of edge.scoring.fewshot; the map is upsampled to the frame's input size before the top-5% score.
 
     python bench/aspect_ablation.py --data ../shared/data/magnetic_tile --shots 1,4,16 --seeds 0,1,2
 """
@@ -22,12 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import metrics  # noqa: E402
-from edge.dataset import open_dataset  # noqa: E402
-from edge.decide import image_score  # noqa: E402
-from edge.fewshot import SubspaceHead, few_shot_views  # noqa: E402
-from edge.preprocess import choose_shots, read_image  # noqa: E402
-from edge.scorer import upsample_maps  # noqa: E402
+from edge.evaluation import metrics  # noqa: E402
+from edge.evaluation.dataset import open_dataset  # noqa: E402
+from edge.scoring.decide import image_score  # noqa: E402
+from edge.scoring.fewshot import SubspaceHead, few_shot_views  # noqa: E402
+from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
+from edge.scoring.scorer import upsample_maps  # noqa: E402
 
 
 def export_dynamic(path: Path) -> float:

@@ -1,6 +1,6 @@
 """The bridge's end-to-end delay: S stations, each with its own station-local Mosquitto bridged to one
 central Mosquitto by configs/mosquitto-bridge.conf (ports, folders and prefix put in), each publishing
-results at R parts/s through the real outbox publisher (edge.publish); a subscriber on the central
+results at R parts/s through the real outbox publisher (edge.line.publish); a subscriber on the central
 broker measures publish() -> arrival per message.
 
     PYTHONPATH=. python bench/bench_bridge.py --stations 4 --rate 30 --seconds 20 [--json out.json]
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from edge.publish import MqttPublisher
+    from edge.line.publish import MqttPublisher
     from mqtt_helpers import Broker, Subscriber, render_bridge, wait_until
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-bridge-"))

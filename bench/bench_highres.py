@@ -3,7 +3,7 @@
     python bench/bench_highres.py --pack packs/default [--references 10] [--test 40]
         [--configs whole,tile3-shared,tile3-per_tile] [--heatmap docs/images/highres-heatmap.jpg]
 
-Frames come from `edge.synthetic.HighResLine` (half good, half with one pit or scratch of 150-20,000 px,
+Frames come from `edge.line.synthetic.HighResLine` (half good, half with one pit or scratch of 150-20,000 px,
 exact masks) and are cached under --cache. For each configuration: enroll the references (bank and
 automatic threshold at that tiling), score the test frames one at a time, and report image AUROC,
 pixel AUROC, recall of defects by size bucket at the automatic threshold (a defect is found when the
@@ -25,14 +25,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge import metrics  # noqa: E402
+from edge.evaluation import metrics  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.roi import RoiSpec  # noqa: E402
-from edge.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.state import build_state  # noqa: E402
-from edge.synthetic import HighResLine  # noqa: E402
-from edge.tiling import TiledScorer, TilingSpec, build_tiled_state  # noqa: E402
-from edge.visual import heatmap_overlay  # noqa: E402
+from edge.scoring.roi import RoiSpec  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.station.state import build_state  # noqa: E402
+from edge.line.synthetic import HighResLine  # noqa: E402
+from edge.scoring.tiling import TiledScorer, TilingSpec, build_tiled_state  # noqa: E402
+from edge.scoring.visual import heatmap_overlay  # noqa: E402
 
 # Defect area as a fraction of the frame: the target is recall >= 0.9 from 0.05 % up.
 BUCKETS = ((0.0, 0.0002), (0.0002, 0.0005), (0.0005, 0.002), (0.002, 1.0))

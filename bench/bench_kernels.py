@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge.bank import MemoryBank  # noqa: E402
-from edge.cuda import CudaKernels, CudaUnavailable, GpuMemoryBank  # noqa: E402
+from edge.scoring.bank import MemoryBank  # noqa: E402
+from edge.inference.cuda import CudaKernels, CudaUnavailable, GpuMemoryBank  # noqa: E402
 from kernels import reference as R  # noqa: E402
 
 

@@ -11,7 +11,7 @@ part, and the frame loop's latency with the LLM busy against idle.
    while the worker (1 thread) explains a stream of parts, against the same loop with the worker idle;
    idle and busy blocks alternate to spread drift from other load on the machine.
 4. With --sentences: how many of the model's sentences survive the check against the findings
-   (edge.prompts.check_claims), over the first explanation and the follow-ups the model answers
+   (edge.explain.prompts.check_claims), over the first explanation and the follow-ups the model answers
    (descriptions), on synthetic flagged parts and issue 17's three-region part; why the rest were dropped.
 Prints markdown for docs/benchmarks.md.
 """
@@ -38,16 +38,16 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge.dialogue import DialogueStore  # noqa: E402
-from edge.dialogue import Session  # noqa: E402
-from edge.explain import Explainer, ExplainWorker, lower_thread_priority  # noqa: E402
-from edge.findings import describe  # noqa: E402
-from edge.llm import LlamaEngine, LlamaModel  # noqa: E402
+from edge.explain.dialogue import DialogueStore  # noqa: E402
+from edge.explain.dialogue import Session  # noqa: E402
+from edge.explain.explainer import Explainer, ExplainWorker, lower_thread_priority  # noqa: E402
+from edge.explain.findings import describe  # noqa: E402
+from edge.explain.llm import LlamaEngine, LlamaModel  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.prompts import FIRST_QUESTION, ChatPrompt, opening  # noqa: E402
-from edge.scorer import Scorer  # noqa: E402
-from edge.state import build_state  # noqa: E402
-from edge.synthetic import SyntheticLine  # noqa: E402
+from edge.explain.prompts import FIRST_QUESTION, ChatPrompt, opening  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
+from edge.station.state import build_state  # noqa: E402
+from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 MM_PER_PIXEL = 0.05
 
@@ -134,7 +134,7 @@ def bench_sentences(pack, findings: list, work: Path) -> dict:
     import collections
     import re as _re
 
-    from edge.explain import respond
+    from edge.explain.explainer import respond
 
     explainer = Explainer(pack, n_threads=1)
     judged = kept = answers = model_answers = 0

@@ -8,7 +8,7 @@
    native build: scripts/build-llama-cpp.sh VENV --flavour native), each in a fresh child process,
    rounds alternating; a build that crashes is reported with its signal.
 2. Process boundary: the same explanation answered by an Explainer in this process and by an LlmProcess
-   (edge.llm_process), alternating: time to the first streamed text, time to the first model token, total.
+   (edge.explain.llm_process), alternating: time to the first streamed text, time to the first model token, total.
 Prints markdown for docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench.bench_scoring import cpu_name  # noqa: E402
 
 _ENGINE = r"""
 import json, sys, time
-from edge.llm import LlamaEngine, LlamaModel, _lib
+from edge.explain.llm import LlamaEngine, LlamaModel, _lib
 model = LlamaModel(sys.argv[1])
 engine = LlamaEngine(model, n_ctx=2048, n_threads=1)
 prompt = model.tokenize("Describe the defect on the part in one sentence. " * 24, add_bos=True)
@@ -43,7 +43,7 @@ print(json.dumps({"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / pr
 """
 
 
-_INFO = "from edge.llm import _lib; i = _lib().llama_print_system_info(); print(i.decode() if isinstance(i, bytes) else i)"
+_INFO = "from edge.explain.llm import _lib; i = _lib().llama_print_system_info(); print(i.decode() if isinstance(i, bytes) else i)"
 
 
 def system_info(python: str) -> str:
@@ -55,7 +55,7 @@ def engine_run(python: str, gguf: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([python, "-c", _ENGINE, str(gguf)], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
-        from edge.llm_process import describe_exit
+        from edge.explain.llm_process import describe_exit
 
         return {"error": describe_exit(proc.returncode)[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,10 +63,10 @@ def engine_run(python: str, gguf: Path) -> dict:
 
 def boundary(pack, rounds: int) -> dict:
     from bench.bench_llm import flagged_findings, station
-    from edge.dialogue import Session
-    from edge.explain import Explainer
-    from edge.llm_process import LlmProcess
-    from edge.prompts import FIRST_QUESTION
+    from edge.explain.dialogue import Session
+    from edge.explain.explainer import Explainer
+    from edge.explain.llm_process import LlmProcess
+    from edge.explain.prompts import FIRST_QUESTION
 
     line, scorer = station(pack)
     findings = flagged_findings(line, scorer, 1)[0]  # a real flagged synthetic part

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge.publish import MqttPublisher  # noqa: E402
+from edge.line.publish import MqttPublisher  # noqa: E402
 
 PAYLOAD = {"station": "s1", "verdict": "normal", "score": 1.234, "threshold": 2.5, "p_value": 0.41,
            "regions": [], "latency_ms": {"queue": 0.4, "score": 13.1, "capture_to_publish": 15.2}}

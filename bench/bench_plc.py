@@ -36,9 +36,9 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench.bench_outbox import free_port, start_broker  # noqa: E402
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge.config import load_config  # noqa: E402
-from edge.plc.sparkplug import SparkplugNode  # noqa: E402
-from edge.plc.sparkplug_schema import Payload  # noqa: E402
+from edge.line.config import load_config  # noqa: E402
+from edge.line.plc.sparkplug import SparkplugNode  # noqa: E402
+from edge.line.plc.sparkplug_schema import Payload  # noqa: E402
 
 
 class DdataCounter:
@@ -84,7 +84,7 @@ def station_config(work: Path, pack: Path, state: Path, broker_port: int, source
 
 
 def bench_handshakes(work: Path, pack: Path, state: Path, broker_port: int, n: int) -> dict:
-    from edge.runtime import Runtime
+    from edge.line.runtime import Runtime
 
     ua_port, mb_port = free_port(), free_port()
     cfg = station_config(work / "opcua", pack, state, broker_port, {"kind": "synthetic", "seed": 0},
@@ -112,7 +112,7 @@ def bench_handshakes(work: Path, pack: Path, state: Path, broker_port: int, n: i
 
 
 def bench_station_sparkplug(work: Path, pack: Path, state: Path, broker_port: int, seconds: float) -> dict:
-    from edge.runtime import Runtime
+    from edge.line.runtime import Runtime
 
     counter = DdataCounter(broker_port)
     cfg = station_config(work / "spb", pack, state, broker_port, {"kind": "synthetic", "seed": 0, "fps": 30},
@@ -139,7 +139,7 @@ def _stand_in_runtime(work: Path, broker_port: int):
            "mqtt": {"host": "127.0.0.1", "port": broker_port, "sparkplug": {"enabled": True, "group_id": "bench",
                                                                            "edge_node_id": "alone"}},
            "storage": {"dir": str(work)}}
-    from edge.config import parse_config
+    from edge.line.config import parse_config
 
     config = parse_config(raw, work / "station.yaml", check_files=False)
     counts = collections.Counter()
@@ -198,8 +198,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from edge.pack import load_pack
-    from edge.state import enroll
-    from edge.synthetic import write_good_parts
+    from edge.station.state import enroll
+    from edge.line.synthetic import write_good_parts
 
     with tempfile.TemporaryDirectory(prefix="bench-plc.") as tmp:
         work = Path(tmp)

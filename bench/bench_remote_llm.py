@@ -1,6 +1,6 @@
 """Explanations per minute and flag->explanation latency: S simulated stations (one explanation worker
 each, explain.backend remote) submitting their flagged parts at once to one `python -m llama_cpp.server`
-on loopback, against one station's local worker (the LLM child, edge.llm_process) on the same parts.
+on loopback, against one station's local worker (the LLM child, edge.explain.llm_process) on the same parts.
 
     PYTHONPATH=. python bench/bench_remote_llm.py --stations 4 --parts 4 --threads 1 [--json out.json]
 
@@ -59,9 +59,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from conftest import llm_pack
-    from edge.dialogue import DialogueStore
-    from edge.explain import ExplainWorker
-    from edge.remote_llm import RemoteFirst, RemoteLlm
+    from edge.explain.dialogue import DialogueStore
+    from edge.explain.explainer import ExplainWorker
+    from edge.explain.remote_llm import RemoteFirst, RemoteLlm
     from export import assets
     from test_remote_llm import flagged_findings
 

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
-from edge.config import load_config  # noqa: E402
+from edge.line.config import load_config  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.runtime import Runtime  # noqa: E402
-from edge.state import enroll  # noqa: E402
-from edge.synthetic import write_good_parts  # noqa: E402
+from edge.line.runtime import Runtime  # noqa: E402
+from edge.station.state import enroll  # noqa: E402
+from edge.line.synthetic import write_good_parts  # noqa: E402
 
 
 def free_port() -> int:

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.pack import load_pack  # noqa: E402
-from edge.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.state import build_state  # noqa: E402
-from edge.synthetic import SyntheticLine  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.station.state import build_state  # noqa: E402
+from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -82,7 +82,7 @@ def scoring_process_rss(pack, state, frames, graph_dir: Path | None = None) -> f
         code = (
             "import sys, numpy as np\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-            "from edge.pack import load_pack\nfrom edge.state import load_state\nfrom edge.scorer import Scorer\n"
+            "from edge.pack import load_pack\nfrom edge.station.state import load_state\nfrom edge.scoring.scorer import Scorer\n"
             f"pack = load_pack({str(pack.root)!r})\n"
             f"scorer = Scorer.from_state(pack, load_state({str(Path(tmp) / 'state')!r}, pack))\n"
             f"for f in np.load({str(Path(tmp) / 'frames.npy')!r}): scorer.score_one(f)\n"
@@ -118,7 +118,7 @@ def main() -> int:
     if args.scorer == "student":
         import tempfile
 
-        from edge.student import StudentScorer
+        from edge.scoring.student import StudentScorer
         from export.student import TrainConfig, train_student
 
         graph_dir = Path(tempfile.mkdtemp(prefix="bench-student."))

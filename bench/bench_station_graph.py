@@ -1,5 +1,5 @@
-"""The station graph (edge.station_graph, one ONNX graph from pixels to map and score) against the
-NumPy path (encoder in ONNX Runtime, then edge.bank search and OpenCV maps) on the same bank and
+"""The station graph (edge.scoring.station_graph, one ONNX graph from pixels to map and score) against the
+NumPy path (encoder in ONNX Runtime, then edge.scoring.bank search and OpenCV maps) on the same bank and
 frames, side by side in one run: frames/s at batch 1 and 8, interleaved rounds so that a noisy
 machine slows both alike, and the largest map and score differences.
 
@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.state import build_state  # noqa: E402
-from edge.station_graph import StationGraphScorer  # noqa: E402
-from edge.synthetic import SyntheticLine  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.station.state import build_state  # noqa: E402
+from edge.scoring.station_graph import StationGraphScorer  # noqa: E402
+from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 
 def fps(scorer, frames, batch: int) -> float:

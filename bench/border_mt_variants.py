@@ -2,14 +2,14 @@
 head without / with the border-ring offsets and scales (features extracted once; heads refitted)."""
 import sys
 import numpy as np
-import edge.state as es
-from edge import metrics
-from edge.dataset import open_dataset, read_mask
-from edge.decide import image_score
-from edge.fewshot import few_shot_views
+import edge.station.state as es
+from edge.evaluation import metrics
+from edge.evaluation.dataset import open_dataset, read_mask
+from edge.scoring.decide import image_score
+from edge.scoring.fewshot import few_shot_views
 from edge.pack import load_pack
-from edge.preprocess import choose_shots, read_image, read_images
-from edge.scorer import FeatureExtractor, grid_maps
+from edge.inference.preprocess import choose_shots, read_image, read_images
+from edge.scoring.scorer import FeatureExtractor, grid_maps
 import cv2
 
 pack = load_pack(sys.argv[1])

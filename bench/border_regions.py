@@ -6,15 +6,15 @@ peak, false alarms, caught defects, regions touching the border and regions off 
 
 MARGIN: 0, or input pixels of reflected margin around the frame before the encoder (features of the
 margin cropped away: an experiment on the encoder's zero padding). old: without the head's border-ring
-offsets and scales; new: with them (edge.state.BORDER_OFFSETS / BORDER_SCALES)."""
+offsets and scales; new: with them (edge.station.state.BORDER_OFFSETS / BORDER_SCALES)."""
 import sys
 import cv2
 import numpy as np
-import edge.scorer as sc
-import edge.state as es
+import edge.scoring.scorer as sc
+import edge.station.state as es
 from edge.pack import load_pack
-from edge.state import build_state
-from edge.synthetic import SyntheticLine
+from edge.station.state import build_state
+from edge.line.synthetic import SyntheticLine
 
 pack = load_pack(sys.argv[1])
 margin = int(sys.argv[2])

@@ -14,7 +14,7 @@ the full metrics for the chosen configuration). Variants, one lever at a time:
   top        image score = mean of the top fraction of the map (0.05 | 0.01)
   score      top | top-med (minus the map's median) | top/med (over it)
 
-Views beyond edge.fewshot's modes, for this ablation only: flip4+shift (the 4 flips, no 90-degree turns:
+Views beyond edge.scoring.fewshot's modes, for this ablation only: flip4+shift (the 4 flips, no 90-degree turns:
 a part with a direction, e.g. ground streaks), flip4+shift12 (and 8 larger shifts), rot8+shift+more
 (rot8+shift, 8 larger shifts and 0.9x / 1.1x zoom).
 
@@ -33,14 +33,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import metrics  # noqa: E402
-from edge.dataset import open_dataset  # noqa: E402
-from edge.decide import image_score  # noqa: E402
-from edge.fewshot import SHIFTS, SubspaceHead, few_shot_views, l2_normalise, shifted  # noqa: E402
+from edge.evaluation import metrics  # noqa: E402
+from edge.evaluation.dataset import open_dataset  # noqa: E402
+from edge.scoring.decide import image_score  # noqa: E402
+from edge.scoring.fewshot import SHIFTS, SubspaceHead, few_shot_views, l2_normalise, shifted  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.preprocess import choose_shots, read_image  # noqa: E402
-from edge.scorer import FeatureExtractor, grid_maps  # noqa: E402
-from edge.state import build_bank  # noqa: E402
+from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, grid_maps  # noqa: E402
+from edge.station.state import build_bank  # noqa: E402
 
 
 def test_features(pack, category, extractor, cache: Path):
@@ -82,7 +82,7 @@ def _zoom(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def bench_views(image: np.ndarray, mode: str) -> list[np.ndarray]:
-    """edge.fewshot's view modes plus the ablation-only ones (module docstring)."""
+    """edge.scoring.fewshot's view modes plus the ablation-only ones (module docstring)."""
     import cv2
 
     flips = [image, cv2.flip(image, 1), cv2.flip(image, 0), cv2.flip(image, -1)]

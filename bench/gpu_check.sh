@@ -69,12 +69,12 @@ print(json.dumps(out))"
 
 if [ ! -f "$PACK/pack.yaml" ]; then
   step install_export 120 "$VPY" -m pip install --quiet -e '.[export]' \
-    && step export_pack 120 "$VPY" -m edge.cli export default --out "$WORK/pack" --no-llm --force
+    && step export_pack 120 "$VPY" -m edge.cli.main export default --out "$WORK/pack" --no-llm --force
   PACK="$WORK/pack"
 else
   cp -r "$PACK" "$WORK/pack" && PACK="$WORK/pack"
 fi
-step export_engine 240 "$VPY" -m edge.cli export engine --pack "$PACK"
+step export_engine 240 "$VPY" -m edge.cli.main export engine --pack "$PACK"
 export ANOMALY_EDGE_GPU_PACK="$PACK"
 step pytest_gpu 180 "$VPY" -m pytest -q -m gpu -rs --junitxml="$WORK/pytest-gpu.xml" tests/
 step compare 200 "$VPY" bench/gpu_compare.py --pack "$PACK" --seconds "${SECONDS_PER_RUN:-5}" --json "$WORK/compare.json"

@@ -5,9 +5,9 @@ absolute difference of features, anomaly maps and image scores, and frames/s at 
 
 Backends: onnxruntime-cpu (always, the reference), onnxruntime-cuda (CUDAExecutionProvider, where
 onnxruntime-gpu is installed), onnxruntime-tensorrt (its TensorRT provider, engine cache and FP16 on)
-and tensorrt (the pack's engine, `anomaly-edge export engine`, through edge.backend.TensorRtBackend on
+and tensorrt (the pack's engine, `anomaly-edge export engine`, through edge.inference.backend.TensorRtBackend on
 the device thread). The bank is built once on the CPU from synthetic good parts; GPU backends search it
-with nn_min.cu (edge.cuda) where CUDA is usable. A backend that cannot run here is reported with why.
+with nn_min.cu (edge.inference.cuda) where CUDA is usable. A backend that cannot run here is reported with why.
 Bench side of bench/gpu_check.sh; runs (CPU only) anywhere.
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.backend import GpuOptions, OnnxRuntimeBackend, TensorRtBackend  # noqa: E402
+from edge.inference.backend import GpuOptions, OnnxRuntimeBackend, TensorRtBackend  # noqa: E402
 from edge.errors import EdgeError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.state import build_state  # noqa: E402
-from edge.synthetic import SyntheticLine  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.station.state import build_state  # noqa: E402
+from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 
 def make_backend(kind: str, pack):
@@ -93,7 +93,7 @@ def main() -> int:
             scorer = cpu_scorer
             os.environ.pop("ANOMALY_EDGE_GPU")
         else:
-            from edge.cuda import gpu_bank
+            from edge.inference.cuda import gpu_bank
 
             bank = gpu_bank(state.bank)
             entry["bank_search"] = "gpu (nn_min.cu)" if bank is not state.bank else "cpu"

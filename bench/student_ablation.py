@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.dataset import open_mvtec, read_mask  # noqa: E402
-from edge.metrics import auroc  # noqa: E402
+from edge.evaluation.dataset import open_mvtec, read_mask  # noqa: E402
+from edge.evaluation.metrics import auroc  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.preprocess import read_image, to_input_pixels  # noqa: E402
+from edge.inference.preprocess import read_image, to_input_pixels  # noqa: E402
 from export.student import _Teacher, augment, build_student, target_channels  # noqa: E402
 
 

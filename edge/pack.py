@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import PackError
+from edge.errors import PackError
 
 SCHEMA_VERSION = 1
 MANIFEST = "pack.yaml"

@@ -13,14 +13,14 @@ the per-position mean squared difference is the anomaly map.
 
 Held-out good images (not trained on) give each grid position's normal mean and spread of that
 discrepancy; the exported graph subtracts and divides by them, so a map reads "spreads above
-normal, here". The automatic threshold (edge.calibration) is fitted to leave-one-out image scores of
+normal, here". The automatic threshold (edge.scoring.calibration) is fitted to leave-one-out image scores of
 those held-out images: each normalised with statistics from the others.
 
 Training is deterministic for a seed (the batch of step k is drawn from a generator seeded with
 (seed, k), so a resumed run sees the same batches), stops cleanly at a time budget, and writes a
 checkpoint that `resume` continues from. The StudentSpec records how far it got (`StudentTraining`:
 steps done of planned, what stopped it, the loss and whether it was still falling); one the budget
-stopped is "undertrained" and stations do not pick it (edge.student).
+stopped is "undertrained" and stations do not pick it (edge.scoring.student).
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.backend import create_backend
-from edge.calibration import calibrate
-from edge.decide import image_score
+from edge.inference.backend import create_backend
+from edge.scoring.calibration import calibrate
+from edge.scoring.decide import image_score
 from edge.errors import EdgeError
 from edge.pack import Pack, sha256_file
-from edge.preprocess import to_input_pixels
-from edge.scorer import grid_maps
-from edge.student import OUTPUT, StudentSpec, StudentTraining, loss_summary
+from edge.inference.preprocess import to_input_pixels
+from edge.scoring.scorer import grid_maps
+from edge.scoring.student import OUTPUT, StudentSpec, StudentTraining, loss_summary
 
 from .common import export_onnx, onnx_max_abs_error
 

@@ -1,5 +1,5 @@
 """NumPy reference for the CUDA kernel (nn_min.cu): the same arithmetic, written plainly, for tests and
-benchmarks. It is also checked against the CPU path it replaces (`edge.bank`), so the kernel, the
+benchmarks. It is also checked against the CPU path it replaces (`edge.scoring.bank`), so the kernel, the
 reference and the CPU runtime agree.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ broker, publishing numbered results at a steady rate and its retained status, th
 import sys
 import time
 
-from edge.publish import MqttPublisher
+from edge.line.publish import MqttPublisher
 
 
 def main(port: int, prefix: str, outbox: str, count: int, rate: float) -> None:

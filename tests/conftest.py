@@ -38,7 +38,7 @@ def default_pack(default_pack_dir):
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
-    from edge.synthetic import write_mvtec_dataset
+    from edge.line.synthetic import write_mvtec_dataset
 
     return write_mvtec_dataset(tmp_path_factory.mktemp("data") / "synthetic", n_train=12, n_test_good=8,
                                n_test_per_defect=4, seed=3)
@@ -47,7 +47,7 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 def run_cli(*args, check=True, timeout=300, input=None):
     """Run the installed console script as a user would; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "anomaly-edge"
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge.cli"]), *map(str, args)]
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edge.cli.main"]), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=input,
                           env={**os.environ, "PYTHONUNBUFFERED": "1",  # this checkout's code, whatever is installed
                                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
@@ -73,8 +73,8 @@ def broker(tmp_path):
 @pytest.fixture(scope="session")
 def enrolled_state(default_pack, tmp_path_factory) -> Path:
     """A station state with 16 good synthetic parts (and their images, so it can be extended)."""
-    from edge.state import enroll
-    from edge.synthetic import write_good_parts
+    from edge.station.state import enroll
+    from edge.line.synthetic import write_good_parts
 
     root = tmp_path_factory.mktemp("station")
     enroll(default_pack, write_good_parts(root / "good", 16), root / "state", quiet=True, log=lambda m: None)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _DECODE = r"""
 import json, sys
 import numpy as np
-from edge.llm import LlamaEngine, LlamaModel, _lib
+from edge.explain.llm import LlamaEngine, LlamaModel, _lib
 model = LlamaModel(sys.argv[1])
 engine = LlamaEngine(model, n_ctx=128, n_threads=1)
 tokens = model.tokenize("The part has a scratch near the upper edge.", add_bos=True)
@@ -30,7 +30,7 @@ engine.close(); model.close()
 """
 
 _INFO = r"""
-from edge.llm import _lib
+from edge.explain.llm import _lib
 info = _lib().llama_print_system_info()
 print(info.decode() if isinstance(info, bytes) else info)
 """

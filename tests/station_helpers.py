@@ -26,8 +26,8 @@ def write_config(tmp_path: Path, pack_dir: Path, state: Path, port: int, source:
 
 def start(config_path: Path):
     """A Runtime on the config file, started."""
-    from edge.config import load_config
-    from edge.runtime import Runtime
+    from edge.line.config import load_config
+    from edge.line.runtime import Runtime
 
     return Runtime(load_config(config_path), config_path).start()
 

@@ -18,13 +18,13 @@ import anomalygpt_replica as replica  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from llama_reference import hf_llama_forward  # noqa: E402
 
-from edge.anomalygpt import AnomalyGptExtractor, AnomalyGptScorer, Projector  # noqa: E402
-from edge.bank import MemoryBank  # noqa: E402
+from edge.scoring.anomalygpt import AnomalyGptExtractor, AnomalyGptScorer, Projector  # noqa: E402
+from edge.scoring.bank import MemoryBank  # noqa: E402
 from edge.errors import PackError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.preprocess import read_image, to_batch  # noqa: E402
-from edge.scorer import Scorer  # noqa: E402
-from edge.state import build_state, load_state  # noqa: E402
+from edge.inference.preprocess import read_image, to_batch  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
+from edge.station.state import build_state, load_state  # noqa: E402
 from export.anomalygpt import export_anomalygpt  # noqa: E402
 from export.anomalygpt import model as agpt  # noqa: E402
 from export.anomalygpt.clip_tokenizer import ClipTokenizer  # noqa: E402

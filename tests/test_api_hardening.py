@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError, load_config
+from edge.line.config import ConfigError, load_config
 from mqtt_helpers import free_port, wait_until
 from station_helpers import start, write_config
 
@@ -57,7 +57,7 @@ def _get(port: int, path: str, token: str | None) -> tuple[int, dict]:
 @pytest.mark.timeout(300)  # the first test also exports the pack
 def test_the_tcp_listener_needs_the_token_and_refuses_bad_lengths_before_reading(tmp_path, default_pack_dir,
                                                                                 enrolled_state):
-    from edge.api import ApiClient
+    from edge.line.api import ApiClient
 
     port = free_port()
     cfg, rt = _station(tmp_path, default_pack_dir, enrolled_state, tcp_port=port, read_timeout_s=1)
@@ -97,7 +97,7 @@ def test_a_client_that_hangs_up_costs_one_log_line_not_a_traceback(tmp_path, def
     _, rt = _station(tmp_path, default_pack_dir, enrolled_state, tcp_port=port)
     n = 6
     try:
-        with caplog.at_level(logging.INFO, logger="edge.api"):
+        with caplog.at_level(logging.INFO, logger="edge.line.api"):
             for i in range(n):
                 s = socket.create_connection(("127.0.0.1", port))
                 # Half a request, then a reset (SO_LINGER 0): the server's next read or write fails.
@@ -111,9 +111,9 @@ def test_a_client_that_hangs_up_costs_one_log_line_not_a_traceback(tmp_path, def
             assert _get(port, "/health", TOKEN)[0] == 200
     finally:
         rt.stop()
-    gone = [r for r in caplog.records if r.name == "edge.api" and "went away" in r.getMessage()]
+    gone = [r for r in caplog.records if r.name == "edge.line.api" and "went away" in r.getMessage()]
     assert 1 <= len(gone) <= n and all(r.levelno == logging.INFO and not r.exc_info for r in gone)
-    assert not [r for r in caplog.records if r.name == "edge.api" and r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if r.name == "edge.line.api" and r.levelno >= logging.ERROR]
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred during processing" not in err, err
 

@@ -16,9 +16,9 @@ import pexpect
 import pytest
 
 from conftest import ROOT
-from edge.api import ApiClient
-from edge.console import parse_when, part_line
-from edge.synthetic import SyntheticLine
+from edge.line.api import ApiClient
+from edge.cli.console import parse_when, part_line
+from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto, wait_until
 from station_helpers import write_config
 
@@ -47,7 +47,7 @@ def command(child: pexpect.spawn, line: str, *expect: str, timeout: float = 60) 
 
 def start_service(cfg):
     """`anomaly-edge run` on the config, in its own process."""
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -115,7 +115,7 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
 
 
 def _turns(tmp_path: Path, part_id: str) -> list[str]:
-    from edge.dialogue import DialogueStore
+    from edge.explain.dialogue import DialogueStore
 
     with DialogueStore(tmp_path / "var" / "dialogue.sqlite") as store:
         return [(t.role, t.text) for t in store.session(part_id).turns]
@@ -204,9 +204,9 @@ def test_at_80_columns_a_technician_opens_what_the_list_shows(broker, tmp_path, 
 def test_asking_about_a_part_flagged_while_explanations_were_off_says_so(tmp_path):
     from types import SimpleNamespace
 
-    from edge.api import ApiError, ask
-    from edge.dialogue import DialogueStore
-    from edge.store import TraceStore
+    from edge.line.api import ApiError, ask
+    from edge.explain.dialogue import DialogueStore
+    from edge.line.store import TraceStore
 
     store = TraceStore(tmp_path / "var")
     summary = {"verdict": "anomalous", "score": 3.1, "threshold": 2.5, "regions": []}

@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.dataset import open_dataset, read_mask
+from edge.evaluation.dataset import open_dataset, read_mask
 from edge.errors import DatasetError
-from edge.synthetic import apply_defect, render_part
+from edge.line.synthetic import apply_defect, render_part
 
 ROWS = ("object", "split", "label", "image", "mask")
 
@@ -69,7 +69,7 @@ def test_visa_mistakes_are_named(tmp_path):
 
 
 def test_eval_reads_visa(default_pack, tmp_path):
-    from edge.evaluate import evaluate
+    from edge.evaluation.evaluate import evaluate
 
     root = write_visa(tmp_path / "visa")
     r = evaluate(default_pack, root / "flange", shots=None, quiet=True, log=lambda m: None)

@@ -1,4 +1,4 @@
-"""Pack rollout with rollback (edge.deploy) on a real Mosquitto, real packs and a real HTTP server: refused
+"""Pack rollout with rollback (edge.station.deploy) on a real Mosquitto, real packs and a real HTTP server: refused
 deployments leave the running pack untouched, a good one switches with every step on P/reply, rollback goes
 back, and a deployed pack that breaks is left for the previous one at the next start."""
 import hashlib
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bench.bench_deploy import encoder_only_copy as make_pack
-from edge.synthetic import SyntheticLine
+from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, wait_until
 from station_helpers import start, write_config
 
@@ -180,7 +180,7 @@ class _PackServer:
 @pytest.mark.timeout(600)
 def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
         broker, tmp_path, default_pack_dir, enrolled_state):
-    from edge.api import ApiClient, ApiError
+    from edge.line.api import ApiClient, ApiError
 
     pack = make_pack(default_pack_dir, tmp_path / "packs" / "default-c", "default-c")
     served = tmp_path / "served"
@@ -204,9 +204,9 @@ def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
         assert rt.pack.model_id == original
 
         # An enrollment or reload that replaces the state while the pack is trial-scored: nothing switches.
-        from edge.commands import DeployCommand
-        from edge.deploy import DeployError, run_deploy
-        from edge.runtime import load_models
+        from edge.line.commands import DeployCommand
+        from edge.station.deploy import DeployError, run_deploy
+        from edge.line.runtime import load_models
 
         def reload_during_trial(step, **fields):
             if step == "trial":
@@ -244,7 +244,7 @@ def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
 
 
 def test_a_download_over_the_size_limit_or_with_the_wrong_hash_is_refused(tmp_path):
-    from edge.deploy import DeployError, fetch
+    from edge.station.deploy import DeployError, fetch
 
     served = tmp_path / "served"
     (served / "p").mkdir(parents=True)

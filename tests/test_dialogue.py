@@ -1,10 +1,10 @@
-"""edge.dialogue: sessions survive a restart, turns stay in order, pending parts come back oldest first."""
+"""edge.explain.dialogue: sessions survive a restart, turns stay in order, pending parts come back oldest first."""
 import sqlite3
 
 import numpy as np
 import pytest
 
-from edge.dialogue import DialogueError, DialogueStore
+from edge.explain.dialogue import DialogueError, DialogueStore
 
 FINDINGS = {"verdict": "anomalous", "score": 0.7, "threshold": 0.5, "severity": 1.4, "regions": []}
 

@@ -1,4 +1,4 @@
-"""edge.explain end to end: real synthetic parts scored by the default pack, explained by its GGUF
+"""edge.explain.explainer end to end: real synthetic parts scored by the default pack, explained by its GGUF
 (SmolLM2-135M) through the worker; bad input on a tiny random GGUF."""
 import dataclasses
 import threading
@@ -12,12 +12,12 @@ pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)"
 
 from conftest import TINY_CHAT_TEMPLATE, llm_pack, run_cli  # noqa: E402
 
-from edge.dialogue import DialogueStore  # noqa: E402
-from edge.explain import ExplainWorker  # noqa: E402
-from edge.findings import Findings, describe  # noqa: E402
-from edge.llm import LlmError  # noqa: E402
+from edge.explain.dialogue import DialogueStore  # noqa: E402
+from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.findings import Findings, describe  # noqa: E402
+from edge.explain.llm import LlmError  # noqa: E402
 from edge.pack import ConversationSpec  # noqa: E402
-from edge.prompts import FIRST_QUESTION, QuestionError, check_claims, place_words  # noqa: E402
+from edge.explain.prompts import FIRST_QUESTION, QuestionError, check_claims, place_words  # noqa: E402
 
 MM_PER_PIXEL = 0.05
 MESSAGE_KEYS = {"part_id", "question", "answer", "verdict", "model_id", "n_tokens", "latency_ms", "time"}
@@ -36,9 +36,9 @@ def wait_for(worker: ExplainWorker, done: int, timeout: float = 120.0) -> dict:
 @pytest.fixture(scope="module")
 def line(default_pack, tmp_path_factory):
     """Synthetic parts scored by the default pack: defective ones it flagged, good ones it passed."""
-    from edge.scorer import Scorer
-    from edge.state import build_state
-    from edge.synthetic import SyntheticLine
+    from edge.scoring.scorer import Scorer
+    from edge.station.state import build_state
+    from edge.line.synthetic import SyntheticLine
 
     if default_pack.llm is None:
         pytest.skip("the default pack was exported without its LLM")

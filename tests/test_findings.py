@@ -1,4 +1,4 @@
-"""edge.findings: hand-made scorer results -> facts in words (no ONNX, no pack)."""
+"""edge.explain.findings: hand-made scorer results -> facts in words (no ONNX, no pack)."""
 import json
 import math
 
@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.decide import Result, find_regions, image_score
-from edge.findings import Findings, describe
+from edge.scoring.decide import Result, find_regions, image_score
+from edge.explain.findings import Findings, describe
 
 MAP = (224, 224)          # pack input resolution (height, width)
 FRAME = (336, 448)        # frame (height, width): 1.5x vertically, 2x horizontally

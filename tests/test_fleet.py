@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli
-from edge.fleet import render, station_row
+from edge.cli.fleet import render, station_row
 from mqtt_helpers import needs_mosquitto, retained, wait_until
 from station_helpers import finish, start, write_config
 
@@ -49,7 +49,7 @@ def test_fleet_lists_each_station_and_refreshes(broker, tmp_path, default_pack_d
         assert [line.split()[:2] for line in table[1:]] == [["anomaly-edge/l1/s1", "online"],
                                                             ["anomaly-edge/l1/s2", "offline"]]
 
-        watcher = subprocess.Popen([sys.executable, "-m", "edge.cli", "fleet", "--broker", "127.0.0.1", "--port",
+        watcher = subprocess.Popen([sys.executable, "-m", "edge.cli.main", "fleet", "--broker", "127.0.0.1", "--port",
                                     str(broker.port), "--interval", "0.3"], cwd=ROOT, stdout=subprocess.PIPE,
                                    text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
         seen = []

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import fake_gpu
-from edge.device import DeviceClosed, DeviceExecutor
+from edge.inference.device import DeviceClosed, DeviceExecutor
 from edge.errors import EdgeError, StateError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def test_device_executor_releases_objects_on_its_thread():
 def gpu_stand_in(monkeypatch):
     """`install(version)`: fake tensorrt + pycuda in sys.modules; the process's device thread and
     kernels singleton are fresh for the test and closed after it."""
-    from edge import device
-    from edge.cuda import CudaKernels
+    from edge.inference import device
+    from edge.inference.cuda import CudaKernels
 
     device.close_cuda_executor()
     monkeypatch.setattr(CudaKernels, "_instance", None)
@@ -224,14 +224,14 @@ def test_the_float16_graph_for_tensorrt_11_keeps_float32_io_and_the_features(def
 
 
 def _onnx_features(pack, batch):
-    from edge.backend import OnnxRuntimeBackend
+    from edge.inference.backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(pack, providers=["CPUExecutionProvider"]).run(batch)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_an_engine_made_on_one_thread_runs_from_others(version, default_pack_dir, tmp_path, gpu_stand_in):
-    from edge.backend import TensorRtBackend, create_backend
+    from edge.inference.backend import TensorRtBackend, create_backend
     from edge.pack import load_pack
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, version, gpu_stand_in)
@@ -264,14 +264,14 @@ def test_an_engine_made_on_one_thread_runs_from_others(version, default_pack_dir
     threading.Thread(target=lambda: backend.close()).start()  # dropped on another thread (a reload)
     del backend
     gc.collect()
-    from edge.device import cuda_executor
+    from edge.inference.device import cuda_executor
 
     cuda_executor().call(lambda: None)  # the release has run
     assert fake_gpu.OFF_CONTEXT_FREES == []
 
 
 def test_an_engine_whose_io_differs_from_pack_yaml_is_refused_by_name(default_pack_dir, tmp_path, gpu_stand_in):
-    from edge.backend import EngineMismatch, create_backend
+    from edge.inference.backend import EngineMismatch, create_backend
     from edge.pack import load_pack
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
@@ -284,7 +284,7 @@ def test_an_engine_whose_io_differs_from_pack_yaml_is_refused_by_name(default_pa
 
 
 def test_a_shape_the_engine_refuses_is_an_error(default_pack_dir, tmp_path, gpu_stand_in):
-    from edge.backend import TensorRtBackend
+    from edge.inference.backend import TensorRtBackend
     from edge.pack import load_pack
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
@@ -334,8 +334,8 @@ def _tiny_anomalygpt_pack(root: Path) -> Path:
 
 
 def test_a_three_output_engine_binds_every_output(tmp_path, gpu_stand_in):
-    from edge.anomalygpt import AnomalyGptExtractor
-    from edge.backend import OnnxRuntimeBackend, TensorRtBackend
+    from edge.scoring.anomalygpt import AnomalyGptExtractor
+    from edge.inference.backend import OnnxRuntimeBackend, TensorRtBackend
     from edge.pack import load_pack
     from export.tensorrt import add_engine
 
@@ -352,8 +352,8 @@ def test_a_three_output_engine_binds_every_output(tmp_path, gpu_stand_in):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the bank's kernel cannot be compiled")
 def test_a_gpu_bank_made_on_one_thread_searches_from_another(gpu_stand_in):
-    from edge.bank import MemoryBank
-    from edge.cuda import gpu_bank
+    from edge.scoring.bank import MemoryBank
+    from edge.inference.cuda import gpu_bank
 
     gpu_stand_in(None)  # pycuda only
     rng = np.random.default_rng(3)
@@ -370,7 +370,7 @@ def test_a_gpu_bank_made_on_one_thread_searches_from_another(gpu_stand_in):
         threading.Thread(target=lambda: None).start()
         del on_gpu
     gc.collect()
-    from edge.device import cuda_executor
+    from edge.inference.device import cuda_executor
 
     cuda_executor().call(lambda: None)
     assert fake_gpu.OFF_CONTEXT_FREES == []
@@ -380,13 +380,13 @@ def test_a_gpu_bank_made_on_one_thread_searches_from_another(gpu_stand_in):
 
 def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_recalibrated(
         default_pack, default_pack_dir, tmp_path, gpu_stand_in, caplog):
-    from edge.backend import TensorRtBackend
-    from edge.engine_calibration import follow_engine
+    from edge.inference.backend import TensorRtBackend
+    from edge.station.engine_calibration import follow_engine
     from edge.pack import load_pack
-    from edge.scorer import FeatureExtractor
-    from edge.state import enroll, load_state
-    from edge.synthetic import write_good_parts
-    from edge.tiling import station_scorer
+    from edge.scoring.scorer import FeatureExtractor
+    from edge.station.state import enroll, load_state
+    from edge.line.synthetic import write_good_parts
+    from edge.scoring.tiling import station_scorer
 
     state_dir = tmp_path / "state"
     enroll(default_pack, write_good_parts(tmp_path / "good", 6), state_dir, quiet=True, log=lambda m: None)
@@ -402,7 +402,7 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
         station_scorer(pack, state, None, backend=engine, kind="bank")
     with pytest.raises(StateError, match="calibrated with onnxruntime fp32"):
         follow_engine(pack, state, FeatureExtractor(pack, engine), "refuse")
-    with caplog.at_level("WARNING", logger="edge.engine_calibration"):
+    with caplog.at_level("WARNING", logger="edge.station.engine_calibration"):
         new = follow_engine(pack, state, FeatureExtractor(pack, engine), "recalibrate")
     assert "recalibrating from its 6 stored references with tensorrt fp16" in caplog.text
     assert (new.calibration.backend, new.calibration.precision) == ("tensorrt", "fp16")
@@ -413,7 +413,7 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
 
 
 def test_states_from_before_the_record_count_as_onnx_runtime_fp32():
-    from edge.calibration import Calibration, calibrate
+    from edge.scoring.calibration import Calibration, calibrate
 
     d = calibrate([1.0, 1.1, 0.9, 1.05]).to_dict()
     del d["backend"], d["precision"]
@@ -468,7 +468,7 @@ def test_export_engine_imports_no_torch(default_pack_dir, tmp_path):
     pack_dir = _copy_pack(default_pack_dir, tmp_path / "pack")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(ROOT / "tests"), str(ROOT)])}
     probe = ("import sys, runpy; sys.argv = ['anomaly-edge', 'export', 'engine', '--pack', sys.argv[1]]\n"
-             "from edge.cli import main\n"
+             "from edge.cli.main import main\n"
              "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
              "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH', code)\n")
     proc = subprocess.run([sys.executable, "-c", probe, str(pack_dir)], capture_output=True, text=True, env=env,
@@ -484,7 +484,7 @@ def _real_gpu_or_skip():
         import pycuda.driver  # noqa: F401
     except ImportError as e:
         pytest.skip(f"pycuda is needed: {e}")
-    from edge.device import CudaUnavailable, cuda_executor
+    from edge.inference.device import CudaUnavailable, cuda_executor
 
     try:
         cuda_executor()
@@ -507,7 +507,7 @@ def test_gpu_tensorrt_backend_created_in_one_thread_runs_in_another(gpu_pack_dir
         import tensorrt  # noqa: F401
     except ImportError as e:
         pytest.skip(f"tensorrt is needed: {e}")
-    from edge.backend import TensorRtBackend
+    from edge.inference.backend import TensorRtBackend
     from edge.pack import load_pack
     from export.tensorrt import add_engine
 
@@ -529,8 +529,8 @@ def test_gpu_tensorrt_backend_created_in_one_thread_runs_in_another(gpu_pack_dir
 @pytest.mark.gpu
 def test_gpu_bank_created_in_one_thread_searches_in_another():
     _real_gpu_or_skip()
-    from edge.bank import MemoryBank
-    from edge.cuda import GpuMemoryBank, gpu_bank
+    from edge.scoring.bank import MemoryBank
+    from edge.inference.cuda import GpuMemoryBank, gpu_bank
 
     rng = np.random.default_rng(3)
     bank = MemoryBank(rng.standard_normal((20000, 272)).astype(np.float32), groups=4)
@@ -550,7 +550,7 @@ def test_gpu_bank_created_in_one_thread_searches_in_another():
 def test_gpu_onnxruntime_cuda_provider_matches_the_cpu(gpu_pack_dir):
     import onnxruntime as ort
 
-    from edge.backend import OnnxRuntimeBackend
+    from edge.inference.backend import OnnxRuntimeBackend
     from edge.pack import load_pack
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -570,13 +570,13 @@ def test_a_station_on_a_tensorrt_engine_scores_and_reloads_across_its_threads(
     Runtime is recalibrated for the engine first (gpu.on_calibration_mismatch: recalibrate)."""
     from station_helpers import finish, start, write_config
 
-    from edge.backend import TensorRtBackend
+    from edge.inference.backend import TensorRtBackend
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
     cfg = write_config(tmp_path, pack_dir, enrolled_state, 1, {"kind": "synthetic", "seed": 0, "count": 12},
                        mqtt={"enabled": False}, api={"enabled": False}, explain={"enabled": False},
                        gpu={"backend": "tensorrt", "on_calibration_mismatch": "recalibrate"})
-    with caplog.at_level("WARNING", logger="edge.engine_calibration"):
+    with caplog.at_level("WARNING", logger="edge.station.engine_calibration"):
         rt = start(cfg)
     try:
         assert isinstance(rt.backend, TensorRtBackend) and rt.scorer.extractor.backend is rt.backend
@@ -591,7 +591,7 @@ def test_a_station_on_a_tensorrt_engine_scores_and_reloads_across_its_threads(
         finish(rt)
     assert rt.counts["parts"] == 12 and rt.counts.get("errors", 0) == 0, dict(rt.counts)
     gc.collect()
-    from edge.device import cuda_executor
+    from edge.inference.device import cuda_executor
 
     cuda_executor().call(lambda: None)
     assert fake_gpu.OFF_CONTEXT_FREES == []
@@ -599,13 +599,13 @@ def test_a_station_on_a_tensorrt_engine_scores_and_reloads_across_its_threads(
 
 def test_a_gpu_backend_keeps_the_bank_path_whatever_cpu_scoring_says(default_pack_dir, tmp_path, gpu_stand_in):
     """cpu_scoring: station_graph is for ONNX Runtime on the CPU; a TensorRT station scores with its engine."""
-    from edge.backend import TensorRtBackend
+    from edge.inference.backend import TensorRtBackend
     from edge.pack import load_pack
-    from edge.scorer import FeatureExtractor, Scorer
-    from edge.state import build_state
-    from edge.station_graph import StationGraphScorer
-    from edge.synthetic import SyntheticLine
-    from edge.tiling import station_scorer
+    from edge.scoring.scorer import FeatureExtractor, Scorer
+    from edge.station.state import build_state
+    from edge.scoring.station_graph import StationGraphScorer
+    from edge.line.synthetic import SyntheticLine
+    from edge.scoring.tiling import station_scorer
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
     pack = load_pack(pack_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.bank import MemoryBank
+from edge.scoring.bank import MemoryBank
 from kernels import SOURCES
 from kernels import reference as R
 
@@ -15,7 +15,7 @@ NVCC = shutil.which("nvcc")
 
 
 def cuda_or_skip():
-    from edge.cuda import CudaKernels, CudaUnavailable
+    from edge.inference.cuda import CudaKernels, CudaUnavailable
 
     try:
         return CudaKernels.get()
@@ -27,7 +27,7 @@ def cuda_or_skip():
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_kernel_compiles(name, arch, tmp_path):
-    from edge.cuda import compile_cubin
+    from edge.inference.cuda import compile_cubin
 
     cubin = compile_cubin(name, arch, cache=tmp_path)
     assert cubin.stat().st_size > 1000 and compile_cubin(name, arch, cache=tmp_path) == cubin  # cached
@@ -53,7 +53,7 @@ def test_nn_reference_matches_the_memory_bank():
 
 
 def test_without_cuda_the_bank_stays_on_the_cpu_and_says_why(caplog):
-    from edge.cuda import CudaKernels, CudaUnavailable, gpu_bank
+    from edge.inference.cuda import CudaKernels, CudaUnavailable, gpu_bank
 
     try:
         CudaKernels.get()
@@ -61,7 +61,7 @@ def test_without_cuda_the_bank_stays_on_the_cpu_and_says_why(caplog):
     except CudaUnavailable:
         pass
     bank = MemoryBank(np.ones((4, 8), np.float32))
-    with caplog.at_level("INFO", logger="edge.cuda"):
+    with caplog.at_level("INFO", logger="edge.inference.cuda"):
         assert gpu_bank(bank) is bank
     assert "nearest-neighbour search on the CPU" in caplog.text
 
@@ -69,7 +69,7 @@ def test_without_cuda_the_bank_stays_on_the_cpu_and_says_why(caplog):
 @pytest.mark.gpu
 def test_gpu_nn_matches_reference_and_bank():
     kernels = cuda_or_skip()
-    from edge.cuda import GpuMemoryBank
+    from edge.inference.cuda import GpuMemoryBank
 
     rng = np.random.default_rng(3)
     feats = rng.standard_normal((50000, 272)).astype(np.float32)
@@ -84,7 +84,7 @@ def test_a_pack_engine_that_cannot_run_here_falls_back_to_onnx_runtime(default_p
 
     import yaml
 
-    from edge.backend import OnnxRuntimeBackend, create_backend
+    from edge.inference.backend import OnnxRuntimeBackend, create_backend
     from edge.pack import load_pack, sha256_file
 
     pack_dir = tmp_path / "pack"
@@ -93,7 +93,7 @@ def test_a_pack_engine_that_cannot_run_here_falls_back_to_onnx_runtime(default_p
     manifest = yaml.safe_load((pack_dir / "pack.yaml").read_text())
     manifest["files"]["encoder_engine"] = {"path": "encoder.plan", "sha256": sha256_file(pack_dir / "encoder.plan")}
     (pack_dir / "pack.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    with caplog.at_level("WARNING", logger="edge.backend"):
+    with caplog.at_level("WARNING", logger="edge.inference.backend"):
         backend = create_backend(load_pack(pack_dir))
     assert isinstance(backend, OnnxRuntimeBackend)
     assert "TensorRT engine not used, falling back to ONNX Runtime" in caplog.text

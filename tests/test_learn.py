@@ -5,9 +5,9 @@ import pytest
 
 from conftest import run_cli
 from edge.errors import StateError
-from edge.learn import learn
-from edge.state import enroll
-from edge.synthetic import SyntheticLine
+from edge.station.learn import learn
+from edge.station.state import enroll
+from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto
 
 
@@ -60,7 +60,7 @@ def test_cli_learn_reports_what_it_set_aside(default_pack_dir, tmp_path):
 
 def test_eval_learn_mixes_defective_test_parts_into_the_stream_and_leaves_them_out_of_the_score(
         default_pack, synthetic_dataset):
-    from edge.evaluate import evaluate
+    from edge.evaluation.evaluate import evaluate
 
     plain = evaluate(default_pack, synthetic_dataset, None, quiet=True, log=lambda m: None)
     r = evaluate(default_pack, synthetic_dataset, None, quiet=True, log=lambda m: None, learn_parts=10,
@@ -125,7 +125,7 @@ def test_a_station_without_state_learns_it_from_its_first_parts_across_a_restart
 
 
 def test_learn_config_is_checked(tmp_path):
-    from edge.config import ConfigError, load_config
+    from edge.line.config import ConfigError, load_config
 
     path = tmp_path / "s.yaml"
     path.write_text("pack: p\nstate: s\nsource: {kind: synthetic}\nlearn: {parts: 3}\n")

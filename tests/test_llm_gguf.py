@@ -1,4 +1,4 @@
-"""export.llama_gguf + edge.llm on a tiny random Llama: the writer against a NumPy Hugging Face forward,
+"""export.llama_gguf + edge.explain.llm on a tiny random Llama: the writer against a NumPy Hugging Face forward,
 AnomalyGPT's embedding path against the token path, bad GGUFs and prompts."""
 import threading
 
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)")
 pytest.importorskip("gguf", reason="needs the llm extra (gguf)")
 
-from edge.llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError  # noqa: E402
+from edge.explain.llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError  # noqa: E402
 from export.llama_gguf import GgufExportError, tiny_random_llama, write_llama_gguf  # noqa: E402
 
 from llama_reference import hf_llama_forward  # noqa: E402
@@ -168,7 +168,7 @@ def test_sentencepiece_vocabulary_tokenizes_in_llama_cpp_as_in_sentencepiece(tmp
 
 def test_anomalygpt_prompt_with_token_rows_as_embeddings_is_the_token_prompt(tiny):
     from edge.pack import ConversationSpec
-    from edge.prompts import AnomalyGptPrompt
+    from edge.explain.prompts import AnomalyGptPrompt
 
     model, engine, tensors, _, vocab = tiny
     table = tensors["model.embed_tokens.weight"]

@@ -1,5 +1,5 @@
 """The LLM can crash, the line must not: a portable llama.cpp build, and llama.cpp in a supervised child
-process (edge.llm_process) whose crashes and hangs cost one answer.
+process (edge.explain.llm_process) whose crashes and hangs cost one answer.
 
 Crashes are real signals in the real child: sent from the test, or raised by the child itself at a
 chosen point through its drill hook (ANOMALY_EDGE_LLM_FAULT)."""
@@ -20,12 +20,12 @@ pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)"
 from conftest import ROOT, TINY_CHAT_TEMPLATE, llm_pack, run_cli  # noqa: E402
 from llm_child import decode_in_child, quantize_in_child, system_info_in_child  # noqa: E402
 
-from edge.dialogue import DialogueStore, Session  # noqa: E402
-from edge.explain import ExplainWorker  # noqa: E402
-from edge.findings import Findings  # noqa: E402
-from edge.llm import LlmError  # noqa: E402
-from edge.llm_process import FAULT_ENV, LlmCrashed, LlmHung, LlmProcess  # noqa: E402
-from edge.prompts import FIRST_QUESTION  # noqa: E402
+from edge.explain.dialogue import DialogueStore, Session  # noqa: E402
+from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.findings import Findings  # noqa: E402
+from edge.explain.llm import LlmError  # noqa: E402
+from edge.explain.llm_process import FAULT_ENV, LlmCrashed, LlmHung, LlmProcess  # noqa: E402
+from edge.explain.prompts import FIRST_QUESTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_q4_1_and_q4_k_m_models_decode_in_a_child_process(smollm_gguf, tmp_path)
 # --- the child process ---------------------------------------------------------------------------------
 
 def test_the_child_answers_exactly_as_the_engine_in_this_process(smollm_gguf, tmp_path):
-    from edge.explain import Explainer
+    from edge.explain.explainer import Explainer
 
     pack = llm_pack(tmp_path / "pack", smollm_gguf)
     session = flagged()
@@ -115,7 +115,7 @@ def test_a_signal_in_the_child_mid_answer_is_named_and_a_new_child_answers(tiny_
 
 
 def test_a_cancelled_answer_ends_promptly_and_the_child_lives_on(tiny_chat_gguf, tmp_path):
-    from edge.explain import Cancelled
+    from edge.explain.explainer import Cancelled
 
     pack = llm_pack(tmp_path / "pack", tiny_chat_gguf, context_length=4096)
     cancel = threading.Event()
@@ -241,7 +241,7 @@ def test_cli_ask_with_a_crashing_engine_prints_one_line_naming_the_signal(defaul
 
     if load_pack(default_pack_dir, verify_hashes=False).llm is None:
         pytest.skip("the default pack was exported without its LLM")
-    from edge.synthetic import SyntheticLine
+    from edge.line.synthetic import SyntheticLine
     import cv2
 
     part = next(p for p in SyntheticLine(seed=0, defect_rate=1.0).parts(5) if p.defect)
@@ -276,7 +276,7 @@ class SlowAnswerer:
         self.alive = False
 
     def answer(self, session, question, on_token=None, cancel=None):
-        from edge.explain import Answer, Cancelled
+        from edge.explain.explainer import Answer, Cancelled
 
         self.calls.append((session.part_id, question))
         if session.part_id == self.slow_part and session.status == "pending":

@@ -1,8 +1,8 @@
-"""edge.prompts without a model: what the runtime says itself, question routing, the claim check."""
+"""edge.explain.prompts without a model: what the runtime says itself, question routing, the claim check."""
 import pytest
 
-from edge.findings import Findings
-from edge.prompts import (MAX_QUESTION_CHARS, QuestionError, check_claims, checked_description, clean_question,
+from edge.explain.findings import Findings
+from edge.explain.prompts import (MAX_QUESTION_CHARS, QuestionError, check_claims, checked_description, clean_question,
                           fact_answer, intent, missing_regions, opening, region_reference)
 
 

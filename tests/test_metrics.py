@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge.metrics import aupro, auroc, best_threshold, pixel_auroc, roc_curve, threshold_metrics
+from edge.evaluation.metrics import aupro, auroc, best_threshold, pixel_auroc, roc_curve, threshold_metrics
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
 

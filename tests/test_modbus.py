@@ -28,7 +28,7 @@ def plc(port: int, n: int) -> list[dict]:
 
 @pytest.mark.timeout(400)
 def test_the_handshake_50_times_and_bad_requests_refused(broker, tmp_path, default_pack_dir, enrolled_state, caplog):
-    caplog.set_level(logging.WARNING, logger="edge.plc")
+    caplog.set_level(logging.WARNING, logger="edge.line.plc")
     sub = Subscriber(broker.port, "test/s1/#")
     port = free_port()
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,

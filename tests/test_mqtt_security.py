@@ -9,8 +9,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.config import load_config
-from edge.runtime import Runtime
+from edge.line.config import load_config
+from edge.line.runtime import Runtime
 from mqtt_helpers import MOSQUITTO, Broker, needs_mosquitto, wait_until
 from station_helpers import write_config
 
@@ -98,7 +98,7 @@ def test_a_wrong_password_keeps_results_in_the_outbox(secure_broker, tmp_path, d
 def _state_doc(state: Path):
     import yaml
 
-    from edge.state import STATE_FILE
+    from edge.station.state import STATE_FILE
 
     return state / STATE_FILE, yaml.safe_load((state / STATE_FILE).read_text())
 
@@ -161,7 +161,7 @@ def test_tls_failures_are_logged_and_named_in_the_health(secure_broker, tmp_path
             cfg = write_config(run_dir, default_pack_dir, enrolled_state, port, {"kind": "synthetic", "count": 2},
                                mqtt={"username": "station", "password": "s3cret pass", **mqtt_keys},
                                explain={"enabled": False})
-            with caplog.at_level(logging.WARNING, logger="edge.publish"):
+            with caplog.at_level(logging.WARNING, logger="edge.line.publish"):
                 rt = Runtime(load_config(cfg), cfg).start()
                 try:
                     wait_until(lambda: rt.health()["broker"]["last_error"], 20, f"{name}: a last_error")

@@ -12,8 +12,8 @@ pytest.importorskip("asyncua", reason="needs the plc extra (pip install -e .[plc
 from asyncua import Client, ua
 
 from conftest import ROOT
-from edge.plc.opcua import StationUsers
-from edge.plc.spec import OpcUaSpec
+from edge.line.plc.opcua import StationUsers
+from edge.line.plc.spec import OpcUaSpec
 from mqtt_helpers import Subscriber, free_port, needs_mosquitto, wait_until
 from station_helpers import start, write_config
 
@@ -165,7 +165,7 @@ async def _unnamed_handshake(url: str) -> str:
 @pytest.mark.timeout(300)
 def test_wrong_passwords_anonymous_and_read_only_writes_and_wrong_types_are_refused_and_scoring_goes_on(
         broker, tmp_path, default_pack_dir, enrolled_state, caplog):
-    caplog.set_level(logging.WARNING, logger="edge.plc.opcua")
+    caplog.set_level(logging.WARNING, logger="edge.line.plc.opcua")
     rt, url = station(tmp_path, default_pack_dir, enrolled_state, broker)
     try:
         out = asyncio.run(_client_checks(url))

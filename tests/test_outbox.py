@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from edge.outbox import Outbox, OutboxError
+from edge.line.outbox import Outbox, OutboxError
 
 
 @pytest.mark.timeout(10)

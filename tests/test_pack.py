@@ -4,7 +4,7 @@ import shutil
 import pytest
 import yaml
 
-from edge.backend import OnnxRuntimeBackend
+from edge.inference.backend import OnnxRuntimeBackend
 from edge.errors import PackError
 from edge.pack import load_pack
 

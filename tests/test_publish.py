@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.outbox import Outbox
-from edge.publish import MqttPublisher
+from edge.line.outbox import Outbox
+from edge.line.publish import MqttPublisher
 from mqtt_helpers import PREFIX, Subscriber, needs_mosquitto, retained, wait_until
 
 pytestmark = needs_mosquitto

@@ -10,7 +10,7 @@ HAZELNUT = SHARED_DATA / "hazelnut_toy"
 
 @pytest.mark.skipif(not MAGNETIC.is_dir(), reason=f"real data not present at {MAGNETIC}")
 def test_magnetic_tile_few_shot_eval_runs_and_separates(default_pack, tmp_path):
-    from edge.evaluate import evaluate
+    from edge.evaluation.evaluate import evaluate
 
     r = evaluate(default_pack, MAGNETIC, shots=16, seed=0, report_dir=tmp_path / "report", quiet=True,
                  log=lambda m: None)
@@ -22,10 +22,10 @@ def test_magnetic_tile_few_shot_eval_runs_and_separates(default_pack, tmp_path):
 
 @pytest.mark.skipif(not HAZELNUT.is_dir(), reason=f"real data not present at {HAZELNUT}")
 def test_hazelnut_one_shot_finds_both_real_defects(default_pack):
-    from edge.dataset import open_mvtec, read_mask
-    from edge.preprocess import read_image
-    from edge.scorer import Scorer
-    from edge.state import build_state
+    from edge.evaluation.dataset import open_mvtec, read_mask
+    from edge.inference.preprocess import read_image
+    from edge.scoring.scorer import Scorer
+    from edge.station.state import build_state
 
     cat = open_mvtec(HAZELNUT)
     state = build_state(default_pack, [read_image(p) for p in cat.train_good], quiet=True)
@@ -43,7 +43,7 @@ def test_hazelnut_one_shot_finds_both_real_defects(default_pack):
 @pytest.mark.slow
 @pytest.mark.skipif(not MAGNETIC.is_dir(), reason=f"real data not present at {MAGNETIC}")
 def test_magnetic_tile_full_shot_threshold_reaches_target_balanced_accuracy(default_pack):
-    from edge.evaluate import evaluate
+    from edge.evaluation.evaluate import evaluate
 
     r = evaluate(default_pack, MAGNETIC, shots=None, seed=0, quiet=True, log=lambda m: None)
     # The foundation issue's target for the automatic threshold; measured 0.911 (docs/evaluation.md).

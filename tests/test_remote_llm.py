@@ -1,4 +1,4 @@
-"""Remote explanations (edge.remote_llm) through the explanation worker against real servers on loopback:
+"""Remote explanations (edge.explain.remote_llm) through the explanation worker against real servers on loopback:
 llama-cpp-python's own server on the default pack's GGUF (killed mid-stream and brought back, a wrong
 key), and a tiny http.server that answers garbage or records what it was sent."""
 import http.server
@@ -20,12 +20,12 @@ pytest.importorskip("uvicorn", reason="needs the server extra (uvicorn, fastapi,
 
 from conftest import llm_pack  # noqa: E402
 
-from edge.decide import Result, find_regions, image_score  # noqa: E402
-from edge.dialogue import DialogueStore  # noqa: E402
-from edge.explain import ExplainWorker  # noqa: E402
-from edge.findings import Findings, describe  # noqa: E402
-from edge.prompts import FIRST_QUESTION, chat_messages, opening  # noqa: E402
-from edge.remote_llm import RemoteFirst, RemoteLlm  # noqa: E402
+from edge.scoring.decide import Result, find_regions, image_score  # noqa: E402
+from edge.explain.dialogue import DialogueStore  # noqa: E402
+from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.findings import Findings, describe  # noqa: E402
+from edge.explain.prompts import FIRST_QUESTION, chat_messages, opening  # noqa: E402
+from edge.explain.remote_llm import RemoteFirst, RemoteLlm  # noqa: E402
 from mqtt_helpers import free_port, wait_until  # noqa: E402
 
 KEY = "test-key-7f3a"
@@ -33,7 +33,7 @@ FRAME = (240, 320)
 
 
 def flagged_findings(seed: int) -> dict:
-    """Findings of a frame with a dark disc, from a scorer-shaped result (edge.findings.describe)."""
+    """Findings of a frame with a dark disc, from a scorer-shaped result (edge.explain.findings.describe)."""
     rng = np.random.default_rng(seed)
     frame = np.full(FRAME, 150, np.uint8)
     centre = (int(rng.integers(60, 260)), int(rng.integers(50, 190)))
@@ -129,7 +129,7 @@ def remote_worker(tmp_path, gguf, url, key=None, local=False, retries=1, time_li
     messages = []
     local_llm = None
     if local:
-        from edge.llm_process import LlmProcess
+        from edge.explain.llm_process import LlmProcess
 
         local_llm = LlmProcess(pack, max_tokens=32, time_limit_s=20)
     answerer = RemoteFirst(RemoteLlm(url, "smollm2", key, time_limit_s=time_limit_s, retries=retries,
@@ -273,7 +273,7 @@ def test_remote_down_falls_back_to_the_local_child(smollm_gguf, tmp_path):
 def test_config_backend_remote(tmp_path):
     import yaml
 
-    from edge.config import StationConfig, _resolve_paths
+    from edge.line.config import StationConfig, _resolve_paths
 
     raw = {"station": {"line": "l1", "name": "s1"}, "pack": "p", "state": "s", "source": {"kind": "synthetic"},
            "explain": {"backend": "remote", "remote": {"url": "http://llm.plant:8000", "api_key_file": "llm.key",

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from edge.api import ApiClient, ApiError
-from edge.store import TraceStore
-from edge.synthetic import SyntheticLine
+from edge.line.api import ApiClient, ApiError
+from edge.line.store import TraceStore
+from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until
 from station_helpers import finish, start, write_config
 
@@ -106,7 +106,7 @@ def test_runtime_killed_mid_stream_replays_its_outbox_after_restart(broker, tmp_
                                                                     enrolled_state):
     broker.stop()  # results pile up in the outbox
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=20))
-    exe = [sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)]
+    exe = [sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)]
     proc = subprocess.Popen(exe, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: (tmp_path / "var" / "parts.sqlite").exists() and
@@ -299,7 +299,7 @@ def test_service_notifies_systemd_and_stops_cleanly_on_sigterm(broker, tmp_path,
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=10))
     sub = Subscriber(broker.port, "test/s1/#")
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         seen = []
@@ -467,8 +467,8 @@ def test_llm_process_killed_mid_explanation_costs_only_that_explanation(broker, 
 @pytest.mark.timeout(240)
 def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stays_up(
         broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
-    from edge.dialogue import DialogueStore
-    from edge.llm_process import FAULT_ENV
+    from edge.explain.dialogue import DialogueStore
+    from edge.explain.llm_process import FAULT_ENV
 
     with DialogueStore(tmp_path / "var" / "dialogue.sqlite") as store:  # left pending by the last run
         for i in range(5):
@@ -494,7 +494,7 @@ def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stay
 @pytest.mark.timeout(240)
 def test_a_technicians_question_that_crashes_the_engine_gets_an_error_naming_the_signal(
         broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
-    from edge.llm_process import FAULT_ENV
+    from edge.explain.llm_process import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "SIGILL@token")
     sub = Subscriber(broker.port, "test/s1/#")

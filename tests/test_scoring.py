@@ -4,11 +4,11 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from edge.bank import MemoryBank, greedy_coreset
+from edge.scoring.bank import MemoryBank, greedy_coreset
 from edge.errors import ImageError, StateError
-from edge.scorer import Scorer
-from edge.state import build_state, enroll, load_state
-from edge.synthetic import SyntheticLine
+from edge.scoring.scorer import Scorer
+from edge.station.state import build_state, enroll, load_state
+from edge.line.synthetic import SyntheticLine
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_threshold_comes_from_held_out_normal_scores(station, default_pack, line
 
 
 def test_more_shots_enroll_without_views_and_calibrate_on_folds_up_to_the_bank_switch(default_pack, line):
-    from edge.state import FEW_SHOT_MAX_FOLDS, FEW_SHOT_MAX_SHOTS, FEW_SHOT_MAX_VIEWED_SHOTS, enrolls_few_shot
+    from edge.station.state import FEW_SHOT_MAX_FOLDS, FEW_SHOT_MAX_SHOTS, FEW_SHOT_MAX_VIEWED_SHOTS, enrolls_few_shot
 
     n = FEW_SHOT_MAX_FOLDS + 4
     assert n > FEW_SHOT_MAX_VIEWED_SHOTS
@@ -134,7 +134,7 @@ def test_single_shot_enrolls_with_augmented_views(default_pack, line):
 def test_enrolling_more_images_updates_bank_and_threshold(default_pack, tmp_path):
     import cv2
 
-    from edge.synthetic import SyntheticLine as Line
+    from edge.line.synthetic import SyntheticLine as Line
 
     good = tmp_path / "good"
     good.mkdir()
@@ -213,7 +213,7 @@ def test_bad_frames_are_refused_with_a_clear_error(station):
 
 
 def test_calibration_is_the_robust_95_percent_point_of_normal_scores():
-    from edge.calibration import calibrate
+    from edge.scoring.calibration import calibrate
 
     # median 10, IQR 2 (9..11) -> spread 2/1.349; z(0.95) = 1.6449
     scores = [8, 9, 9, 10, 10, 10, 11, 11, 12, 40]

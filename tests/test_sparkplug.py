@@ -18,8 +18,8 @@ pytest.importorskip("google.protobuf", reason="needs the plc extra (pip install 
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import ROOT
-from edge.plc.sparkplug import DEVICE_METRICS, NODE_METRICS
-from edge.plc.sparkplug_schema import DATA_TYPE_NAMES, DATA_TYPES, VALUE_FIELD, Payload
+from edge.line.plc.sparkplug import DEVICE_METRICS, NODE_METRICS
+from edge.line.plc.sparkplug_schema import DATA_TYPE_NAMES, DATA_TYPES, VALUE_FIELD, Payload
 from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
 from station_helpers import finish, start, write_config
 
@@ -167,7 +167,7 @@ def sparkplug(**kw) -> dict:
 @pytest.mark.timeout(240)
 def test_a_run_follows_the_rules_rebirths_on_command_and_refuses_bad_commands(
         broker, tmp_path, default_pack_dir, enrolled_state, caplog):
-    caplog.set_level(logging.WARNING, logger="edge.plc.sparkplug")
+    caplog.set_level(logging.WARNING, logger="edge.line.plc.sparkplug")
     watcher = SparkplugWatcher(broker.port)
     sub = Subscriber(broker.port, "test/s1/#")
     n = 300  # more than 256 messages: seq wraps
@@ -234,7 +234,7 @@ def test_a_run_follows_the_rules_rebirths_on_command_and_refuses_bad_commands(
 
 
 def _service(cfg) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

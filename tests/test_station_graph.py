@@ -1,14 +1,14 @@
-"""The one station graph (edge.station_graph) on ONNX Runtime's CPU equals the NumPy path: maps within
+"""The one station graph (edge.scoring.station_graph) on ONNX Runtime's CPU equals the NumPy path: maps within
 1e-4, the same scores and verdicts, the bank an input (a new bank needs no new graph); the runtime's
 scorer choice takes it only for what it covers, on the CPU."""
 import cv2
 import numpy as np
 import pytest
 
-from edge.scorer import FeatureExtractor, Scorer
-from edge.state import build_state
-from edge.station_graph import StationGraphScorer, map_matrices, supports
-from edge.synthetic import SyntheticLine
+from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.station.state import build_state
+from edge.scoring.station_graph import StationGraphScorer, map_matrices, supports
+from edge.line.synthetic import SyntheticLine
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_the_bank_is_an_input_so_a_new_bank_needs_no_new_graph(default_pack, ban
     graph = StationGraphScorer(default_pack, bank_state.bank, bank_state.calibration.threshold)
     other = build_state(default_pack, SyntheticLine(seed=5).good(18), FeatureExtractor(default_pack), seed=1,
                         quiet=True, few_shot=False).bank
-    from edge.station_graph import bank_inputs
+    from edge.scoring.station_graph import bank_inputs
 
     graph.bank_feeds = bank_inputs(other)
     frames = [p.image for p in SyntheticLine(seed=9).parts(3)]
@@ -53,8 +53,8 @@ def test_the_bank_is_an_input_so_a_new_bank_needs_no_new_graph(default_pack, ban
 
 
 def test_the_station_scorer_takes_the_graph_only_where_it_covers_the_state(default_pack, bank_state, enrolled_state):
-    from edge.state import load_state
-    from edge.tiling import station_scorer
+    from edge.station.state import load_state
+    from edge.scoring.tiling import station_scorer
 
     assert isinstance(station_scorer(default_pack, bank_state, None, kind="bank", cpu_scoring="station_graph"),
                       StationGraphScorer)

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.runtime import Part, PartQueue
-from edge.sources import Frame
-from edge.store import StoreError, TraceStore
+from edge.line.runtime import Part, PartQueue
+from edge.line.sources import Frame
+from edge.line.store import StoreError, TraceStore
 
 SUMMARY = {"verdict": "anomalous", "score": 2.0, "threshold": 1.0, "regions": [{"x": 1}]}
 

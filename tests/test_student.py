@@ -12,13 +12,13 @@ torch = pytest.importorskip("torch", reason="training the student needs the expo
 from conftest import ROOT, SHARED_DATA, run_cli  # noqa: E402
 
 from edge.errors import StateError  # noqa: E402
-from edge.metrics import auroc  # noqa: E402
-from edge.scorer import Scorer  # noqa: E402
-from edge.state import enroll, load_state  # noqa: E402
-import edge.student  # noqa: E402
-from edge.student import DEFAULT_SCORER, StudentScorer, StudentSpec, StudentTraining  # noqa: E402
-from edge.tiling import station_scorer  # noqa: E402
-from edge.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
+from edge.evaluation.metrics import auroc  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
+from edge.station.state import enroll, load_state  # noqa: E402
+import edge.scoring.student  # noqa: E402
+from edge.scoring.student import DEFAULT_SCORER, StudentScorer, StudentSpec, StudentTraining  # noqa: E402
+from edge.scoring.tiling import station_scorer  # noqa: E402
+from edge.line.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
 from export.student import (TrainConfig, TrainError, _Teacher, export_student, position_statistics,  # noqa: E402
                             raw_maps, train, train_student)
 
@@ -180,7 +180,7 @@ def test_budget_stopped_student_is_undertrained_never_auto_and_refused_until_res
     assert (t.status, t.stopped_by, t.steps_done, t.steps_planned) == ("undertrained", "time_budget", 1, 12)
     assert t.final_loss is not None and np.isfinite(t.final_loss)
     # auto never picks it, even where the measured default would be the student.
-    monkeypatch.setattr(edge.student, "DEFAULT_SCORER", "student")
+    monkeypatch.setattr(edge.scoring.student, "DEFAULT_SCORER", "student")
     assert type(station_scorer(default_pack, state, None, kind="auto")) is Scorer
     with pytest.raises(StateError, match=r"student is undertrained: stopped by the 0.001 s time budget after 1 of "
                                          r"12 steps.*student\.ckpt.*--allow-undertrained"):
@@ -190,8 +190,8 @@ def test_budget_stopped_student_is_undertrained_never_auto_and_refused_until_res
     # A station configured `scorer: student` refuses it at start, unless the config allows it by name.
     import yaml
 
-    from edge.config import load_config
-    from edge.runtime import Runtime
+    from edge.line.config import load_config
+    from edge.line.runtime import Runtime
     from station_helpers import write_config
 
     (tmp_path / "station").mkdir()
@@ -235,7 +235,7 @@ def test_student_kind_without_a_student_is_refused(default_pack, tmp_path):
 
 
 def test_runtime_modules_never_import_torch():
-    code = ("import sys, edge.runtime, edge.student, edge.state, edge.evaluate, edge.cli; "
+    code = ("import sys, edge.line.runtime, edge.scoring.student, edge.station.state, edge.evaluation.evaluate, edge.cli.main; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
@@ -287,7 +287,7 @@ def test_cli_says_plainly_when_the_budget_stopped_the_student(default_pack_dir, 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "magnetic_tile").is_dir(), reason="../shared/data/magnetic_tile not present")
 def test_magnetic_tile_16_shot_student(default_pack):
-    from edge.evaluate import evaluate
+    from edge.evaluation.evaluate import evaluate
 
     cfg = TrainConfig(steps=300, threads=2)
     r = evaluate(default_pack, SHARED_DATA / "magnetic_tile", 16, quiet=True, log=lambda m: None,
@@ -302,8 +302,8 @@ def test_line_runs_on_the_student(broker, default_pack, default_pack_dir, tmp_pa
     publishes on a real broker; an enroll-good keeps the student and says it was not retrained."""
     import yaml
 
-    from edge.config import load_config
-    from edge.runtime import Runtime
+    from edge.line.config import load_config
+    from edge.line.runtime import Runtime
     from mqtt_helpers import Subscriber, wait_until
     from station_helpers import write_config
 

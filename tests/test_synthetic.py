@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.synthetic import (
+from edge.line.synthetic import (
     DEFECT_KINDS,
     SyntheticLine,
     SyntheticPart,

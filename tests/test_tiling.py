@@ -5,11 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.config import ConfigError, parse_config
+from edge.line.config import ConfigError, parse_config
 from edge.errors import StateError
-from edge.roi import RoiError, RoiSpec, estimate_alignment, fixed_box, grey
-from edge.synthetic import HighResLine, apply_small_defect, render_part
-from edge.tiling import Layout, TiledScorer, TileGrid, TilingSpec, build_tiled_state, prepare, resolve_layout, \
+from edge.scoring.roi import RoiError, RoiSpec, estimate_alignment, fixed_box, grey
+from edge.line.synthetic import HighResLine, apply_small_defect, render_part
+from edge.scoring.tiling import Layout, TiledScorer, TileGrid, TilingSpec, build_tiled_state, prepare, resolve_layout, \
     station_scorer, to_frame_map
 
 BASE = {"pack": "packs/default", "state": "state", "source": {"kind": "synthetic"}}
@@ -115,7 +115,7 @@ def tiled_state(default_pack, small_frames):
 
 
 def test_small_defect_found_with_tiling_and_missed_without(default_pack, small_frames, tiled_state):
-    from edge.state import build_state
+    from edge.station.state import build_state
 
     refs, good, defective, mask = small_frames
     assert 400 < mask.sum() < 560  # about 0.04 % of the frame
@@ -138,7 +138,7 @@ def test_small_defect_found_with_tiling_and_missed_without(default_pack, small_f
 
 
 def test_tiled_state_round_trips_and_refuses_another_tiling(default_pack, tiled_state, small_frames, tmp_path):
-    from edge.state import load_state
+    from edge.station.state import load_state
 
     tiled_state.save(tmp_path / "state")
     loaded = load_state(tmp_path / "state", default_pack)
@@ -156,7 +156,7 @@ def test_tiled_state_round_trips_and_refuses_another_tiling(default_pack, tiled_
 
 
 def test_per_tile_banks_are_saved_and_loaded(default_pack, small_frames, tmp_path):
-    from edge.state import load_state
+    from edge.station.state import load_state
 
     spec = TilingSpec(scale=2, bank="per_tile", bank_patches=256, roi=RoiSpec(kind="rect", rect=(100, 60, 600, 500)))
     state = build_tiled_state(default_pack, small_frames[0][:3], spec, seed=0, quiet=True)
@@ -172,8 +172,8 @@ def test_per_tile_banks_are_saved_and_loaded(default_pack, small_frames, tmp_pat
 def test_runtime_builds_the_tiled_scorer_its_config_asks_for(default_pack_dir, tiled_state, tmp_path):
     import yaml
 
-    from edge.config import load_config
-    from edge.runtime import Runtime
+    from edge.line.config import load_config
+    from edge.line.runtime import Runtime
     from station_helpers import write_config
 
     tiled_state.save(tmp_path / "enrolled")

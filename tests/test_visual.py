@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.visual import heatmap_overlay, roc_plot_png, side_by_side
+from edge.scoring.visual import heatmap_overlay, roc_plot_png, side_by_side
 
 
 def _square_mask(size, lo, hi):
@@ -98,8 +98,8 @@ def test_side_by_side_label_count_must_match():
 
 
 def test_result_overlay_has_a_legend_and_tells_truth_from_prediction():
-    from edge.decide import decide
-    from edge.visual import LEGEND_HEIGHT, PREDICTION_COLOUR, TRUTH_COLOUR, result_overlay
+    from edge.scoring.decide import decide
+    from edge.scoring.visual import LEGEND_HEIGHT, PREDICTION_COLOUR, TRUTH_COLOUR, result_overlay
 
     amap = np.zeros((64, 64), np.float32)
     amap[10:20, 40:56] = 3.0   # region 1 (larger)
@@ -131,7 +131,7 @@ def test_result_overlay_has_a_legend_and_tells_truth_from_prediction():
 
 
 def test_roc_plot_marks_the_operating_point(tmp_path):
-    from edge.visual import roc_plot_png
+    from edge.scoring.visual import roc_plot_png
 
     fpr, tpr = np.linspace(0, 1, 50), np.sqrt(np.linspace(0, 1, 50))
     roc_plot_png(tmp_path / "a.png", [("image", fpr, tpr, 0.8)], "t")

@@ -18,10 +18,10 @@ import cv2
 import pytest
 
 from conftest import ROOT
-from edge.config import load_config
-from edge.runtime import Runtime
-from edge.store import TraceStore
-from edge.synthetic import SyntheticLine
+from edge.line.config import load_config
+from edge.line.runtime import Runtime
+from edge.line.store import TraceStore
+from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
 from station_helpers import finish, start, write_config
 
@@ -33,10 +33,10 @@ ROI = [16, 16, 224, 224]  # fits the 256 px synthetic parts, not a 160 px frame
 @pytest.fixture(scope="module")
 def tiled_state(default_pack, tmp_path_factory) -> Path:
     """A station state enrolled with tiling scale 1 and a fixed ROI rect (8 good synthetic parts)."""
-    from edge.roi import RoiSpec
-    from edge.state import enroll
-    from edge.synthetic import write_good_parts
-    from edge.tiling import TilingSpec
+    from edge.scoring.roi import RoiSpec
+    from edge.station.state import enroll
+    from edge.line.synthetic import write_good_parts
+    from edge.scoring.tiling import TilingSpec
 
     root = tmp_path_factory.mktemp("tiled")
     spec = TilingSpec(scale=1.0, roi=RoiSpec.from_dict({"kind": "rect", "rect": ROI}))
@@ -165,7 +165,7 @@ def test_every_command_payload_gets_a_reply_and_retained_commands_are_not_execut
 @pytest.mark.timeout(120)
 def test_one_station_per_storage_folder_and_no_stale_lock_after_sigkill(broker, tmp_path, default_pack_dir,
                                                                         enrolled_state):
-    from edge.station_lock import StationLockError
+    from edge.station.station_lock import StationLockError
 
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
                        {"kind": "synthetic", "seed": 0, "count": None, "fps": 20})
@@ -182,7 +182,7 @@ def test_one_station_per_storage_folder_and_no_stale_lock_after_sigkill(broker, 
 
     # A holder killed with SIGKILL: the kernel drops its flock, the next station starts.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from edge.station_lock import StationLock; "
+        [sys.executable, "-c", "import sys, time; from edge.station.station_lock import StationLock; "
          f"StationLock({str(tmp_path / 'var')!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -272,12 +272,12 @@ def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_p
                         "reconnect": {"initial_delay_s": 0.05, "max_delay_s": 0.4}})
     rt = start(cfg)
     try:
-        with caplog.at_level(logging.WARNING, logger="edge.sources"):
+        with caplog.at_level(logging.WARNING, logger="edge.line.sources"):
             cpu0, wall0 = time.process_time(), time.monotonic()
             time.sleep(3.0)
             cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         bad = rt.source.bad_frames
-        lines = [r for r in caplog.records if r.name == "edge.sources"]
+        lines = [r for r in caplog.records if r.name == "edge.line.sources"]
         assert 5 <= bad <= 30, bad  # 4 logged, then waits of 0.05, 0.1, 0.2, 0.4, 0.4, ...
         assert len(lines) <= 2 * bad, len(lines)
         assert cpu < 0.5 * wall, (cpu, wall)  # a spinning capture thread takes a whole core
@@ -288,7 +288,7 @@ def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_p
 
 
 def _connected(tmp_path: Path) -> bool:
-    from edge.api import ApiClient, ApiError
+    from edge.line.api import ApiClient, ApiError
 
     sock = tmp_path / "var" / "api.sock"
     try:
@@ -298,7 +298,7 @@ def _connected(tmp_path: Path) -> bool:
 
 
 def _run_service(cfg: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -431,7 +431,7 @@ def test_the_watchdog_keeps_its_pace_while_a_sigterm_drains_the_queue(broker, tm
                        pipeline={"capture_queue": 48}, explain={"enabled": False})
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000",
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli.main", "run", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         seen: list[tuple[float, str]] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.anomalygpt import PROJECTOR_INPUTS, PROJECTOR_OUTPUTS, VISION_EMBEDDING, VISION_MAPS, VISION_TOKENS
+from edge.scoring.anomalygpt import PROJECTOR_INPUTS, PROJECTOR_OUTPUTS, VISION_EMBEDDING, VISION_MAPS, VISION_TOKENS
 from edge.pack import (SCHEMA_VERSION, ConversationSpec, EncoderSpec, FeatureLayer, FileEntry, InputSpec, LlmSpec,
                        Normalization, PackManifest, ScorerSpec, ZeroShotSpec, sha256_file)
 

@@ -1,0 +1,1 @@
+"""Evaluation: datasets in MVTec layout, metrics, the evaluation run, ROC plots and the demo."""

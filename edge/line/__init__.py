@@ -1,0 +1,2 @@
+"""Line stage: the running station. Config, frame sources, the pipeline threads, payloads, the store
+and outbox, MQTT publishing, plant protocols (plc/), the local API and the runtime that wires them."""

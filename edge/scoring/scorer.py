@@ -1,0 +1,152 @@
+"""The score stage: frames -> encoder features -> nearest-neighbour distances -> smoothed anomaly maps.
+
+`FeatureExtractor` runs the pack's encoder in batches; `Scorer` adds the memory bank and the
+calibrated threshold and hands each map to the decide stage (`edge.scoring.decide`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from edge.inference.backend import Backend, create_backend
+from edge.scoring.bank import MemoryBank
+from edge.scoring.decide import Result, decide, image_score
+from edge.pack import Pack
+from edge.inference.preprocess import check_frame, to_batch
+
+
+class FeatureExtractor:
+    def __init__(self, pack: Pack, backend: Backend | None = None):
+        self.pack = pack
+        self.backend = backend or create_backend(pack)
+
+    def patch_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """N frames -> N x h x w x C float32 patch features (channels last, ready for the bank)."""
+        feats = self.backend.run(to_batch(list(images), self.pack.input))
+        return np.ascontiguousarray(feats.transpose(0, 2, 3, 1))
+
+    def patch_features_batched(self, images: Sequence[np.ndarray], batch_size: int = 8, progress=None) -> np.ndarray:
+        """All images' patch features in one preallocated N x h x w x C array (no concatenation copy)."""
+        out = None
+        for b0 in range(0, len(images), batch_size):
+            feats = self.patch_features(images[b0:b0 + batch_size])
+            if out is None:
+                out = np.empty((len(images), *feats.shape[1:]), np.float32)
+            out[b0:b0 + len(feats)] = feats
+            if progress:
+                progress(len(feats))
+        if out is None:
+            raise ValueError("no images to extract features from")
+        return out
+
+
+def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """n_out x n_in linear interpolation weights with the end samples on the end pixels."""
+    pos = np.linspace(0, n_in - 1, n_out) if n_in > 1 else np.zeros(n_out)
+    lo = np.minimum(np.floor(pos).astype(int), max(n_in - 2, 0))
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1 - frac
+    if n_in > 1:
+        m[np.arange(n_out), lo + 1] = frac
+    return m
+
+
+def distances_to_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], size: tuple[int, int],
+                      sigma: float, metric: str = "l2", upsample: str = "linear") -> np.ndarray:
+    """Flat squared distances of n images' patches -> n x H x W smoothed anomaly maps: L2 distances, or
+    1 - cosine similarity for unit features (`metric` and `upsample` as in ScorerSpec)."""
+    patch = (np.sqrt(sqdist) if metric == "l2" else 0.5 * sqdist).reshape(n, *grid)
+    return upsample_maps(patch, size, sigma, upsample)
+
+
+def upsample_maps(patch: np.ndarray, size: tuple[int, int], sigma: float, upsample: str = "linear") -> np.ndarray:
+    """n x h x w patch scores -> n x H x W maps, upsampled and Gaussian-smoothed."""
+    n, grid = len(patch), patch.shape[1:]
+    maps = np.empty((n, *size), np.float32)
+    if upsample == "linear_align_corners":
+        rows, cols = _align_corners_matrix(size[0], grid[0]), _align_corners_matrix(size[1], grid[1])
+    for i in range(n):
+        if upsample == "linear_align_corners":
+            m = rows @ patch[i].astype(np.float32) @ cols.T
+        else:
+            m = cv2.resize(patch[i], (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        if sigma > 0:
+            m = cv2.GaussianBlur(m, (0, 0), sigma)
+        maps[i] = m
+    return maps
+
+
+def pack_maps(sqdist: np.ndarray, n: int, grid: tuple[int, int], pack: Pack) -> np.ndarray:
+    """`distances_to_maps` at the pack's input size with its scorer's metric, upsampling and smoothing."""
+    s = pack.scorer
+    return distances_to_maps(sqdist, n, grid, (pack.input.height, pack.input.width), s.smoothing_sigma, s.metric,
+                             s.upsample)
+
+
+def grid_maps(patch: np.ndarray, pack: Pack) -> np.ndarray:
+    """n x h x w patch scores -> n x H x W maps at the pack's input size, upsampled and smoothed as it says."""
+    s = pack.scorer
+    return upsample_maps(patch, (pack.input.height, pack.input.width), s.smoothing_sigma, s.upsample)
+
+
+def anomaly_maps(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
+    """N x h x w x C patch features -> N x H x W anomaly maps at the pack's input size."""
+    n, h, w, c = features.shape
+    return pack_maps(bank.nearest_sqdist(features.reshape(-1, c)), n, (h, w), pack)
+
+
+def image_scores(bank: MemoryBank, features: np.ndarray, pack: Pack) -> np.ndarray:
+    return np.array([image_score(m, pack.scorer.top_fraction) for m in anomaly_maps(bank, features, pack)])
+
+
+class Scorer:
+    """Scores frames against one station's memory bank with its calibrated threshold."""
+
+    def __init__(self, pack: Pack, bank: MemoryBank | None, threshold: float, extractor: FeatureExtractor | None = None,
+                 head=None, calibration=None):
+        """`head`: the state's FewShotHead (None: nearest-neighbour distances only); `calibration`: the
+        state's Calibration, which gives each result its conformal p-value."""
+        self.pack = pack
+        self.bank = bank
+        self.threshold = float(threshold)
+        self.extractor = extractor or FeatureExtractor(pack)
+        self.head = head
+        self.calibration = calibration
+
+    @classmethod
+    def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
+        """The bank scorer of a station state (edge.scoring.tiling.station_scorer picks among all scorers)."""
+        if cls is Scorer and pack.scorer.kind == "anomalygpt":
+            from edge.scoring.anomalygpt import AnomalyGptScorer
+
+            return AnomalyGptScorer.from_state(pack, state, backend)
+        from edge.inference.cuda import gpu_bank  # the bank on the GPU's nn_min kernel where CUDA is usable
+
+        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend),
+                   head=state.head, calibration=state.calibration)
+
+    def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
+        """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
+        if self.head is not None:
+            return grid_maps(self.head.patch_scores(features, self.bank), self.pack)
+        return anomaly_maps(self.bank, features, self.pack)
+
+    def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
+        score = image_score(anomaly_map, self.pack.scorer.top_fraction)
+        p_value = self.calibration.p_value(score) if self.calibration is not None else None
+        return decide(anomaly_map, score, self.threshold, frame_size, latency_ms, p_value=p_value)
+
+    def score(self, frames: Sequence[np.ndarray]) -> list[Result]:
+        """Score a batch of frames (grey or BGR uint8, any size)."""
+        t0 = time.perf_counter()
+        frames = [check_frame(f) for f in frames]
+        maps = self.anomaly_maps(self.extractor.patch_features(frames))
+        per_frame_ms = (time.perf_counter() - t0) * 1000 / max(1, len(frames))
+        return [self.decide(m, f.shape[:2], per_frame_ms) for m, f in zip(maps, frames)]
+
+    def score_one(self, frame: np.ndarray) -> Result:
+        return self.score([frame])[0]

@@ -1,0 +1,118 @@
+"""Learn mode: a station's bank and threshold from unlabeled production parts, assuming only that most of
+them are good.
+
+A line integrator often has no curated good parts for a new product, but has the first N parts off the
+line. Each of them is scored against all the others by mutual scoring (the idea MuSc uses zero-shot):
+every patch of part i is matched with its nearest patch in each other part j, and its score is a low
+quantile of those N-1 distances, not the minimum, so a defect that a few other parts share (the same
+scratch on two parts) still stands out, while normal texture finds close matches in most parts. Parts
+whose score is a robust outlier (median + z * MAD-sigma of all parts' scores) are set aside as suspect;
+the rest are enrolled as good references (`edge.station.state.enroll`: bank and automatic threshold from their
+own held-out scores). What was set aside is reported with its scores, so a person can look at it.
+
+    result = learn(pack, paths, "station/state")
+    result.kept, result.suspects, result.scores, result.state.calibration.threshold
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.scoring.decide import image_score
+from edge.errors import StateError
+from edge.pack import Pack
+from edge.inference.preprocess import read_images
+from edge.scoring.scorer import FeatureExtractor, pack_maps
+
+MIN_PARTS = 8
+PATCH_QUANTILE = 0.3     # of a patch's distances to the other parts
+SUSPECT_Z = 3.0          # robust z-score above which a part is set aside
+PROJECTION_DIMS = 64     # mutual scoring compares patches in their top principal components
+
+
+@dataclass
+class LearnResult:
+    state: object                       # the enrolled edge.station.state.StationState
+    kept: list[Path]
+    suspects: list[Path]
+    scores: dict[str, float]            # file name -> mutual score
+    cutoff: float
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"parts": len(self.kept) + len(self.suspects), "kept": len(self.kept),
+                "suspects": [{"file": p.name, "score": round(self.scores[p.name], 4)} for p in self.suspects],
+                "cutoff": round(self.cutoff, 4), "skipped": self.skipped}
+
+
+def mutual_scores(pack: Pack, features: np.ndarray, quantile: float = PATCH_QUANTILE,
+                  dims: int = PROJECTION_DIMS, seed: int = 0) -> np.ndarray:
+    """N x h x w x C patch features -> each part's image score against all the other parts."""
+    n, h, w, c = features.shape
+    if n < 3:
+        raise StateError(f"mutual scoring needs at least 3 parts, got {n}")
+    flat = features.reshape(n, h * w, c).astype(np.float32)
+    sample = flat.reshape(-1, c)
+    rows = np.random.default_rng(seed).choice(len(sample), min(len(sample), 20_000), replace=False)
+    mean = sample[rows].mean(0)
+    k = min(dims, c)
+    _, _, vt = np.linalg.svd(sample[rows] - mean, full_matrices=False)
+    x = (flat - mean) @ vt[:k].T                                  # n x P x k
+    norms = (x * x).sum(-1)                                       # n x P
+    scores = np.empty(n)
+    for i in range(n):
+        # nearest squared distance of each of part i's patches within each other part: P x n
+        nearest = np.empty((h * w, n), np.float32)
+        for j in range(n):
+            if j == i:
+                nearest[:, j] = np.inf
+                continue
+            d = norms[i][:, None] + norms[j][None, :] - 2.0 * (x[i] @ x[j].T)
+            nearest[:, j] = np.maximum(d.min(1), 0.0)
+        others = np.delete(nearest, i, axis=1)
+        patch = np.quantile(others, quantile, axis=1)
+        m = pack_maps(patch.astype(np.float32), 1, (h, w), pack)[0]
+        scores[i] = image_score(m, pack.scorer.top_fraction)
+    return scores
+
+
+def suspect_cutoff(scores: np.ndarray, z: float = SUSPECT_Z) -> float:
+    """median + z * 1.4826 * MAD: robust to the suspects themselves."""
+    med = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - med))) * 1.4826
+    return med + z * max(mad, 1e-6 * max(abs(med), 1e-6))
+
+
+def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: float = SUSPECT_Z,
+          extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
+    """Enroll the unlabeled `parts` into the state folder `out`, setting suspects aside."""
+    from edge.station.state import enroll
+
+    out = Path(out)
+    if (out / "state.yaml").is_file():
+        raise StateError(f"{out}: already holds a station state; learn mode builds a new one (use enroll to add "
+                         "confirmed good parts to it)")
+    images, paths, skipped = read_images(list(parts), log)
+    if len(images) < MIN_PARTS:
+        raise StateError(f"learn mode needs at least {MIN_PARTS} readable parts to tell the usual from the unusual, "
+                         f"got {len(images)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    extractor = extractor or FeatureExtractor(pack)
+    feats = extractor.patch_features_batched(images)
+    log(f"mutual scoring of {len(images)} parts")
+    scores = mutual_scores(pack, feats, seed=seed)
+    cutoff = suspect_cutoff(scores, z)
+    suspect = scores > cutoff
+    if suspect.sum() > len(images) // 2:
+        raise StateError(f"learn mode: {int(suspect.sum())} of {len(images)} parts look unusual; it assumes most "
+                         "parts are good. Enroll known good parts instead")
+    kept = [p for p, s in zip(paths, suspect) if not s]
+    suspects = [p for p, s in zip(paths, suspect) if s]
+    log(f"set aside {len(suspects)} of {len(images)} parts as suspect (mutual score above {cutoff:.4f}); "
+        f"enrolling the other {len(kept)}")
+    state = enroll(pack, kept, out, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
+    state.info["learn"] = {"parts": len(images), "suspects": [p.name for p in suspects], "cutoff": cutoff}
+    state.save(out)
+    return LearnResult(state, kept, suspects, {p.name: float(s) for p, s in zip(paths, scores)}, cutoff,
+                       skipped)
