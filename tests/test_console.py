@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 from edge.line.api import ApiClient
-from edge.cli.console import parse_when, part_line
+from edge.cli.console_screen import parse_when, part_line
 from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto, wait_until
 from station_helpers import write_config
