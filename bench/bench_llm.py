@@ -11,7 +11,7 @@ part, and the frame loop's latency with the LLM busy against idle.
    while the worker (1 thread) explains a stream of parts, against the same loop with the worker idle;
    idle and busy blocks alternate to spread drift from other load on the machine.
 4. With --sentences: how many of the model's sentences survive the check against the findings
-   (edge.explain.prompts.check_claims), over the first explanation and the follow-ups the model answers
+   (edge.explain.claims.check_claims), over the first explanation and the follow-ups the model answers
    (descriptions), on synthetic flagged parts and issue 17's three-region part; why the rest were dropped.
 Prints markdown for docs/benchmarks.md.
 """
@@ -40,14 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.explain.dialogue import DialogueStore  # noqa: E402
 from edge.explain.dialogue import Session  # noqa: E402
-from edge.explain.explainer import Explainer, ExplainWorker, lower_thread_priority  # noqa: E402
+from edge.explain.explainer import Explainer, lower_thread_priority  # noqa: E402
 from edge.explain.findings import describe  # noqa: E402
-from edge.explain.llm import LlamaEngine, LlamaModel  # noqa: E402
+from edge.explain.llama_engine import LlamaEngine  # noqa: E402
+from edge.explain.llama_model import LlamaModel  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.explain.prompts import FIRST_QUESTION, ChatPrompt, opening  # noqa: E402
+from edge.explain.prompts import ChatPrompt  # noqa: E402
+from edge.explain.questions import FIRST_QUESTION  # noqa: E402
+from edge.explain.runtime_words import opening  # noqa: E402
 from edge.scoring.scorer import Scorer  # noqa: E402
 from edge.station.state import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
+from edge.explain.worker import ExplainWorker  # noqa: E402
 
 MM_PER_PIXEL = 0.05
 
@@ -134,7 +138,7 @@ def bench_sentences(pack, findings: list, work: Path) -> dict:
     import collections
     import re as _re
 
-    from edge.explain.explainer import respond
+    from edge.explain.answers import respond
 
     explainer = Explainer(pack, n_threads=1)
     judged = kept = answers = model_answers = 0

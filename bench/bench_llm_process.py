@@ -30,20 +30,22 @@ from bench.bench_scoring import cpu_name  # noqa: E402
 
 _ENGINE = r"""
 import json, sys, time
-from edge.explain.llm import LlamaEngine, LlamaModel, _lib
+from edge.explain.llama_engine import LlamaEngine
+from edge.explain.llama_model import LlamaModel, llama_lib
 model = LlamaModel(sys.argv[1])
 engine = LlamaEngine(model, n_ctx=2048, n_threads=1)
 prompt = model.tokenize("Describe the defect on the part in one sentence. " * 24, add_bos=True)
 t0 = time.monotonic(); engine.evaluate([prompt]); prefill = time.monotonic() - t0
 engine.reset()
 g = engine.generate([prompt[:16]], max_tokens=128)
-info = _lib().llama_print_system_info()
+info = llama_lib().llama_print_system_info()
 print(json.dumps({"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / prefill, "gen_tok_s": g.tokens_per_s,
                   "generated": len(g.tokens), "system_info": info.decode() if isinstance(info, bytes) else str(info)}))
 """
 
 
-_INFO = "from edge.explain.llm import _lib; i = _lib().llama_print_system_info(); print(i.decode() if isinstance(i, bytes) else i)"
+_INFO = ("from edge.explain.llama_model import llama_lib; i = llama_lib().llama_print_system_info(); "
+         "print(i.decode() if isinstance(i, bytes) else i)")
 
 
 def system_info(python: str) -> str:
@@ -66,7 +68,7 @@ def boundary(pack, rounds: int) -> dict:
     from edge.explain.dialogue import Session
     from edge.explain.explainer import Explainer
     from edge.explain.llm_process import LlmProcess
-    from edge.explain.prompts import FIRST_QUESTION
+    from edge.explain.questions import FIRST_QUESTION
 
     line, scorer = station(pack)
     findings = flagged_findings(line, scorer, 1)[0]  # a real flagged synthetic part

@@ -60,7 +60,7 @@ def main() -> None:
 
     from conftest import llm_pack
     from edge.explain.dialogue import DialogueStore
-    from edge.explain.explainer import ExplainWorker
+    from edge.explain.worker import ExplainWorker
     from edge.explain.remote_llm import RemoteFirst, RemoteLlm
     from export import assets
     from test_remote_llm import flagged_findings

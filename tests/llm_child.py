@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 _DECODE = r"""
 import json, sys
 import numpy as np
-from edge.explain.llm import LlamaEngine, LlamaModel, _lib
+from edge.explain.llama_engine import LlamaEngine
+from edge.explain.llama_model import LlamaModel, llama_lib
 model = LlamaModel(sys.argv[1])
 engine = LlamaEngine(model, n_ctx=128, n_threads=1)
 tokens = model.tokenize("The part has a scratch near the upper edge.", add_bos=True)
 logits = engine.evaluate([tokens])
 g = engine.generate([tokens], max_tokens=8)
-info = _lib().llama_print_system_info()
+info = llama_lib().llama_print_system_info()
 print(json.dumps({"finite": bool(np.isfinite(logits).all()), "n_vocab": model.n_vocab,
                   "generated": len(g.tokens), "file_type": model.metadata.get("general.file_type"),
                   "system_info": info.decode() if isinstance(info, bytes) else str(info)}))
@@ -30,8 +31,8 @@ engine.close(); model.close()
 """
 
 _INFO = r"""
-from edge.explain.llm import _lib
-info = _lib().llama_print_system_info()
+from edge.explain.llama_model import llama_lib
+info = llama_lib().llama_print_system_info()
 print(info.decode() if isinstance(info, bytes) else info)
 """
 

@@ -1,4 +1,4 @@
-"""edge.explain.explainer end to end: real synthetic parts scored by the default pack, explained by its GGUF
+"""edge.explain.worker end to end: real synthetic parts scored by the default pack, explained by its GGUF
 (SmolLM2-135M) through the worker; bad input on a tiny random GGUF."""
 import dataclasses
 import threading
@@ -13,11 +13,13 @@ pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)"
 from conftest import TINY_CHAT_TEMPLATE, llm_pack, run_cli  # noqa: E402
 
 from edge.explain.dialogue import DialogueStore  # noqa: E402
-from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.worker import ExplainWorker  # noqa: E402
 from edge.explain.findings import Findings, describe  # noqa: E402
-from edge.explain.llm import LlmError  # noqa: E402
+from edge.explain.llama_model import LlmError  # noqa: E402
 from edge.pack import ConversationSpec  # noqa: E402
-from edge.explain.prompts import FIRST_QUESTION, QuestionError, check_claims, place_words  # noqa: E402
+from edge.explain.claims import check_claims  # noqa: E402
+from edge.explain.questions import FIRST_QUESTION, QuestionError  # noqa: E402
+from edge.explain.runtime_words import place_words  # noqa: E402
 
 MM_PER_PIXEL = 0.05
 MESSAGE_KEYS = {"part_id", "question", "answer", "verdict", "model_id", "n_tokens", "latency_ms", "time"}

@@ -1,5 +1,5 @@
 """Adversarial questions to the real SmolLM2-135M GGUF (the default pack's model), every answer checked
-against the findings by rules written here, independently of edge.explain.prompts' own check: each size is one
+against the findings by rules written here, independently of edge.explain.claims' own check: each size is one
 region's own length, width and area; each place, count and superlative is true of the region the answer
 is about; dispositions come with the station's verdict and no advice; follow-ups move to the region they
 name and stay there."""
@@ -13,8 +13,8 @@ from conftest import llm_pack  # noqa: E402
 
 from edge.explain.dialogue import DialogueStore  # noqa: E402
 from edge.explain.explainer import Explainer  # noqa: E402
-from edge.explain.findings import Findings, _num  # noqa: E402
-from edge.explain.prompts import place_words  # noqa: E402
+from edge.explain.findings import Findings, spoken_number as _num  # noqa: E402
+from edge.explain.runtime_words import place_words  # noqa: E402
 
 PLACE_OF_WORD = {"top": "upper", "upper": "upper", "bottom": "lower", "lower": "lower", "left": "left",
                  "right": "right", "centre": "centre", "center": "centre", "middle": "centre"}

@@ -1,4 +1,4 @@
-"""export.llama_gguf + edge.explain.llm on a tiny random Llama: the writer against a NumPy Hugging Face forward,
+"""export.llama_gguf + edge.explain.llama_model/llama_engine on a tiny random Llama: the writer against a NumPy Hugging Face forward,
 AnomalyGPT's embedding path against the token path, bad GGUFs and prompts."""
 import threading
 
@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("llama_cpp", reason="needs the llm extra (llama-cpp-python)")
 pytest.importorskip("gguf", reason="needs the llm extra (gguf)")
 
-from edge.explain.llm import ContextOverflow, LlamaEngine, LlamaModel, LlmError  # noqa: E402
+from edge.explain.llama_engine import ContextOverflow, LlamaEngine  # noqa: E402
+from edge.explain.llama_model import LlamaModel, LlmError  # noqa: E402
 from export.llama_gguf import GgufExportError, tiny_random_llama, write_llama_gguf  # noqa: E402
 
 from llama_reference import hf_llama_forward  # noqa: E402

@@ -21,11 +21,12 @@ from conftest import ROOT, TINY_CHAT_TEMPLATE, llm_pack, run_cli  # noqa: E402
 from llm_child import decode_in_child, quantize_in_child, system_info_in_child  # noqa: E402
 
 from edge.explain.dialogue import DialogueStore, Session  # noqa: E402
-from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.worker import ExplainWorker  # noqa: E402
 from edge.explain.findings import Findings  # noqa: E402
-from edge.explain.llm import LlmError  # noqa: E402
-from edge.explain.llm_process import FAULT_ENV, LlmCrashed, LlmHung, LlmProcess  # noqa: E402
-from edge.explain.prompts import FIRST_QUESTION  # noqa: E402
+from edge.explain.llama_model import LlmError  # noqa: E402
+from edge.explain.llm_child import FAULT_ENV  # noqa: E402
+from edge.explain.llm_process import LlmCrashed, LlmHung, LlmProcess  # noqa: E402
+from edge.explain.questions import FIRST_QUESTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_a_signal_in_the_child_mid_answer_is_named_and_a_new_child_answers(tiny_
 
 
 def test_a_cancelled_answer_ends_promptly_and_the_child_lives_on(tiny_chat_gguf, tmp_path):
-    from edge.explain.explainer import Cancelled
+    from edge.explain.answers import Cancelled
 
     pack = llm_pack(tmp_path / "pack", tiny_chat_gguf, context_length=4096)
     cancel = threading.Event()
@@ -276,7 +277,7 @@ class SlowAnswerer:
         self.alive = False
 
     def answer(self, session, question, on_token=None, cancel=None):
-        from edge.explain.explainer import Answer, Cancelled
+        from edge.explain.answers import Answer, Cancelled
 
         self.calls.append((session.part_id, question))
         if session.part_id == self.slow_part and session.status == "pending":

@@ -1,9 +1,10 @@
-"""edge.explain.prompts without a model: what the runtime says itself, question routing, the claim check."""
+"""edge.explain.questions, runtime_words and claims without a model: what the runtime says itself, question routing, the claim check."""
 import pytest
 
 from edge.explain.findings import Findings
-from edge.explain.prompts import (MAX_QUESTION_CHARS, QuestionError, check_claims, checked_description, clean_question,
-                          fact_answer, intent, missing_regions, opening, region_reference)
+from edge.explain.claims import check_claims, checked_description
+from edge.explain.questions import MAX_QUESTION_CHARS, QuestionError, clean_question, intent, region_reference
+from edge.explain.runtime_words import fact_answer, missing_regions, opening
 
 
 def findings(verdict="anomalous", mm=True, regions=(("upper-right", "elongated", "darker"),)) -> Findings:

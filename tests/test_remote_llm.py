@@ -22,9 +22,11 @@ from conftest import llm_pack  # noqa: E402
 
 from edge.scoring.decide import Result, find_regions, image_score  # noqa: E402
 from edge.explain.dialogue import DialogueStore  # noqa: E402
-from edge.explain.explainer import ExplainWorker  # noqa: E402
+from edge.explain.worker import ExplainWorker  # noqa: E402
 from edge.explain.findings import Findings, describe  # noqa: E402
-from edge.explain.prompts import FIRST_QUESTION, chat_messages, opening  # noqa: E402
+from edge.explain.prompts import chat_messages  # noqa: E402
+from edge.explain.questions import FIRST_QUESTION  # noqa: E402
+from edge.explain.runtime_words import opening  # noqa: E402
 from edge.explain.remote_llm import RemoteFirst, RemoteLlm  # noqa: E402
 from mqtt_helpers import free_port, wait_until  # noqa: E402
 

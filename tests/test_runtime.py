@@ -468,7 +468,7 @@ def test_llm_process_killed_mid_explanation_costs_only_that_explanation(broker, 
 def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stays_up(
         broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
     from edge.explain.dialogue import DialogueStore
-    from edge.explain.llm_process import FAULT_ENV
+    from edge.explain.llm_child import FAULT_ENV
 
     with DialogueStore(tmp_path / "var" / "dialogue.sqlite") as store:  # left pending by the last run
         for i in range(5):
@@ -494,7 +494,7 @@ def test_a_station_started_with_a_backlog_and_an_engine_that_always_crashes_stay
 @pytest.mark.timeout(240)
 def test_a_technicians_question_that_crashes_the_engine_gets_an_error_naming_the_signal(
         broker, tmp_path, default_pack_dir, enrolled_state, monkeypatch):
-    from edge.explain.llm_process import FAULT_ENV
+    from edge.explain.llm_child import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "SIGILL@token")
     sub = Subscriber(broker.port, "test/s1/#")

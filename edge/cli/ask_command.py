@@ -14,12 +14,12 @@ def cmd_ask(args) -> int:
     from contextlib import closing
 
     from edge.explain.dialogue import DialogueStore
-    from edge.explain.explainer import respond
+    from edge.explain.answers import respond
     from edge.explain.findings import describe
     from edge.explain.llm_process import LlmProcess, LlmProcessError
     from edge.pack import load_pack
     from edge.inference.preprocess import read_image
-    from edge.explain.prompts import FIRST_QUESTION
+    from edge.explain.questions import FIRST_QUESTION
     from edge.station.state import load_state
     from edge.scoring.tiling import station_scorer
 

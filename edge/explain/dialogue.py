@@ -3,6 +3,7 @@
 One session per part id: the part's findings (JSON, the facts every answer is grounded in), optional
 AnomalyGPT embeddings, a status (pending until the first explanation is written, then done or failed)
 and the turns, in order. One connection, WAL mode, shared between threads under a lock (edge.sqlite).
+It stores what it is given: it writes no answer and runs no model.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ is only ever handed facts, never asked to work them out:
 Each region of an `edge.scoring.decide.Result` is traced back to its connected component of the mask (at the
 pack's input resolution), brought to frame resolution, and measured there: minimum-area rectangle for
 length and width, mean grey inside against the reference image (same pixels) or against a ring of
-normal pixels around it.
+normal pixels around it. `spoken_number` and `distinct_pair` are how every explanation writes a number.
+It only measures: it neither words an answer (edge.explain.runtime_words) nor talks to a model.
 """
 from __future__ import annotations
 
@@ -69,10 +70,10 @@ class RegionFinding:
     def size_words(self) -> str:
         """'6.2 mm long and 0.4 mm wide (about 2.1 mm²)', in pixels when there is no scale."""
         if self.length_mm is not None:
-            return (f"{_num(self.length_mm)} mm long and {_num(self.width_mm)} mm wide "
-                    f"(about {_num(self.area_mm2)} mm²)")
-        return (f"{_num(self.length_px)} px long and {_num(self.width_px)} px wide "
-                f"(about {_num(self.area_px)} px²)")
+            return (f"{spoken_number(self.length_mm)} mm long and {spoken_number(self.width_mm)} mm wide "
+                    f"(about {spoken_number(self.area_mm2)} mm²)")
+        return (f"{spoken_number(self.length_px)} px long and {spoken_number(self.width_px)} px wide "
+                f"(about {spoken_number(self.area_px)} px²)")
 
     def tone_words(self, contrast_basis: str = "reference") -> str:
         than = "the reference" if contrast_basis == "reference" else "its surroundings"
@@ -87,7 +88,7 @@ class RegionFinding:
 
     def sentence(self, contrast_basis: str = "reference") -> str:
         return (f"Region {self.index}: {self.place}, {self.shape} ({self.shape_words}), {self.size_words()}, "
-                f"{self.tone_words(contrast_basis)}, severity {_num(self.severity)}.")
+                f"{self.tone_words(contrast_basis)}, severity {spoken_number(self.severity)}.")
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Findings:
                    contrast_basis=d.get("contrast_basis", "surroundings"))
 
     def sentences(self) -> list[str]:
-        s, t = _pair(self.score, self.threshold)
+        s, t = distinct_pair(self.score, self.threshold)
         if self.verdict == "normal":
             out = [f"No anomaly: score {s} is below the threshold {t}."]
         else:
@@ -132,7 +133,7 @@ class Findings:
             located = (f"{n} region{'s' if n != 1 else ''}" if n
                        else "no region large enough to locate")
             out = [f"Anomalous: score {s} is at or above the threshold {t} "
-                   f"(severity {_num(self.severity)}), {located}."]
+                   f"(severity {spoken_number(self.severity)}), {located}."]
         out += [r.sentence(self.contrast_basis) for r in self.regions]
         return out
 
@@ -293,7 +294,7 @@ def _round(value: float, digits: int) -> float:
     return round(float(value), digits) if math.isfinite(value) else float(value)
 
 
-def _num(value) -> str:
+def spoken_number(value) -> str:
     """A measurement as a person would say it: 2 significant figures below 1, one decimal below 100."""
     value = float(value)
     if not math.isfinite(value):
@@ -305,7 +306,7 @@ def _num(value) -> str:
     return f"{value:.2g}"
 
 
-def _pair(a: float, b: float) -> tuple[str, str]:
+def distinct_pair(a: float, b: float) -> tuple[str, str]:
     """Two numbers with just enough significant figures (3 at least) to print different and in order."""
     for digits in range(3, 10):
         sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"

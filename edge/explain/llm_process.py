@@ -3,7 +3,7 @@ station, the shell command or the console.
 
 llama.cpp is native code; on a CPU it was not built for it dies with SIGILL, on a bad GGUF it may die
 with SIGSEGV or SIGABRT, and the OOM killer may SIGKILL it. `LlmProcess` owns one child
-(`python -m edge.explain.llm_process`) that loads the pack's GGUF and answers questions about a session; the
+(`python -m edge.explain.llm_child`) that loads the pack's GGUF and answers questions about a session; the
 parent talks to it over a socket pair (multiprocessing.connection framing) and watches it:
 
     llm = LlmProcess(pack, n_threads=1, max_tokens=48, time_limit_s=20).start()   # waits for the model
@@ -13,12 +13,12 @@ parent talks to it over a socket pair (multiprocessing.connection framing) and w
 A child that dies raises `LlmCrashed` naming the signal (and what the child last wrote to stderr); one
 that sends nothing past its time limit plus a grace period is killed and raises `LlmHung`. Either way
 the `LlmProcess` is dead afterwards: the caller decides whether to `start()` a new one (the explanation
-worker does so with backoff, edge.explain.explainer). Errors the child raises on purpose (a prompt too long, a GGUF
+worker does so with backoff, edge.explain.worker). Errors the child raises on purpose (a prompt too long, a GGUF
 that does not load) come back as the same exception classes.
 
-Drill hook, for fault tests only: ANOMALY_EDGE_LLM_FAULT="SIGNAME@load" or "SIGNAME@token" makes the
-child send itself that signal after loading the model, or at the first generated token ("hang@token"
-stops it answering).
+The child's side (`python -m edge.explain.llm_child`, and its drill hook for fault tests) is
+edge.explain.llm_child; this module owns the parent's: starting, watching, killing, and reading answers.
+It never loads a model in this process.
 """
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from edge.errors import EdgeError
-from edge.explain.llm import ContextOverflow, LlmError
+from edge.explain.answers import Answer, Cancelled
+from edge.explain.llama_engine import ContextOverflow
+from edge.explain.llama_model import LlmError
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "ANOMALY_EDGE_LLM_FAULT"
 START_TIMEOUT_S = 180.0   # import + model load (a 7B GGUF from a slow disk)
 HANG_GRACE_S = 10.0       # past the engine's own time limit, before a silent child is killed
 CANCEL_GRACE_S = 3.0      # a cancelled answer the child does not end by then: the child is killed
@@ -88,8 +89,8 @@ _CHILD_BOOT = ("import os, sys\n"
                "try:\n    os.nice(max(0, int(sys.argv[2])))\nexcept (OSError, ValueError):\n    pass\n"
                "try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
                "except (AttributeError, OSError):\n    pass\n"
-               "import runpy\nsys.argv = ['edge.explain.llm_process', *sys.argv[1:]]\n"
-               "runpy.run_module('edge.explain.llm_process', run_name='__main__', alter_sys=True)\n")
+               "import runpy\nsys.argv = ['edge.explain.llm_child', *sys.argv[1:]]\n"
+               "runpy.run_module('edge.explain.llm_child', run_name='__main__', alter_sys=True)\n")
 
 _ERRORS = {"LlmError": LlmError, "ContextOverflow": ContextOverflow, "EdgeError": EdgeError}
 
@@ -199,9 +200,7 @@ class LlmProcess:
     def answer(self, session, question: str, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None):
         """The child's Explainer.answer for `session` (an edge.explain.dialogue.Session), streamed to `on_token`.
-        A set `cancel` event is passed on to the child; the answer then raises explain.Cancelled."""
-        from edge.explain.explainer import Answer, Cancelled
-
+        A set `cancel` event is passed on to the child; the answer then raises edge.explain.answers.Cancelled."""
         with self._lock:
             if not self.alive:
                 raise LlmProcessError("the LLM child process is not running")
@@ -280,125 +279,3 @@ class LlmProcess:
             return ""
         lines = [ln for ln in lines if ln and not ln.startswith(("File ", "Current thread", "Thread 0x"))]
         return " | ".join(lines[-n:])
-
-
-# --- the child side ---------------------------------------------------------------------------------------
-
-class _ForwardLog(logging.Handler):
-    """Warnings and errors of the child (llama.cpp's included) go to the parent's log."""
-
-    def __init__(self, conn: Connection, lock: threading.Lock):
-        super().__init__(logging.WARNING)
-        self.conn, self.send_lock = conn, lock  # (logging.Handler's own `lock` is taken around emit)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            with self.send_lock:
-                self.conn.send({"op": "log", "level": record.levelno, "text": record.getMessage()})
-        except Exception:
-            pass
-
-
-def _fault(where: str) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if "@" not in spec:
-        return
-    what, at = spec.split("@", 1)
-    if at != where:
-        return
-    if what == "hang":
-        while True:
-            time.sleep(3600)
-    os.kill(os.getpid(), getattr(signal, what))
-
-
-def child_main(fd: int, nice: int) -> int:
-    import faulthandler
-    import queue
-    from dataclasses import asdict
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, max(0, nice))  # (also when started without _CHILD_BOOT)
-    except OSError:
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the parent's to handle
-    faulthandler.enable()                               # a native crash leaves its trace in stderr
-    conn = Connection(fd)
-    send_lock = threading.Lock()
-
-    def send(msg: dict) -> None:
-        with send_lock:
-            conn.send(msg)
-
-    logging.basicConfig(level=logging.WARNING, handlers=[_ForwardLog(conn, send_lock)])
-    requests: queue.Queue = queue.Queue()
-    cancels: dict[int, threading.Event] = {}
-
-    def read() -> None:  # its own thread, so a cancel or close reaches a running answer
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                os._exit(0)  # the parent is gone
-            if msg["op"] == "cancel":
-                cancels.setdefault(msg["id"], threading.Event()).set()
-            elif msg["op"] == "close":
-                for ev in cancels.values():
-                    ev.set()
-                requests.put(None)
-                return
-            else:
-                requests.put(msg)
-
-    threading.Thread(target=read, name="llm-child-reader", daemon=True).start()
-    load = requests.get()
-    if load is None:
-        return 0
-    from edge.explain.explainer import Cancelled, Explainer
-    from edge.explain.llm import _lib
-
-    try:
-        explainer = Explainer(load["pack"], n_threads=load["n_threads"], max_tokens=load["max_tokens"],
-                              time_limit_s=load["time_limit_s"])
-    except EdgeError as e:
-        send({"op": "error", "type": type(e).__name__, "message": str(e)})
-        return 1
-    _fault("load")
-    try:  # loaded: back to the normal policy at its nice value, so explanations get their share
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass  # not permitted: it stays SCHED_IDLE and explains when the CPU is otherwise idle
-    info = _lib().llama_print_system_info()
-    send({"op": "ready", "pid": os.getpid(), "model": explainer.model.name, "kind": explainer.kind,
-          "n_ctx": explainer.engine.n_ctx, "system_info": info.decode() if isinstance(info, bytes) else str(info)})
-    while True:
-        req = requests.get()
-        if req is None:
-            break
-        rid = req["id"]
-        cancel = cancels.setdefault(rid, threading.Event())
-        first = [True]
-
-        def on_token(text: str, rid=rid) -> None:
-            if first[0]:
-                first[0] = False
-                _fault("token")
-            send({"op": "token", "id": rid, "text": text})
-
-        try:
-            answer = explainer.answer(req["session"], req["question"], on_token=on_token, cancel=cancel)
-            send({"op": "done", "id": rid, "answer": asdict(answer)})
-        except Cancelled as e:
-            send({"op": "error", "id": rid, "type": "Cancelled", "message": str(e)})
-        except EdgeError as e:
-            send({"op": "error", "id": rid, "type": type(e).__name__, "message": str(e)})
-        except Exception as e:  # a bug must not look like a crash: report it and go on
-            send({"op": "error", "id": rid, "type": "LlmError", "message": f"{type(e).__name__}: {e}"})
-        finally:
-            cancels.pop(rid, None)
-    explainer.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10))

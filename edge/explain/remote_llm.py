@@ -1,19 +1,20 @@
 """Explanations from a remote OpenAI-compatible server (`explain.backend: remote`): owns the HTTP side
 (POST /v1/chat/completions with `stream: true`, server-sent events read with http.client, a time limit,
 retries with backoff, the API key read from a file at each request) and `RemoteFirst`, which the
-explanation worker (edge.explain.explainer) uses in place of the local LLM child: remote first, the local child
+explanation worker (edge.explain.worker) uses in place of the local LLM child: remote first, the local child
 as fallback when there is one.
 
 The prompt is the local one (edge.explain.prompts.chat_messages: findings in the system message, the dialogue,
 the question) with the runtime's opening as a final assistant message to continue; the answer goes
-through the same sentence check as a local one (edge.explain.explainer.grounded_answer), so the yes/no is still
+through the same sentence check as a local one (edge.explain.answers.grounded_answer), so the yes/no is still
 the runtime's. A server that does not continue the final message (llama-cpp-python's) starts a message
 of its own, and that is judged as it is. AnomalyGPT packs send their findings the same way (a chat
 server takes no image embeddings).
 
 A server that is down, slow past the time limit, refuses the key or answers something that is not a
 chat-completions stream raises `RemoteUnavailable` after the retries; the worker leaves the part pending
-(or answers it locally) and the server is not tried again before a backoff has passed."""
+(or answers it locally) and the server is not tried again before a backoff has passed. It loads no
+model and owns no queue (the worker's)."""
 from __future__ import annotations
 
 import http.client
@@ -26,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edge.errors import EdgeError
+from edge.explain.answers import grounded_answer
 from edge.explain.findings import Findings
 from edge.explain.prompts import chat_messages
 
@@ -90,8 +92,6 @@ class RemoteLlm:
 
     def answer(self, session, question: str, on_token: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None):
-        from edge.explain.explainer import grounded_answer
-
         f = Findings.from_dict(session.findings)
 
         def describe(q: str, model_start: str, gate):

@@ -265,7 +265,7 @@ def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> di
 
 def ask(runtime, part_id: str, body: dict):
     from edge.explain.dialogue import DialogueError
-    from edge.explain.prompts import clean_question
+    from edge.explain.questions import clean_question
 
     unknown = set(body) - {"question", "stream"}
     if unknown:

@@ -290,7 +290,7 @@ class Runtime:
             return
         try:
             from edge.explain.dialogue import DialogueStore
-            from edge.explain.explainer import ExplainWorker
+            from edge.explain.worker import ExplainWorker
 
             local_llm = spec.backend == "local" or spec.remote.fallback_local  # a remote server gets findings only
             if local_llm and self.pack.llm is not None and self.pack.llm.kind == "anomalygpt":
