@@ -144,7 +144,7 @@ def _enroll(pack, good, args) -> int:
     from edge.station.state import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                   log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
                    train_student=_student_trainer(args, pack), target_false_reject=args.target_false_reject)
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
@@ -184,7 +184,12 @@ def cmd_learn(args) -> int:
     return 0
 
 
-def _tiling(args):
+TILING_OPTIONS = {"tiling.scale": "--tile-scale", "tiling.overlap": "--tile-overlap", "tiling.bank": "--tile-bank",
+                  "tiling.bank_patches": "--tile-bank-patches", "tiling.roi": "--roi", "tiling.roi.kind": "--roi",
+                  "tiling.roi.align": "--align"}
+
+
+def tiling_from_options(args):
     """The TilingSpec enrollment uses: from --config's tiling/roi sections, or from --tile-scale."""
     if args.config:
         if args.tile_scale:
@@ -194,14 +199,16 @@ def _tiling(args):
         return load_config(args.config).tiling_spec()
     if args.tile_scale is None:
         return None
-    from edge.scoring.roi import RoiSpec
+    from pydantic import ValidationError
+
+    from edge.scoring.frozen_spec import problems
     from edge.scoring.tiling import TilingSpec
 
     try:
         return TilingSpec(scale=args.tile_scale, overlap=args.tile_overlap, bank=args.tile_bank,
-                          bank_patches=args.tile_bank_patches, roi=RoiSpec(kind=args.roi, align=args.align))
-    except ValueError as e:
-        raise EdgeError(str(e).replace("tiling.", "--tile-")) from None
+                          bank_patches=args.tile_bank_patches, roi={"kind": args.roi, "align": args.align})
+    except ValidationError as e:  # named as the option and as the key it sets (tiling.overlap for --tile-overlap)
+        raise EdgeError(problems(e, "tiling", TILING_OPTIONS)) from None
 
 
 def cmd_score(args) -> int:
@@ -255,7 +262,7 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
-                      log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
+                      log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
                       train_student=_student_trainer(args, pack), learn_parts=args.learn,
                       learn_defect_rate=args.learn_defect_rate)
     if args.json:
