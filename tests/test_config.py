@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge.line.config import ConfigError, changed_keys, load_config, needs_restart, parse_config
+from edge.line.config import ConfigError, load_config, parse_config
+from edge.line.config_reload import changed_keys, needs_restart
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -93,7 +94,7 @@ def test_reload_tells_apart_live_keys_from_restart_keys(tmp_path):
 
 
 def test_reload_takes_exactly_the_reloadable_keys(tmp_path):
-    from edge.line.config import with_reloaded
+    from edge.line.config_reload import with_reloaded
 
     old = parse(BASE, tmp_path)
     new = parse({**BASE, "state": "state2", "storage": {"dir": "elsewhere", "retention_days": 7},

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.line.config import FileSource, FolderSource, SyntheticSource
+from edge.line.source_specs import FileSource, FolderSource, SyntheticSource
 from edge.line.sources import CaptureSource, FolderReplay, ReconnectingSource, SourceLost, make_source
 from edge.line.synthetic import SyntheticLine
 
@@ -106,7 +106,7 @@ def test_a_folder_that_disappears_and_comes_back_is_reopened_with_backoff(tmp_pa
 
 
 def test_gstreamer_without_gstreamer_in_opencv_fails_once_with_the_reason():
-    from edge.line.config import GstreamerSource
+    from edge.line.source_specs import GstreamerSource
     from edge.line.sources import SourceError, gstreamer_available
 
     if gstreamer_available():
@@ -124,7 +124,7 @@ def test_an_http_stream_is_read_as_a_live_source(tmp_path):
     import functools
     import http.server
 
-    from edge.line.config import StreamSource
+    from edge.line.source_specs import StreamSource
 
     write_video(tmp_path / "line.avi", 5, 50)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

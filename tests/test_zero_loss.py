@@ -39,7 +39,7 @@ def tiled_state(default_pack, tmp_path_factory) -> Path:
     from edge.scoring.tiling import TilingSpec
 
     root = tmp_path_factory.mktemp("tiled")
-    spec = TilingSpec(scale=1.0, roi=RoiSpec.from_dict({"kind": "rect", "rect": ROI}))
+    spec = TilingSpec(scale=1.0, roi=RoiSpec(kind="rect", rect=ROI))
     enroll(default_pack, write_good_parts(root / "good", 8), root / "state", quiet=True, log=lambda m: None,
            tiling=spec)
     return root / "state"

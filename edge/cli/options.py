@@ -68,7 +68,12 @@ def add_student_options(p) -> None:
 
 
 
-def tiling_spec(args):
+TILING_OPTIONS = {"tiling.scale": "--tile-scale", "tiling.overlap": "--tile-overlap", "tiling.bank": "--tile-bank",
+                  "tiling.bank_patches": "--tile-bank-patches", "tiling.roi": "--roi", "tiling.roi.kind": "--roi",
+                  "tiling.roi.align": "--align"}
+
+
+def tiling_from_options(args):
     """The TilingSpec enrollment uses: from --config's tiling/roi sections, or from --tile-scale."""
     if args.config:
         if args.tile_scale:
@@ -78,15 +83,16 @@ def tiling_spec(args):
         return load_config(args.config).tiling_spec()
     if args.tile_scale is None:
         return None
-    from edge.scoring.roi import RoiSpec
+    from pydantic import ValidationError
+
+    from edge.scoring.frozen_spec import problems
     from edge.scoring.tiling import TilingSpec
 
     try:
         return TilingSpec(scale=args.tile_scale, overlap=args.tile_overlap, bank=args.tile_bank,
-                          bank_patches=args.tile_bank_patches, roi=RoiSpec(kind=args.roi, align=args.align))
-    except ValueError as e:
-        raise EdgeError(str(e).replace("tiling.", "--tile-")) from None
-
+                          bank_patches=args.tile_bank_patches, roi={"kind": args.roi, "align": args.align})
+    except ValidationError as e:  # named as the option and as the key it sets (tiling.overlap for --tile-overlap)
+        raise EdgeError(problems(e, "tiling", TILING_OPTIONS)) from None
 
 
 def add_tiling_args(parser) -> None:

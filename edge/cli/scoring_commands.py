@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge.cli.options import add_student_options, add_tiling_args, positive, shots, student_trainer, tiling_spec
+from edge.cli.options import add_student_options, add_tiling_args, positive, shots, student_trainer, tiling_from_options
 
 
 def cmd_score(args) -> int:
@@ -60,7 +60,7 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
-                      log=lambda m: print(m, file=sys.stderr), tiling=tiling_spec(args),
+                      log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
                       train_student=student_trainer(args, pack), learn_parts=args.learn,
                       learn_defect_rate=args.learn_defect_rate)
     if args.json:

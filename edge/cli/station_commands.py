@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from edge.cli.options import (add_student_options, add_tiling_args, positive, positive_float, shots, student_trainer,
-                              tiling_spec)
+                              tiling_from_options)
 from edge.errors import EdgeError
 
 
@@ -32,7 +32,7 @@ def _enroll(pack, good, args) -> int:
     from edge.station.state import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr), tiling=tiling_spec(args),
+                   log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
                    train_student=student_trainer(args, pack), target_false_reject=args.target_false_reject)
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "

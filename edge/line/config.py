@@ -8,21 +8,25 @@
     mqtt: {host: localhost, port: 1883}
     storage: {dir: ../var/station-1, retention_days: 30, disk_budget_mb: 2048}
 
-The examples in `configs/` document every key. `RELOADABLE` lists what SIGHUP (or the `reload`
-command) applies without a restart; other changes are reported as needing one.
+The examples in `configs/` document every key. What SIGHUP (or the `reload` command) applies without a
+restart is edge.line.config_reload's; the `source:` models are edge.line.source_specs', the `roi:` and
+`tiling:` models the scoring's own (edge.scoring.roi.RoiSpec, edge.scoring.tiling.TilingSpec).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from edge.errors import EdgeError
 from edge.line.plc.spec import PlcSpec, SparkplugSpec
-from edge.scoring.roi import polygon_problem
+from edge.line.source_specs import SOURCE_KINDS, SourceSpec
+from edge.scoring.frozen_spec import FrozenSpec, problem
+from edge.scoring.roi import RoiSpec
+from edge.scoring.tiling import TilingSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # safe in MQTT topics and file names
 
@@ -31,88 +35,27 @@ class ConfigError(EdgeError):
     """The station configuration file is missing, not YAML, or has a key with a wrong value."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StationSpec(_Strict):
+class StationSpec(FrozenSpec):
     line: str = Field(default="line-1", pattern=NAME_PATTERN)
     name: str = Field(default="station-1", pattern=NAME_PATTERN)
     # Frame pixels -> millimetres on the part, for region sizes in mm (null: pixels only).
     mm_per_pixel: float | None = Field(default=None, gt=0)
 
 
-class Reconnect(_Strict):
-    initial_delay_s: float = Field(default=0.5, gt=0)
-    max_delay_s: float = Field(default=30.0, gt=0)
-    # Consecutive failed reads before a live source is declared lost and reopened.
-    max_failed_reads: int = Field(default=5, ge=1)
-
-
-class _SourceBase(_Strict):
-    reconnect: Reconnect = Reconnect()
-    # Replay sources: emulate a camera at this rate (then they drop frames like one); null = as fast
-    # as scoring takes them, nothing dropped.
-    fps: float | None = Field(default=None, gt=0)
-
-
-class UsbSource(_SourceBase):
-    kind: Literal["usb"]
-    device: int | str = 0  # V4L2 index or /dev/videoN
-    width: int | None = Field(default=None, gt=0)
-    height: int | None = Field(default=None, gt=0)
-
-
-class StreamSource(_SourceBase):
-    kind: Literal["rtsp"]
-    url: str = Field(pattern=r"^(rtsps?|https?)://\S+$")
-
-
-class FileSource(_SourceBase):
-    kind: Literal["file"]
-    path: Path
-    loop: bool = False
-
-
-class FolderSource(_SourceBase):
-    kind: Literal["folder"]
-    path: Path
-    loop: bool = False
-
-
-class GstreamerSource(_SourceBase):
-    kind: Literal["gstreamer"]
-    pipeline: str = Field(min_length=1)  # must end in an appsink
-
-
-class SyntheticSource(_SourceBase):
-    kind: Literal["synthetic"]
-    seed: int = Field(default=0, ge=0)
-    defect_rate: float = Field(default=0.2, ge=0, le=1)
-    size: int = Field(default=256, ge=64, le=4096)
-    count: int | None = Field(default=None, gt=0)  # parts before the stream ends (null: endless)
-
-
-SourceSpec = Annotated[
-    Union[UsbSource, StreamSource, FileSource, FolderSource, GstreamerSource, SyntheticSource],
-    Field(discriminator="kind"),
-]
-
-
-class TriggerSpec(_Strict):
+class TriggerSpec(FrozenSpec):
     # free_run: every frame is a part. mqtt: a part per trigger command (part id from the PLC).
     # interval: a part every interval_s seconds.
     mode: Literal["free_run", "mqtt", "interval"] = "free_run"
     interval_s: float = Field(default=1.0, gt=0)
 
 
-class PipelineSpec(_Strict):
+class PipelineSpec(FrozenSpec):
     capture_queue: int = Field(default=4, ge=1, le=1024)
     output_queue: int = Field(default=64, ge=1, le=100000)
     batch_size: int = Field(default=1, ge=1, le=64)
 
 
-class GpuSpec(_Strict):
+class GpuSpec(FrozenSpec):
     """The encoder's backend and how GPU engines are built and run (edge.inference.backend.GpuOptions)."""
 
     # auto: the pack's TensorRT engine where it runs here, else ONNX Runtime (TensorRT/CUDA providers
@@ -137,19 +80,19 @@ class GpuSpec(_Strict):
         return GpuOptions(workspace_mb=self.workspace_mb, fp16=self.fp16, **extra)
 
 
-class TlsSpec(_Strict):
+class TlsSpec(FrozenSpec):
     ca: Path
     cert: Path | None = None
     key: Path | None = None
 
 
-class HeatmapSpec(_Strict):
+class HeatmapSpec(FrozenSpec):
     # inline: JPEG overlay in the flagged message (base64); path: only its stored path; none.
     mode: Literal["inline", "path", "none"] = "inline"
     max_bytes: int = Field(default=65536, ge=1024, le=10_000_000)
 
 
-class MqttSpec(_Strict):
+class MqttSpec(FrozenSpec):
     enabled: bool = True
     host: str = "localhost"
     port: StrictInt = Field(default=1883, ge=1, le=65535)  # strict: `true` is not port 1
@@ -171,7 +114,7 @@ class MqttSpec(_Strict):
         return self
 
 
-class StorageSpec(_Strict):
+class StorageSpec(FrozenSpec):
     dir: Path = Path("var")
     # Which parts keep image files (every part keeps its row): flagged, all or none.
     keep_images: Literal["flagged", "all", "none"] = "flagged"
@@ -185,7 +128,7 @@ class StorageSpec(_Strict):
     write_retry_s: float = Field(default=120, ge=0)
 
 
-class ApiSpec(_Strict):
+class ApiSpec(FrozenSpec):
     enabled: bool = True
     socket: Path | None = None  # default <storage.dir>/api.sock
     mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")
@@ -203,7 +146,7 @@ class ApiSpec(_Strict):
         return self
 
 
-class RemoteExplainSpec(_Strict):
+class RemoteExplainSpec(FrozenSpec):
     # An OpenAI-compatible server (llama.cpp's or llama-cpp-python's server, vLLM): POST
     # <url>/v1/chat/completions, streamed (a url ending in /chat/completions is used as it is).
     url: str = Field(pattern=r"^https?://")
@@ -214,7 +157,7 @@ class RemoteExplainSpec(_Strict):
     fallback_local: bool = False  # also load the pack's LLM locally and answer there when the server fails
 
 
-class ExplainSpec(_Strict):
+class ExplainSpec(FrozenSpec):
     enabled: bool = True  # used when the pack has an llm section (or backend is remote)
     backend: Literal["local", "remote"] = "local"
     remote: RemoteExplainSpec | None = None
@@ -235,7 +178,7 @@ class ExplainSpec(_Strict):
         return self
 
 
-class LearnSpec(_Strict):
+class LearnSpec(FrozenSpec):
     # Learn mode: a station started with no state yet (no state.yaml in `state`) builds its references
     # and threshold from its first `parts` parts, assuming most of them are good; parts that look
     # unusual among them are set aside (listed on P/reply). Until then each part's result is `learning`.
@@ -243,43 +186,11 @@ class LearnSpec(_Strict):
     suspect_z: float = Field(default=3.0, gt=0, le=20)
 
 
-class HealthSpec(_Strict):
+class HealthSpec(FrozenSpec):
     status_interval_s: float = Field(default=10, gt=0)
 
 
-class RoiConfig(_Strict):
-    # Where the part is: full frame, a fixed rect [x, y, width, height] or polygon [[x, y], ...] in frame
-    # pixels, or found per frame (contour: largest bright object; template: match against the reference).
-    kind: Literal["full", "rect", "polygon", "contour", "template"] = "full"
-    rect: tuple[int, int, int, int] | None = None
-    points: list[tuple[float, float]] | None = None
-    size: tuple[int, int] | None = None  # contour/template: ROI width, height (default: part size at enrollment)
-    margin: float = Field(default=0.04, ge=0, le=1)
-    align: Literal["none", "ecc"] = "none"  # ecc: refine shift and rotation against the reference
-
-    @model_validator(mode="after")
-    def _shape(self):
-        if (self.kind == "rect") != (self.rect is not None):
-            raise ValueError("rect [x, y, width, height] is needed with kind rect, and only with it")
-        if (self.kind == "polygon") != (self.points is not None):
-            raise ValueError("points [[x, y], ...] are needed with kind polygon, and only with them")
-        if self.rect is not None and (min(self.rect[:2]) < 0 or min(self.rect[2:]) <= 0):
-            raise ValueError(f"rect {list(self.rect)}: x, y must be >= 0 and width, height > 0")
-        if self.points is not None and (problem := polygon_problem(self.points)):
-            raise ValueError(f"points: polygon {problem}")
-        if self.size is not None and min(self.size) <= 0:
-            raise ValueError(f"size {list(self.size)}: width and height must be > 0")
-        return self
-
-
-class TilingConfig(_Strict):
-    scale: float = Field(gt=0, le=64)  # frame pixels per tile pixel
-    overlap: float = Field(default=0.25, ge=0, lt=1)
-    bank: Literal["shared", "per_tile"] = "shared"
-    bank_patches: int | None = Field(default=None, ge=16)  # default: the pack's max_bank_patches
-
-
-class StationConfig(_Strict):
+class StationConfig(FrozenSpec):
     station: StationSpec = StationSpec()
     pack: Path
     state: Path
@@ -303,8 +214,10 @@ class StationConfig(_Strict):
     health: HealthSpec = HealthSpec()
     learn: LearnSpec | None = None  # learn mode when the station has no state yet
     plc: PlcSpec = PlcSpec()  # OPC UA inspection handshake (edge.line.plc)
-    roi: RoiConfig | None = None
-    tiling: TilingConfig | None = None  # high-resolution frames: score the ROI tile by tile
+    # Where the part is in the frame (edge.scoring.roi); used by tiled scoring, so it needs a tiling: section.
+    roi: RoiSpec | None = None
+    # High-resolution frames: score the ROI tile by tile (edge.scoring.tiling); its roi is the section above.
+    tiling: TilingSpec | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("pack", "state")
@@ -312,6 +225,13 @@ class StationConfig(_Strict):
     def _not_empty(cls, v: Path) -> Path:
         if str(v) in ("", "."):
             raise ValueError("must name a folder")
+        return v
+
+    @field_validator("tiling", mode="before")
+    @classmethod
+    def _roi_is_its_own_section(cls, v):
+        if isinstance(v, dict) and "roi" in v:
+            raise ValueError("roi is a top-level section of its own (roi: {kind: ...}), not a key of tiling")
         return v
 
     @model_validator(mode="after")
@@ -327,15 +247,11 @@ class StationConfig(_Strict):
                              f"(it is {self.trigger.mode})")
         return self
 
-    def tiling_spec(self):
-        """The TilingSpec the station scores with (None: whole-frame scoring)."""
-        if self.tiling is None:
-            return None
-        from edge.scoring.roi import RoiSpec
-        from edge.scoring.tiling import TilingSpec
-
-        roi = RoiSpec.from_dict(self.roi.model_dump()) if self.roi is not None else RoiSpec()
-        return TilingSpec(**self.tiling.model_dump(), roi=roi)
+    def tiling_spec(self) -> TilingSpec | None:
+        """The TilingSpec the station scores with, its roi from the roi: section (None: whole-frame scoring)."""
+        if self.tiling is None or self.roi is None:
+            return self.tiling
+        return self.tiling.model_copy(update={"roi": self.roi})
 
     @property
     def topic_prefix(self) -> str:
@@ -344,24 +260,6 @@ class StationConfig(_Strict):
     @property
     def api_socket(self) -> Path:
         return self.api.socket or self.storage.dir / "api.sock"
-
-
-# Keys SIGHUP applies in place; everything else needs a restart.
-# Only keys the running stages read afresh (or that reload() pushes to them) belong here.
-RELOADABLE = ("trigger.interval_s", "storage.keep_images", "storage.retention_days", "storage.disk_budget_mb",
-              "storage.min_free_mb",
-              "mqtt.heatmap", "health", "log_level", "station.mm_per_pixel", "state")
-
-
-def with_reloaded(old: StationConfig, new: StationConfig) -> StationConfig:
-    """`old` with the RELOADABLE keys taken from `new`; everything else stays as it runs."""
-    for key in RELOADABLE:
-        section, _, name = key.partition(".")
-        value = getattr(new, section)
-        if name:
-            value = getattr(old, section).model_copy(update={name: getattr(value, name)})
-        old = old.model_copy(update={section: value})
-    return old
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -403,27 +301,21 @@ def _format_error(path: Path, err: ValidationError) -> str:
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         # Discriminated unions put the chosen kind in the path (source.usb.device): drop it.
-        if len(loc) > 1 and loc[0] == "source" and loc[1] in ("usb", "rtsp", "file", "folder", "gstreamer",
-                                                               "synthetic"):
+        if len(loc) > 1 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
             loc.pop(1)
         key = ".".join(loc) or "(top level)"
-        msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against configs/*.yaml)"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown kind {e['input'].get('kind')!r}; allowed: usb, rtsp, file, folder, gstreamer, synthetic"
+            msg = f"unknown kind {e['input'].get('kind')!r}; allowed: {', '.join(SOURCE_KINDS)}"
         elif e["type"] == "union_tag_not_found":
-            msg = "missing 'kind' (usb, rtsp, file, folder, gstreamer or synthetic)"
+            msg = f"missing 'kind' ({', '.join(SOURCE_KINDS[:-1])} or {SOURCE_KINDS[-1]})"
         elif e["type"] in ("path_type", "path_not_file", "path_not_directory"):
             msg = f"expected a file or folder path, got {e['input']!r}"
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif e["type"] == "string_pattern_mismatch":
-            pattern = e.get("ctx", {}).get("pattern", "")
-            msg = f"{e['input']!r} is not allowed here " + (
-                "(letters, digits, '.', '_', '-'; at most 64)" if pattern == NAME_PATTERN else f"(must match {pattern})")
+        elif e["type"] == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == NAME_PATTERN:
+            msg = f"{e['input']!r} is not allowed here (letters, digits, '.', '_', '-'; at most 64)"
+        else:  # worded as on every road a spec comes in by (state.yaml, the CLI)
+            msg = problem(e)
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
@@ -465,24 +357,6 @@ def mqtt_password(config: StationConfig) -> str | None:
     if config.mqtt.password_file is not None:
         return Path(config.mqtt.password_file).read_text().strip()
     return config.mqtt.password
-
-
-def changed_keys(old: StationConfig, new: StationConfig) -> list[str]:
-    """Dotted keys whose values differ, one level into sections."""
-    a, b = old.model_dump(), new.model_dump()
-    keys = []
-    for k in b:
-        if a[k] == b[k]:
-            continue
-        if isinstance(b[k], dict) and isinstance(a[k], dict):
-            keys += [f"{k}.{sub}" for sub in b[k] if a[k].get(sub) != b[k].get(sub)]
-        else:
-            keys.append(k)
-    return keys
-
-
-def needs_restart(keys: list[str]) -> list[str]:
-    return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RELOADABLE)]
 
 
 PART_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

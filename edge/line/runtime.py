@@ -27,7 +27,8 @@ import numpy as np
 from edge.scoring import visual
 from edge.line.commands import (CommandError, DeployCommand, EnrollGoodCommand, ReloadCommand, RollbackCommand, TriggerCommand,
                        parse_command, request_id_of)
-from edge.line.config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
+from edge.line.config import StationConfig, load_config, mqtt_password
+from edge.line.config_reload import changed_keys, needs_restart, with_reloaded
 from edge.inference.backend import create_backend
 from edge.scoring.decide import Result
 from edge.station.engine_calibration import follow_engine

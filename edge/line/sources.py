@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.line.config import (FileSource, FolderSource, GstreamerSource, StreamSource, SyntheticSource, UsbSource)
+from edge.line.source_specs import FileSource, FolderSource, GstreamerSource, StreamSource, SyntheticSource, UsbSource
 from edge.errors import EdgeError, ImageError
 from edge.inference.preprocess import check_frame, list_images, read_image
 from edge.line.synthetic import SyntheticLine

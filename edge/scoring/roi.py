@@ -7,48 +7,45 @@ All of it runs on the frame already shrunk to tile resolution ("small" coordinat
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field, model_validator
 
 from edge.errors import EdgeError
-
-ROI_KINDS = ("full", "rect", "polygon", "contour", "template")
-ALIGN_KINDS = ("none", "ecc")
+from edge.scoring.frozen_spec import FrozenSpec
 
 
 class RoiError(EdgeError):
     """An ROI does not fit the frame (outside it, empty, degenerate) or the part cannot be found."""
 
 
-@dataclass(frozen=True)
-class RoiSpec:
-    kind: str = "full"
+class RoiSpec(FrozenSpec):
+    """Where the part is: the whole frame, a fixed rect [x, y, width, height] or polygon [[x, y], ...] in
+    frame pixels, or found per frame (contour: the largest bright object; template: a match against the
+    reference). The station configuration's `roi:` section and state.yaml's `tiling.roi` hold it as it is."""
+
+    kind: Literal["full", "rect", "polygon", "contour", "template"] = "full"
     rect: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
     points: tuple[tuple[float, float], ...] | None = None  # polygon corners in frame pixels
     size: tuple[int, int] | None = None  # contour/template: ROI width, height in frame pixels (None: from enrollment)
-    margin: float = 0.04  # contour: padding around the part when the size comes from enrollment
-    align: str = "none"
+    margin: float = Field(default=0.04, ge=0, le=1)  # contour: padding around the part when the size comes from enrollment
+    align: Literal["none", "ecc"] = "none"  # ecc: refine shift and rotation against the reference
 
-    def to_dict(self) -> dict:
-        return {k: (_plain(v)) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RoiSpec":
-        d = dict(d)
-        for k in ("rect", "size"):
-            if d.get(k) is not None:
-                d[k] = tuple(int(v) for v in d[k])
-        if d.get("points") is not None:
-            d["points"] = tuple((float(x), float(y)) for x, y in d["points"])
-        return cls(**d)
-
-
-def _plain(v):
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    return v
+    @model_validator(mode="after")
+    def _shape(self):
+        if (self.kind == "rect") != (self.rect is not None):
+            raise ValueError("rect [x, y, width, height] is needed with kind rect, and only with it")
+        if (self.kind == "polygon") != (self.points is not None):
+            raise ValueError("points [[x, y], ...] are needed with kind polygon, and only with them")
+        if self.rect is not None and (min(self.rect[:2]) < 0 or min(self.rect[2:]) <= 0):
+            raise ValueError(f"rect {list(self.rect)}: x, y must be >= 0 and width, height > 0")
+        if self.points is not None and (problem := polygon_problem(self.points)):
+            raise ValueError(f"points: polygon {problem}")
+        if self.size is not None and min(self.size) <= 0:
+            raise ValueError(f"size {list(self.size)}: width and height must be > 0")
+        return self
 
 
 def polygon_problem(points) -> str | None:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
 from edge.inference.backend import Backend
 from edge.scoring.bank import MemoryBank
 from edge.scoring.calibration import calibrate
 from edge.scoring.decide import Result, decide, image_score
+from edge.scoring.frozen_spec import FrozenSpec
 from edge.errors import StateError
 from edge.pack import Pack
 from edge.inference.preprocess import check_frame
@@ -27,34 +30,16 @@ from edge.scoring.roi import RoiError, RoiSpec, compose, estimate_alignment, fix
     polygon_mask
 from edge.scoring.scorer import FeatureExtractor, pack_maps
 
-BANK_KINDS = ("shared", "per_tile")
 
+class TilingSpec(FrozenSpec):
+    """How a high-resolution frame is scored tile by tile. The station configuration's `tiling:` section
+    (with its top-level `roi:` as `roi`), state.yaml's `tiling` and the CLI's --tile-* options hold it as it is."""
 
-@dataclass(frozen=True)
-class TilingSpec:
-    scale: float  # frame pixels per tile pixel
-    overlap: float = 0.25  # fraction of a tile shared with its neighbour
-    bank: str = "shared"  # one bank for all tile positions, or one per position
-    bank_patches: int | None = None  # bank size cap (None: the pack's max_bank_patches)
-    roi: RoiSpec = field(default_factory=RoiSpec)
-
-    def __post_init__(self):
-        if not self.scale > 0:
-            raise ValueError(f"tiling.scale must be > 0, got {self.scale}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"tiling.overlap must be in [0, 1), got {self.overlap}")
-        if self.bank not in BANK_KINDS:
-            raise ValueError(f"tiling.bank must be one of {BANK_KINDS}, got {self.bank!r}")
-
-    def to_dict(self) -> dict:
-        return {"scale": self.scale, "overlap": self.overlap, "bank": self.bank, "bank_patches": self.bank_patches,
-                "roi": self.roi.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TilingSpec":
-        d = dict(d)
-        d["roi"] = RoiSpec.from_dict(d.get("roi") or {})
-        return cls(**d)
+    scale: float = Field(gt=0, le=64)  # frame pixels per tile pixel
+    overlap: float = Field(default=0.25, ge=0, lt=1)  # fraction of a tile shared with its neighbour
+    bank: Literal["shared", "per_tile"] = "shared"  # one bank for all tile positions, or one per position
+    bank_patches: int | None = Field(default=None, ge=16)  # bank size cap (None: the pack's max_bank_patches)
+    roi: RoiSpec = RoiSpec()
 
 
 def axis_origins(length: int, tile: int, overlap: float) -> list[int]:
@@ -126,7 +111,7 @@ class Layout:
         return TileGrid.cover((h, w), (pack.input.height, pack.input.width), self.spec.overlap)
 
     def to_dict(self) -> dict:
-        return {**self.spec.to_dict(), "roi_size": list(self.roi_size)}
+        return {**self.spec.model_dump(mode="json"), "roi_size": list(self.roi_size)}
 
 
 def resolve_layout(spec: TilingSpec, first: np.ndarray) -> Layout:
@@ -147,8 +132,8 @@ def resolve_layout(spec: TilingSpec, first: np.ndarray) -> Layout:
     layout = Layout(spec, (int(rw), int(rh)))
     if roi.kind in ("template", "contour") or roi.align != "none":
         # The reference itself is cut where the part's contour is (a template has nothing to match yet).
-        first_roi = replace(roi, kind="contour") if roi.kind == "template" else roi
-        roi_img, _ = prepare(Layout(replace(spec, roi=first_roi), layout.roi_size), first)
+        first_roi = roi.model_copy(update={"kind": "contour"}) if roi.kind == "template" else roi
+        roi_img, _ = prepare(Layout(spec.model_copy(update={"roi": first_roi}), layout.roi_size), first)
         layout.reference = grey(roi_img)
     return layout
 
