@@ -28,7 +28,7 @@ from . import visual
 from .commands import (CommandError, DeployCommand, EnrollGoodCommand, ReloadCommand, RollbackCommand, TriggerCommand,
                        parse_command, request_id_of)
 from .config import StationConfig, changed_keys, load_config, mqtt_password, needs_restart, with_reloaded
-from .backend import create_backend
+from .backend import create_backend, scoring_device
 from .decide import Result
 from .engine_calibration import follow_engine
 from .errors import EdgeError
@@ -271,6 +271,8 @@ class Runtime:
             t.start()
             self._threads.append(t)
         self.notifier.ready(self._status_line(self.health()))
+        if self.backend is not None:
+            log.info("%s", scoring_device(self.backend, getattr(self.scorer, "bank", None)))
         log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
                  self.pack.model_id, self.source.name, c.trigger.mode,
                  self.scorer.threshold if self.scorer is not None else float("nan"))
