@@ -111,3 +111,31 @@ def test_a_pack_folder_given_as_the_state_says_so(default_pack_dir, tmp_path):
     proc = run_cli("score", "--pack", default_pack_dir, "--state", default_pack_dir, img, check=False)
     assert proc.returncode == 2
     assert "is a model pack, not a station state" in proc.stderr and "--out station" in proc.stderr
+
+
+def test_score_of_cut_or_corrupt_images_prints_our_error_and_no_decoder_line(default_pack_dir, enrolled_state,
+                                                                            synthetic_dataset, tmp_path):
+    """libjpeg/libpng print to the process's stderr themselves; the technician must see only our line."""
+    import numpy as np
+
+    part = cv2.imread(str(synthetic_dataset / "test" / "good" / "000.png"))
+    jpeg = cv2.imencode(".jpg", part)[1].tobytes()
+    png = cv2.imencode(".png", part)[1].tobytes()
+    (tmp_path / "whole.jpg").write_bytes(jpeg)
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    mid = len(jpeg) // 2  # a restart marker where libjpeg does not expect one: it guesses the rest
+    (tmp_path / "scrambled.jpg").write_bytes(jpeg[:mid] + b"\xff\xd0" + jpeg[mid + 2:])
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    assert cv2.imdecode(np.frombuffer(jpeg[:mid] + b"\xff\xd0" + jpeg[mid + 2:], np.uint8), 1) is not None
+    proc = run_cli("score", "--pack", default_pack_dir, "--state", enrolled_state, *(
+        tmp_path / n for n in ("cut.jpg", "scrambled.jpg", "cut.png", "whole.jpg")), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "whole.jpg  score" in proc.stdout and "scrambled.jpg" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, proc.stderr
+    assert "cut.jpg: not a readable image (truncated JPEG: no end-of-image marker" in errors[0]
+    assert "scrambled.jpg: corrupt JPEG data, part of the picture is missing" in errors[1]
+    assert "cut.png: not a readable image (truncated PNG: no IEND chunk" in errors[2]
+    raw = [line for line in proc.stderr.splitlines()
+           if line.startswith(("Corrupt JPEG", "Premature end", "libpng", "[ WARN", "[ERROR"))]
+    assert raw == [], proc.stderr

@@ -323,6 +323,31 @@ def test_service_notifies_systemd_and_stops_cleanly_on_sigterm(broker, tmp_path,
 
 
 @pytest.mark.timeout(120)
+def test_start_log_names_the_scoring_device_once_and_a_cpu_box_logs_no_cuda(broker, tmp_path, default_pack_dir,
+                                                                             enrolled_state):
+    from edge.inference.cuda import gpu_device_present
+
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(None, fps=10))
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: TraceStore(tmp_path / "var").count() >= 3, 60, "3 parts")
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=30)[1].splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    device_lines = [line for line in log if "scoring on " in line]
+    assert len(device_lines) == 1, log
+    if gpu_device_present():
+        return  # an NVIDIA box: which device is used is tested in test_gpu_path.py
+    assert device_lines[0] == ("INFO edge.line.runtime: scoring on CPU (onnxruntime CPUExecutionProvider; "
+                               "nearest-neighbour search on the CPU)"), log
+    assert [line for line in log if any(w in line.lower() for w in ("cuda", "nvcc", "gpu", "onnxruntime:default"))
+            and line not in device_lines] == [], log
+
+
+@pytest.mark.timeout(120)
 def test_reload_applies_live_keys_and_names_the_ones_needing_a_restart(broker, tmp_path, default_pack_dir,
                                                                        enrolled_state):
     cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port, synthetic(3))

@@ -56,6 +56,12 @@ class GpuOptions:
 def onnxruntime_providers(available: list[str], gpu: GpuOptions) -> list:
     """The providers to ask ONNX Runtime for, best first, among `available`: TensorRT (with its engine
     cache, FP16 and workspace limit), CUDA, CPU."""
+    from edge.inference.cuda import gpu_device_present
+
+    if not gpu_device_present():
+        # onnxruntime-gpu lists its CUDA and TensorRT providers on any machine; asked for them without a
+        # device it prints provider-library and CUDA errors at every start before falling back to the CPU.
+        return ["CPUExecutionProvider"]
     providers: list = []
     if "TensorrtExecutionProvider" in available:
         providers.append(("TensorrtExecutionProvider", {
@@ -113,7 +119,7 @@ class OnnxRuntimeBackend:
             self.family, self.precision = "onnxruntime", "fp32"
         self._check_shapes(pack, path)
         self.input_name = pack.input.name
-        log.info("encoder %s on %s", path.name, self.name)
+        log.debug("encoder %s on %s", path.name, self.name)  # the station's start line says it once
 
     @property
     def numerics(self) -> str:
@@ -294,6 +300,27 @@ class TensorRtBackend:
     def __del__(self):
         if "device" in self.__dict__:
             self.close()
+
+
+def scoring_device(backend, bank=None) -> str:
+    """One line for the start log: where the encoder and the nearest-neighbour search run, e.g.
+    "scoring on CPU (onnxruntime CPUExecutionProvider; nearest-neighbour search on the CPU)"."""
+    from edge.inference.cuda import GpuMemoryBank
+
+    providers = backend.session.get_providers() if hasattr(backend, "session") else []
+    if isinstance(backend, TensorRtBackend):
+        where, encoder = "GPU", backend.name
+    elif providers:
+        used = providers[0]
+        where, encoder = ("CPU" if used == "CPUExecutionProvider" else "GPU"), f"onnxruntime {used}"
+    else:
+        where, encoder = "CPU", getattr(backend, "name", type(backend).__name__)
+    if bank is None:
+        return f"scoring on {where} ({encoder})"
+    search = "the GPU (nn_min.cu)" if isinstance(bank, GpuMemoryBank) else "the CPU"
+    if where == "CPU" and isinstance(bank, GpuMemoryBank):
+        where = "CPU and GPU"
+    return f"scoring on {where} ({encoder}; nearest-neighbour search on {search})"
 
 
 def create_backend(pack: Pack, kind: str = "auto", threads: int | None = None, gpu: GpuOptions | None = None) -> Backend:

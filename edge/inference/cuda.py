@@ -159,7 +159,14 @@ def gpu_bank(bank):
     try:
         gpu = GpuMemoryBank(bank, CudaKernels.get())
     except CudaUnavailable as e:
-        log.info("nearest-neighbour search on the CPU: %s", e)
+        # On a machine with an NVIDIA device the CPU fallback is news; on a CPU box it is the normal case.
+        (log.warning if gpu_device_present() else log.debug)("nearest-neighbour search on the CPU: %s", e)
         return bank
-    log.info("nearest-neighbour search on the GPU (%s, nn_min.cu)", gpu.kernels.arch)
+    log.debug("nearest-neighbour search on the GPU (%s, nn_min.cu)", gpu.kernels.arch)
     return gpu
+
+
+def gpu_device_present() -> bool:
+    """An NVIDIA device node exists here: /dev/nvidia<N> (desktop/server driver), /dev/nvhost-* or
+    /dev/nvgpu (Jetson)."""
+    return any(any(Path("/dev").glob(pattern)) for pattern in ("nvidia[0-9]*", "nvhost-*", "nvgpu*"))

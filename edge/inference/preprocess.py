@@ -1,6 +1,17 @@
-"""Frames in, encoder batches out: reading images, colour conversion, resize, normalization."""
+"""Frames in, encoder batches out: reading images, colour conversion, resize, normalization.
+
+Owns image decoding too: the C decoders under OpenCV (libjpeg, libpng) print their own warnings straight
+to the process's stderr, so `read_image` catches them and either puts them in its ImageError (a file it
+refuses) or drops them (a file that decoded whole); OpenCV's own log is kept to errors.
+"""
 from __future__ import annotations
 
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import cv2
@@ -10,6 +21,51 @@ from edge.errors import ImageError
 from edge.pack import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+# OpenCV's "[ WARN:0@...] imread_(...)" lines are not for a technician: every caller gets our own error.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+log = logging.getLogger(__name__)
+
+# What libjpeg and libpng print themselves (their warning texts); any other line written to stderr while
+# a decode runs came from another thread and is passed on.
+_DECODER_LINE = re.compile(r"^(libpng (warning|error)|Corrupt JPEG data|Premature end of JPEG file|"
+                           r"Invalid SOS parameters|Inconsistent progression sequence|Unknown Adobe color|"
+                           r"Warning: unknown JFIF|Application transferred too many scanlines)")
+# libjpeg warnings after which part of the picture is missing or made up: such a frame is refused.
+_JPEG_DATA_LOST = re.compile(r"premature end|bad huffman code|bad arithmetic code|instead of RST", re.I)
+# One decode at a time owns fd 2 (the decoders write there, not to sys.stderr).
+_STDERR_CAPTURE = threading.Lock()
+
+
+def _decode_catching_decoder_messages(data: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+    """cv2.imdecode with fd 2 sent to a temporary file; the decoder's own lines come back as a list."""
+    with _STDERR_CAPTURE, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        lines = sink.read().decode("utf-8", "replace").splitlines()
+    decoder = [line.strip() for line in lines if _DECODER_LINE.match(line.strip())]
+    others = [line for line in lines if not _DECODER_LINE.match(line.strip())]
+    if others:
+        sys.stderr.write("\n".join(others) + "\n")
+    return img, decoder
+
+
+def _truncation(data: np.ndarray) -> str | None:
+    """Why a JPEG or PNG that failed to decode looks cut short, or None."""
+    head, tail = data[:8].tobytes(), data[-4096:].tobytes()
+    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
+        return f"truncated JPEG: no end-of-image marker in its {data.size} bytes"
+    if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return f"truncated PNG: no IEND chunk in its {data.size} bytes"
+    return None
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -24,11 +80,19 @@ def read_image(path: str | Path) -> np.ndarray:
     if data.size == 0:
         raise ImageError(f"{path}: file is empty")
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        img, decoder_says = _decode_catching_decoder_messages(data)
     except cv2.error as e:
         raise ImageError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+    said = f"; decoder: {'; '.join(decoder_says)}" if decoder_says else ""
     if img is None:
-        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
+        why = _truncation(data) or "corrupt or unsupported format"
+        raise ImageError(f"{path}: not a readable image ({why}{said})")
+    lost = [m for m in decoder_says if _JPEG_DATA_LOST.search(m)]
+    if lost:
+        raise ImageError(f"{path}: corrupt JPEG data, part of the picture is missing ({'; '.join(lost)}); "
+                         f"not scored")
+    if decoder_says:
+        log.debug("%s: decoded with decoder warnings: %s", path, "; ".join(decoder_says))
     return check_frame(img, str(path))
 
 

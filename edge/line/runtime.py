@@ -29,7 +29,7 @@ from edge.line.commands import (CommandError, DeployCommand, EnrollGoodCommand, 
                        parse_command, request_id_of)
 from edge.line.config import StationConfig, load_config, mqtt_password
 from edge.line.config_reload import changed_keys, needs_restart, with_reloaded
-from edge.inference.backend import create_backend
+from edge.inference.backend import create_backend, scoring_device
 from edge.scoring.decide import Result
 from edge.station.engine_calibration import follow_engine
 from edge.errors import EdgeError
@@ -272,6 +272,8 @@ class Runtime:
             t.start()
             self._threads.append(t)
         self.notifier.ready(self._status_line(self.health()))
+        if self.backend is not None:
+            log.info("%s", scoring_device(self.backend, getattr(self.scorer, "bank", None)))
         log.info("station %s running: pack %s, source %s, trigger %s, threshold %.4f", self.station,
                  self.pack.model_id, self.source.name, c.trigger.mode,
                  self.scorer.threshold if self.scorer is not None else float("nan"))
