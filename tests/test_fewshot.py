@@ -3,7 +3,7 @@ p-values, aspect-ratio handling of long strips, and clear errors for bad enrollm
 import numpy as np
 import pytest
 
-from edge.scoring.calibration import Calibration, calibrate
+from edge.scoring.calibration import Calibration, calibrate, calibrate_few_shot, conformal_rank
 from edge.errors import StateError
 from edge.scoring.fewshot import SubspaceHead, few_shot_views, flips_and_rotations, jittered_views, synthetic_defects
 from edge.scoring.scorer import FeatureExtractor, Scorer
@@ -68,7 +68,7 @@ def test_subspace_head_separates_synthetic_defects_at_one_shot(default_pack, lin
 
 def test_one_shot_threshold_accepts_good_views_and_rejects_defects(one_shot, line):
     state, scorer = one_shot
-    assert state.head is not None and state.calibration.source == "quadrants+jitter+synthetic"
+    assert state.head is not None and state.calibration.source == "quadrants+jitter"
     ref = line.good(1)[0]
     # Held-out good views: re-lit, blurred and noisy copies (drawn with another seed than enrollment's)
     # and shifted views. The threshold aims at 5% false rejects: at most one of ten.
@@ -80,6 +80,37 @@ def test_one_shot_threshold_accepts_good_views_and_rejects_defects(one_shot, lin
     defects += synthetic_defects(ref, 4, seed=99)
     results = scorer.score(defects)
     assert sum(r.anomalous for r in results) >= len(defects) - 1
+
+
+def test_one_shot_threshold_passes_fresh_good_parts(default_pack):
+    # Enrolled from one part, the threshold must hold the line's other good parts (the quadrants of one
+    # part vary less than parts do): the robust fit to the quadrant scores, capped at the synthetic-defect
+    # median, rejected 4 of these 20 (threshold 7.9); the largest quadrant score (10.4) rejects none.
+    line = SyntheticLine(seed=1, defect_rate=0.0)
+    state = build_state(default_pack, line.good(1), seed=0, quiet=True)
+    cal = state.calibration
+    assert cal.threshold == pytest.approx(max(cal.normal_scores)) and "max" in cal.method
+    assert cal.threshold < np.median(cal.synthetic_scores)  # the pasted defects still score above it
+    scorer = Scorer(default_pack, state.bank, cal.threshold, head=state.head, calibration=cal)
+    good = [p.image for p in line.parts(20)]
+    rejected = sum(r.anomalous for r in scorer.score(good))
+    assert rejected <= 2, f"{rejected} of {len(good)} fresh good parts rejected at threshold {cal.threshold:.2f}"
+    rng = np.random.default_rng(4)
+    kinds = ("scratch", "hole", "stain", "missing_chunk") * 2
+    defects = [apply_defect(p.image, kind, rng)[0] for p, kind in zip(line.parts(8, start=40), kinds)]
+    caught = sum(r.anomalous for r in scorer.score(defects))
+    assert caught >= 7, f"{caught} of {len(defects)} defective parts rejected"
+
+
+def test_too_few_held_out_units_take_the_largest_score():
+    normal, synthetic = [1.0, 1.1, 1.2, 1.3, 4.0], [10.0, 11.0, 12.0]
+    assert conformal_rank(4, 0.05) == 5 and conformal_rank(19, 0.05) == 19 and conformal_rank(39, 0.05) == 38
+    few = calibrate_few_shot(normal, synthetic, "quadrants", cap=False, held_out_units=4)
+    assert few.threshold == 4.0 and few.source == "quadrants"
+    fit = calibrate_few_shot(normal, synthetic, "quadrants", cap=False, held_out_units=19)
+    assert fit.threshold == pytest.approx(calibrate(normal).threshold) and fit.threshold < 4.0
+    capped = calibrate_few_shot(normal, [1.25, 1.3, 1.35], "loso")  # several shots: the cap bites
+    assert capped.threshold == pytest.approx(1.3) and capped.source == "loso+synthetic"
 
 
 def test_p_value_is_conformal_and_monotone(one_shot, line):

@@ -7,7 +7,9 @@ scores have a heavy upper tail (a few unusual good parts), and an empirical high
 maximum lands far above where normal parts really sit. How it does on real photos: docs/evaluation.md.
 
 Few-shot enrollment (`calibrate_few_shot`) adds synthetic defects pasted into the references and
-places the threshold between the held-out good scores and the synthetic-defect scores. Every
+places the threshold between the held-out good scores and the synthetic-defect scores. When the held-out
+scores come from fewer independent units than a (1 - target) point needs (the quadrants of a single
+shot), the good side is the largest held-out score, the conformal bound for so few units. Every
 calibration also gives a conformal p-value for a new score: the share of held-out normal scores at
 or above it, (1 + #{s_i >= s}) / (n + 1).
 """
@@ -84,8 +86,16 @@ def calibrate(normal_scores, target_false_reject: float = TARGET_FALSE_REJECT, s
     )
 
 
+def conformal_rank(units: int, target_false_reject: float) -> int:
+    """The rank (1-based, among `units` exchangeable held-out scores) a new score stays at or under
+    with probability at least 1 - target: ceil((1 - target) * (units + 1)). Above `units` no held-out
+    score is high enough for that guarantee."""
+    return int(np.ceil((1 - target_false_reject) * (units + 1) - 1e-9))
+
+
 def calibrate_few_shot(normal_scores, synthetic_scores, normal_source: str,
-                       target_false_reject: float = TARGET_FALSE_REJECT, cap: bool = True) -> Calibration:
+                       target_false_reject: float = TARGET_FALSE_REJECT, cap: bool = True,
+                       held_out_units: int | None = None) -> Calibration:
     """Threshold from held-out good scores, capped below the synthetic defects' scores.
 
     The good side is the robust fit of `calibrate` to the held-out scores (quadrants and re-lit copies
@@ -95,16 +105,25 @@ def calibrate_few_shot(normal_scores, synthetic_scores, normal_source: str,
     median: at least half of the synthetic defects pasted into the references stay above it. Without
     `cap` (many shots held out by folds, no views: the bank's own k-fold rule) the synthetic scores are
     only recorded, and the method says how many of them the threshold would pass.
+
+    `held_out_units`: how many independent units the held-out scores come from (4 for the quadrants of
+    a single shot, whose every view and re-lit copy is scored once per quadrant). When that is fewer
+    than `conformal_rank` needs, the good side is the largest held-out score instead of the robust fit:
+    the parts of one part vary less than different parts do, so a fit to them lands under most new good
+    parts (magnetic_tile at 1 shot: false-reject 0.84-0.99 with the fit; docs/evaluation.md).
     """
     cal = calibrate(normal_scores, target_false_reject, source=normal_source)
     synthetic = np.asarray(synthetic_scores, np.float64)
     if synthetic.size == 0 or not np.all(np.isfinite(synthetic)):
         raise ValueError("few-shot calibration needs finite synthetic-defect scores")
+    z = NormalDist().inv_cdf(1 - cal.target_false_reject)
+    fit = f"{normal_source} median + {z:.3f} * IQR/1.349 = {cal.threshold:.4g}"
+    if held_out_units is not None and conformal_rank(held_out_units, cal.target_false_reject) > held_out_units:
+        cal.threshold = cal.max
+        fit = f"{normal_source} max {cal.max:.4g} ({held_out_units} held-out units, too few for the fit)"
     good_threshold = cal.threshold
     median = float(np.median(synthetic))
     cal.synthetic_scores = [float(s) for s in synthetic]
-    z = NormalDist().inv_cdf(1 - cal.target_false_reject)
-    fit = f"{normal_source} median + {z:.3f} * IQR/1.349 = {good_threshold:.4g}"
     if cap:
         cal.threshold = min(good_threshold, median)
         cal.source = f"{normal_source}+synthetic"

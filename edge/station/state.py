@@ -4,8 +4,9 @@
 threshold calibrated on k-fold held-out scores of the references themselves. With at most
 FEW_SHOT_MAX_SHOTS references enrollment is few-shot instead: augmented views of every shot, the
 subspace head of `edge.scoring.fewshot` (saved as `head-<sha>.npz`), and a threshold from held-out views
-(capped below synthetic-defect scores up to FEW_SHOT_MAX_VIEWED_SHOTS shots). Enrolling more images later rebuilds all of it from the
-references kept in the state's `good/` folder.
+(capped below synthetic-defect scores from 2 up to FEW_SHOT_MAX_VIEWED_SHOTS shots; at 1 shot the
+largest held-out quadrant score). Enrolling more images later rebuilds all of it from the references
+kept in the state's `good/` folder.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ FEW_SHOT_HEAD = "subspace"
 BORDER_SCALES = False
 BORDER_OFFSETS = False
 SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
+QUADRANTS = 4  # a single shot is held out by quadrants (few_shot_quadrant_scores)
 MAX_SIZE_RATIO = 16.0  # largest / smallest reference area enrollment accepts
 
 
@@ -486,7 +488,7 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
         grids = np.concatenate([grids, np.repeat(grids[:1], len(jitter_features), axis=0)])
         view_features = np.concatenate([view_features, jitter_features])
     scores = []
-    for region in range(4):
+    for region in range(QUADRANTS):
         others = view_features[:fitted_on][grids[:fitted_on] != region]
         part_head = fit_head(head.kind, head.views, others, pack, seed + region)
         part_bank = _head_bank(part_head, others, pack, seed + region)
@@ -548,9 +550,13 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
     per_image = -(-SYNTHETIC_DEFECTS // len(images))
     defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
     synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)
-    # The cap corrects the held-out estimate of few viewed shots; folds of many plain shots need none.
+    # The cap corrects the held-out estimate of few viewed shots, which overstates; folds of many plain
+    # shots need none. One shot's quadrants understate instead (parts of one part vary less than parts
+    # do): four held-out units, whose largest score is the good side, uncapped.
+    single = len(images) == 1
     calibration = calibrate_few_shot(normal, synthetic, source, target_false_reject=target_false_reject,
-                                     cap=views != "none")
+                                     cap=views != "none" and not single,
+                                     held_out_units=QUADRANTS if single else None)
     return StationState(
         pack_model_id=pack.model_id, pack_encoder_sha256=pack.encoder_sha256, bank=bank, calibration=calibration,
         references=list(references or []), head=head,

@@ -1,0 +1,71 @@
+"""Few-shot threshold diagnosis: per K and seed, the held-out good scores, the synthetic-defect scores,
+the threshold few-shot enrollment chose and the test split's good / defective scores, as JSON.
+
+The state is built as `eval` builds it (`edge.station.state.build_few_shot_state`); the test features are
+extracted once per category and cached as float16 under --cache (bench/fewshot_ablation.py's
+`test_features`, the same files), so re-running with other seeds or rules costs only enrollment.
+
+    python bench/fewshot_threshold.py --pack P --data ../shared/data/magnetic_tile --shots 1 --seeds 0,1,2 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.fewshot_ablation import test_features  # noqa: E402
+from edge.evaluation import metrics  # noqa: E402
+from edge.evaluation.dataset import open_dataset  # noqa: E402
+from edge.pack import load_pack  # noqa: E402
+from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
+from edge.scoring.scorer import FeatureExtractor  # noqa: E402
+from edge.station.state import build_few_shot_state, head_image_scores  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("--pack", "--data", "--json"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--shots", default="1", help="comma list of K")
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    ap.add_argument("--cache", default="/tmp/fewshot-cache", help="test-feature cache folder")
+    args = ap.parse_args()
+    pack = load_pack(args.pack)
+    category = open_dataset(args.data)
+    extractor = FeatureExtractor(pack)
+    test, labels = test_features(pack, category, extractor, Path(args.cache))
+    rows = []
+    for k in map(int, args.shots.split(",")):
+        for seed in map(int, args.seeds.split(",")):
+            t0 = time.perf_counter()
+            refs = [read_image(p) for p in choose_shots(category.train_good, k, seed)]
+            state = build_few_shot_state(pack, refs, extractor, seed=seed, quiet=True)
+            scores = np.concatenate([head_image_scores(state.head, state.bank, np.asarray(test[b:b + 32], np.float32), pack)
+                                     for b in range(0, len(test), 32)])
+            cal = state.calibration
+            tm = metrics.threshold_metrics(scores, labels, cal.threshold)
+            _, oracle = metrics.best_threshold(scores, labels)
+            row = dict(data=category.root.name, k=k, seed=seed, threshold=cal.threshold, method=cal.method,
+                       source=cal.source, normal=cal.normal_scores, synthetic=cal.synthetic_scores,
+                       good=scores[labels == 0].tolist(), defective=scores[labels == 1].tolist(),
+                       image_auroc=metrics.auroc(scores, labels), balanced_accuracy=tm["balanced_accuracy"],
+                       false_reject_rate=tm["false_reject_rate"], oracle_balanced_accuracy=float(oracle),
+                       seconds=time.perf_counter() - t0)
+            rows.append(row)
+            q = lambda a, p: float(np.quantile(a, p))  # noqa: E731
+            print(f"{row['data']} k={k} seed={seed} thr={cal.threshold:.2f} normal med/max {q(cal.normal_scores, .5):.2f}/"
+                  f"{max(cal.normal_scores):.2f} synth med {q(cal.synthetic_scores, .5):.2f} | good med/p90 "
+                  f"{q(row['good'], .5):.2f}/{q(row['good'], .9):.2f} defect p10/med {q(row['defective'], .1):.2f}/"
+                  f"{q(row['defective'], .5):.2f} | auroc {row['image_auroc']:.3f} bacc {tm['balanced_accuracy']:.3f} "
+                  f"(oracle {oracle:.3f}) frr {tm['false_reject_rate']:.3f} [{row['seconds']:.0f} s]", flush=True)
+            Path(args.json).write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
