@@ -47,7 +47,7 @@ def _enroll(pack, good, args) -> int:
                   f"--allow-undertrained; {st.training.resume_hint(args.out)}", file=sys.stderr)
     if len(state.references) < 4:
         print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
-              "threshold may reject good parts (one magnetic tile: 97% of good tiles): enroll more good images "
+              "threshold may reject good parts (one magnetic tile: 0-98% of good tiles, 42% on average): enroll more good images "
               "when you have them, or start the station in learn mode instead (learn: {parts: 50} in its "
               "config and no state folder: it learns from its first 50 parts)", file=sys.stderr)
     return 0
