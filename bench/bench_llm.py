@@ -45,8 +45,8 @@ from edge.explain.findings import describe  # noqa: E402
 from edge.explain.llm import LlamaEngine, LlamaModel  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.explain.prompts import FIRST_QUESTION, ChatPrompt, opening  # noqa: E402
-from edge.scoring.scorer import Scorer  # noqa: E402
-from edge.station.state import build_state  # noqa: E402
+from edge.scoring.factory import build_scorer  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 MM_PER_PIXEL = 0.05
@@ -55,7 +55,7 @@ MM_PER_PIXEL = 0.05
 def station(pack, seed: int = 0):
     line = SyntheticLine(seed=seed, defect_rate=0.5)
     state = build_state(pack, line.good(16), seed=seed, quiet=True)
-    return line, Scorer.from_state(pack, state)
+    return line, build_scorer(pack, state)
 
 
 def flagged_findings(line, scorer, n: int) -> list:

@@ -141,7 +141,7 @@ def cmd_enroll(args) -> int:
 
 
 def _enroll(pack, good, args) -> int:
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
                    log=lambda m: print(m, file=sys.stderr), tiling=_tiling(args),
@@ -212,12 +212,12 @@ def cmd_score(args) -> int:
     from edge.pack import load_pack
     from edge.inference.preprocess import list_images, read_image
     from edge.station.state import load_state
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.tiling_spec, kind=args.scorer,
-                            allow_undertrained=args.allow_undertrained)
+    scorer = build_scorer(pack, state, state.tiling_spec, kind=args.scorer,
+                          allow_undertrained=args.allow_undertrained)
     paths = []
     for p in args.images:
         p = Path(p)
@@ -337,11 +337,11 @@ def cmd_ask(args) -> int:
     from edge.inference.preprocess import read_image
     from edge.explain.prompts import FIRST_QUESTION
     from edge.station.state import load_state
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.tiling_spec)
+    scorer = build_scorer(pack, state, state.tiling_spec)
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"
