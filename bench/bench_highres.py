@@ -29,9 +29,11 @@ from edge.evaluation import metrics  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.scoring.roi import RoiSpec  # noqa: E402
 from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.station.state import build_state  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import HighResLine  # noqa: E402
-from edge.scoring.tiling import TiledScorer, TilingSpec, build_tiled_state  # noqa: E402
+from edge.scoring.factory import build_scorer  # noqa: E402
+from edge.scoring.tiling import TilingSpec  # noqa: E402
+from edge.station.tiled_enrollment import build_tiled_state  # noqa: E402
 from edge.scoring.visual import heatmap_overlay  # noqa: E402
 
 # Defect area as a fraction of the frame: the target is recall >= 0.9 from 0.05 % up.
@@ -79,7 +81,7 @@ def run_config(pack, name, spec, refs, tests, extractor, seed):
         tiles = 1
     else:
         state = build_tiled_state(pack, refs, spec, extractor, seed=seed, quiet=True)
-        scorer = TiledScorer.from_state(pack, state, extractor=extractor)
+        scorer = build_scorer(pack, state, state.tiling_spec, extractor=extractor)
         tiles = len(scorer.grid)
     enroll_s = time.perf_counter() - t0
     scorer.score_one(tests[0][0])  # warm-up

@@ -48,8 +48,8 @@ from edge.pack import load_pack  # noqa: E402
 from edge.explain.prompts import ChatPrompt  # noqa: E402
 from edge.explain.questions import FIRST_QUESTION  # noqa: E402
 from edge.explain.runtime_words import opening  # noqa: E402
-from edge.scoring.scorer import Scorer  # noqa: E402
-from edge.station.state import build_state  # noqa: E402
+from edge.scoring.factory import build_scorer  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
 from edge.explain.worker import ExplainWorker  # noqa: E402
 
@@ -59,7 +59,7 @@ MM_PER_PIXEL = 0.05
 def station(pack, seed: int = 0):
     line = SyntheticLine(seed=seed, defect_rate=0.5)
     state = build_state(pack, line.good(16), seed=seed, quiet=True)
-    return line, Scorer.from_state(pack, state)
+    return line, build_scorer(pack, state)
 
 
 def flagged_findings(line, scorer, n: int) -> list:

@@ -198,7 +198,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from edge.pack import load_pack
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
     from edge.line.synthetic import write_good_parts
 
     with tempfile.TemporaryDirectory(prefix="bench-plc.") as tmp:

@@ -39,7 +39,7 @@ from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.line.config import load_config  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.line.runtime import Runtime  # noqa: E402
-from edge.station.state import enroll  # noqa: E402
+from edge.station.enrollment import enroll  # noqa: E402
 from edge.line.synthetic import write_good_parts  # noqa: E402
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.pack import load_pack  # noqa: E402
 from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.station.state import build_state  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 
@@ -82,9 +82,9 @@ def scoring_process_rss(pack, state, frames, graph_dir: Path | None = None) -> f
         code = (
             "import sys, numpy as np\n"
             f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-            "from edge.pack import load_pack\nfrom edge.station.state import load_state\nfrom edge.scoring.scorer import Scorer\n"
+            "from edge.pack import load_pack\nfrom edge.station.state import load_state\nfrom edge.scoring.factory import build_scorer\n"
             f"pack = load_pack({str(pack.root)!r})\n"
-            f"scorer = Scorer.from_state(pack, load_state({str(Path(tmp) / 'state')!r}, pack))\n"
+            f"scorer = build_scorer(pack, load_state({str(Path(tmp) / 'state')!r}, pack))\n"
             f"for f in np.load({str(Path(tmp) / 'frames.npy')!r}): scorer.score_one(f)\n"
             # VmHWM belongs to this exec'd image; ru_maxrss would carry the parent's high-water mark.
             "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"

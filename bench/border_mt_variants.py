@@ -2,7 +2,7 @@
 head without / with the border-ring offsets and scales (features extracted once; heads refitted)."""
 import sys
 import numpy as np
-import edge.station.state as es
+import edge.station.few_shot_enrollment as es
 from edge.evaluation import metrics
 from edge.evaluation.dataset import open_dataset, read_mask
 from edge.scoring.decide import image_score

@@ -6,14 +6,15 @@ peak, false alarms, caught defects, regions touching the border and regions off 
 
 MARGIN: 0, or input pixels of reflected margin around the frame before the encoder (features of the
 margin cropped away: an experiment on the encoder's zero padding). old: without the head's border-ring
-offsets and scales; new: with them (edge.station.state.BORDER_OFFSETS / BORDER_SCALES)."""
+offsets and scales; new: with them (edge.station.few_shot_enrollment.BORDER_OFFSETS / BORDER_SCALES)."""
 import sys
 import cv2
 import numpy as np
 import edge.scoring.scorer as sc
-import edge.station.state as es
+import edge.station.few_shot_enrollment as es
 from edge.pack import load_pack
-from edge.station.state import build_state
+from edge.scoring.factory import build_scorer
+from edge.station.enrollment import build_state
 from edge.line.synthetic import SyntheticLine
 
 pack = load_pack(sys.argv[1])
@@ -38,7 +39,7 @@ if margin:
     sc.FeatureExtractor.patch_features = padded
 line = SyntheticLine(seed=0, defect_rate=0.2)
 state = build_state(pack, SyntheticLine(seed=0).good(16), seed=0, quiet=True)
-scorer = sc.Scorer.from_state(pack, state)
+scorer = build_scorer(pack, state)
 t = state.calibration.threshold
 maps, fa, regs, border, caught, nd = [], 0, 0, 0, 0, 0
 spurious = spurious_border = 0

@@ -40,7 +40,7 @@ from edge.scoring.fewshot import SHIFTS, SubspaceHead, few_shot_views, l2_normal
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
 from edge.scoring.scorer import FeatureExtractor, grid_maps  # noqa: E402
-from edge.station.state import build_bank  # noqa: E402
+from edge.station.reference_banks import build_bank  # noqa: E402
 
 
 def test_features(pack, category, extractor, cache: Path):

@@ -1,7 +1,7 @@
 """Few-shot threshold diagnosis: per K and seed, the held-out good scores, the synthetic-defect scores,
 the threshold few-shot enrollment chose and the test split's good / defective scores, as JSON.
 
-The state is built as `eval` builds it (`edge.station.state.build_few_shot_state`); the test features are
+The state is built as `eval` builds it (`edge.station.few_shot_enrollment.build_few_shot_state`); the test features are
 extracted once per category and cached as float16 under --cache (bench/fewshot_ablation.py's
 `test_features`, the same files), so re-running with other seeds or rules costs only enrollment.
 
@@ -25,7 +25,7 @@ from edge.evaluation.dataset import open_dataset  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
 from edge.scoring.scorer import FeatureExtractor  # noqa: E402
-from edge.station.state import build_few_shot_state, head_image_scores  # noqa: E402
+from edge.station.few_shot_enrollment import build_few_shot_state, head_image_scores  # noqa: E402
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from edge.inference.backend import GpuOptions, OnnxRuntimeBackend, TensorRtBacke
 from edge.errors import EdgeError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
-from edge.station.state import build_state  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
 
 

@@ -73,7 +73,7 @@ def broker(tmp_path):
 @pytest.fixture(scope="session")
 def enrolled_state(default_pack, tmp_path_factory) -> Path:
     """A station state with 16 good synthetic parts (and their images, so it can be extended)."""
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
     from edge.line.synthetic import write_good_parts
 
     root = tmp_path_factory.mktemp("station")

@@ -23,8 +23,9 @@ from edge.scoring.bank import MemoryBank  # noqa: E402
 from edge.errors import PackError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import read_image, to_batch  # noqa: E402
-from edge.scoring.scorer import Scorer  # noqa: E402
-from edge.station.state import build_state, load_state  # noqa: E402
+from edge.scoring.factory import build_scorer  # noqa: E402
+from edge.station.enrollment import build_state  # noqa: E402
+from edge.station.state import load_state  # noqa: E402
 from export.anomalygpt import export_anomalygpt  # noqa: E402
 from export.anomalygpt import model as agpt  # noqa: E402
 from export.anomalygpt.clip_tokenizer import ClipTokenizer  # noqa: E402
@@ -271,7 +272,7 @@ def test_scorer_keeps_the_chosen_class_zero_shot_map_and_the_projector_reads_the
     good = [read_image(p) for p in sorted((synthetic_dataset / "train" / "good").iterdir())[:2]]
     state = build_state(pack, good, AnomalyGptExtractor(pack), quiet=True)
     state.save(tmp_path / "s")
-    scorer = Scorer.from_state(pack, load_state(tmp_path / "s", pack))
+    scorer = build_scorer(pack, load_state(tmp_path / "s", pack))
     assert isinstance(scorer, AnomalyGptScorer) and scorer.class_name == "bottle"
     frame = read_image(synthetic_dataset / "test" / "scratch" / "000.png")
     nut = AnomalyGptScorer(pack, state.bank, 0.5, class_name="metal_nut").score_one(frame)

@@ -38,8 +38,8 @@ def wait_for(worker: ExplainWorker, done: int, timeout: float = 120.0) -> dict:
 @pytest.fixture(scope="module")
 def line(default_pack, tmp_path_factory):
     """Synthetic parts scored by the default pack: defective ones it flagged, good ones it passed."""
-    from edge.scoring.scorer import Scorer
-    from edge.station.state import build_state
+    from edge.scoring.factory import build_scorer
+    from edge.station.enrollment import build_state
     from edge.line.synthetic import SyntheticLine
 
     if default_pack.llm is None:
@@ -47,7 +47,7 @@ def line(default_pack, tmp_path_factory):
     synthetic = SyntheticLine(seed=0, defect_rate=0.5)
     state = build_state(default_pack, synthetic.good(8), seed=0, quiet=True)
     state_dir = state.save(tmp_path_factory.mktemp("station") / "state")
-    scorer = Scorer.from_state(default_pack, state)
+    scorer = build_scorer(default_pack, state)
     flagged, normal = [], []
     for part in synthetic.parts(40):
         result = scorer.score_one(part.image)

@@ -7,7 +7,8 @@ from edge.scoring.calibration import Calibration, calibrate, calibrate_few_shot,
 from edge.errors import StateError
 from edge.scoring.fewshot import SubspaceHead, few_shot_views, flips_and_rotations, jittered_views, synthetic_defects
 from edge.scoring.scorer import FeatureExtractor, Scorer
-from edge.station.state import build_state, enroll, load_state
+from edge.station.enrollment import build_state, enroll
+from edge.station.state import load_state
 from edge.line.synthetic import SyntheticLine, apply_defect, write_good_parts
 
 
@@ -184,10 +185,10 @@ def test_bad_enrollment_input_gets_a_clear_error(default_pack, tmp_path):
 
 def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
     """The encoder's zero padding lifts the outer ring of the feature grid; with its offsets and scales
-    taken off (several shots; off by default, see edge.station.state) a good part's hottest point is no longer
+    taken off (several shots; off by default, see edge.station.few_shot_enrollment) a good part's hottest point is no longer
     drawn to the frame's border, and defective parts get fewer regions off their defect (without: 88% of
     good parts peaked within 16 px of the border, 22 of 79 regions were border boxes; docs/evaluation.md)."""
-    import edge.station.state as state_module
+    import edge.station.few_shot_enrollment as state_module
 
     good_line, test_line = SyntheticLine(seed=0), SyntheticLine(seed=0, defect_rate=0.3)
     parts = list(test_line.parts(60))
@@ -216,7 +217,7 @@ def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
 
 
 def test_the_border_offsets_survive_a_state_round_trip(default_pack, tmp_path, monkeypatch):
-    import edge.station.state as state_module
+    import edge.station.few_shot_enrollment as state_module
 
     monkeypatch.setattr(state_module, "BORDER_OFFSETS", True)
     monkeypatch.setattr(state_module, "BORDER_SCALES", True)

@@ -384,9 +384,10 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
     from edge.station.engine_calibration import follow_engine
     from edge.pack import load_pack
     from edge.scoring.scorer import FeatureExtractor
-    from edge.station.state import enroll, load_state
+    from edge.station.enrollment import enroll
+    from edge.station.state import load_state
     from edge.line.synthetic import write_good_parts
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     state_dir = tmp_path / "state"
     enroll(default_pack, write_good_parts(tmp_path / "good", 6), state_dir, quiet=True, log=lambda m: None)
@@ -399,7 +400,7 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
     state = load_state(state_dir, pack)
     with pytest.raises(StateError, match=r"calibrated with onnxruntime fp32, and this station scores with "
                                          r"tensorrt fp16 .*recalibrate \(re-enrolls its 6 stored references"):
-        station_scorer(pack, state, None, backend=engine, kind="bank")
+        build_scorer(pack, state, None, backend=engine, kind="bank")
     with pytest.raises(StateError, match="calibrated with onnxruntime fp32"):
         follow_engine(pack, state, FeatureExtractor(pack, engine), "refuse")
     with caplog.at_level("WARNING", logger="edge.station.engine_calibration"):
@@ -408,7 +409,7 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
     assert (new.calibration.backend, new.calibration.precision) == ("tensorrt", "fp16")
     reloaded = load_state(state_dir, pack)
     assert (reloaded.calibration.backend, reloaded.calibration.precision) == ("tensorrt", "fp16")
-    assert station_scorer(pack, reloaded, None, backend=engine, kind="bank").threshold == pytest.approx(
+    assert build_scorer(pack, reloaded, None, backend=engine, kind="bank").threshold == pytest.approx(
         new.calibration.threshold)
 
 
@@ -602,10 +603,10 @@ def test_a_gpu_backend_keeps_the_bank_path_whatever_cpu_scoring_says(default_pac
     from edge.inference.backend import TensorRtBackend
     from edge.pack import load_pack
     from edge.scoring.scorer import FeatureExtractor, Scorer
-    from edge.station.state import build_state
+    from edge.station.enrollment import build_state
     from edge.scoring.station_graph import StationGraphScorer
     from edge.line.synthetic import SyntheticLine
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     _, pack_dir, _ = _engine_pack(default_pack_dir, tmp_path, "10.13.3", gpu_stand_in)
     pack = load_pack(pack_dir)
@@ -613,6 +614,6 @@ def test_a_gpu_backend_keeps_the_bank_path_whatever_cpu_scoring_says(default_pac
     state = build_state(pack, SyntheticLine(seed=1).good(18), FeatureExtractor(pack, engine), quiet=True,
                         few_shot=False)
     assert (state.calibration.backend, state.calibration.precision) == ("tensorrt", "fp16")
-    scorer = station_scorer(pack, state, None, backend=engine, kind="bank", cpu_scoring="station_graph")
+    scorer = build_scorer(pack, state, None, backend=engine, kind="bank", cpu_scoring="station_graph")
     assert type(scorer) is Scorer and not isinstance(scorer, StationGraphScorer)
     assert scorer.extractor.backend is engine

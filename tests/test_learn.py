@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 from edge.errors import StateError
 from edge.station.learn import learn
-from edge.station.state import enroll
+from edge.station.enrollment import enroll
 from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto
 

@@ -24,12 +24,12 @@ def test_magnetic_tile_few_shot_eval_runs_and_separates(default_pack, tmp_path):
 def test_hazelnut_one_shot_finds_both_real_defects(default_pack):
     from edge.evaluation.dataset import open_mvtec, read_mask
     from edge.inference.preprocess import read_image
-    from edge.scoring.scorer import Scorer
-    from edge.station.state import build_state
+    from edge.scoring.factory import build_scorer
+    from edge.station.enrollment import build_state
 
     cat = open_mvtec(HAZELNUT)
     state = build_state(default_pack, [read_image(p) for p in cat.train_good], quiet=True)
-    scorer = Scorer.from_state(default_pack, state)
+    scorer = build_scorer(default_pack, state)
     for sample in cat.test:
         img = read_image(sample.path)
         r = scorer.score_one(img)

@@ -7,7 +7,8 @@ import pytest
 from edge.scoring.bank import MemoryBank, greedy_coreset
 from edge.errors import ImageError, StateError
 from edge.scoring.scorer import Scorer
-from edge.station.state import build_state, enroll, load_state
+from edge.station.enrollment import build_state, enroll
+from edge.station.state import load_state
 from edge.line.synthetic import SyntheticLine
 
 
@@ -106,7 +107,7 @@ def test_threshold_comes_from_held_out_normal_scores(station, default_pack, line
 
 
 def test_more_shots_enroll_without_views_and_calibrate_on_folds_up_to_the_bank_switch(default_pack, line):
-    from edge.station.state import FEW_SHOT_MAX_FOLDS, FEW_SHOT_MAX_SHOTS, FEW_SHOT_MAX_VIEWED_SHOTS, enrolls_few_shot
+    from edge.station.few_shot_enrollment import FEW_SHOT_MAX_FOLDS, FEW_SHOT_MAX_SHOTS, FEW_SHOT_MAX_VIEWED_SHOTS, enrolls_few_shot
 
     n = FEW_SHOT_MAX_FOLDS + 4
     assert n > FEW_SHOT_MAX_VIEWED_SHOTS

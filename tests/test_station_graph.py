@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.scoring.scorer import FeatureExtractor, Scorer
-from edge.station.state import build_state
+from edge.station.enrollment import build_state
 from edge.scoring.station_graph import StationGraphScorer, map_matrices, supports
 from edge.line.synthetic import SyntheticLine
 
@@ -54,11 +54,11 @@ def test_the_bank_is_an_input_so_a_new_bank_needs_no_new_graph(default_pack, ban
 
 def test_the_station_scorer_takes_the_graph_only_where_it_covers_the_state(default_pack, bank_state, enrolled_state):
     from edge.station.state import load_state
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
-    assert isinstance(station_scorer(default_pack, bank_state, None, kind="bank", cpu_scoring="station_graph"),
+    assert isinstance(build_scorer(default_pack, bank_state, None, kind="bank", cpu_scoring="station_graph"),
                       StationGraphScorer)
-    assert type(station_scorer(default_pack, bank_state, None, kind="bank")) is Scorer  # numpy asked for
+    assert type(build_scorer(default_pack, bank_state, None, kind="bank")) is Scorer  # numpy asked for
     few_shot = load_state(enrolled_state, default_pack)  # 16 references: a few-shot head, which the graph lacks
     assert few_shot.head is not None and "few-shot head" in supports(default_pack, few_shot.bank, few_shot.head)
-    assert type(station_scorer(default_pack, few_shot, None, kind="bank", cpu_scoring="station_graph")) is Scorer
+    assert type(build_scorer(default_pack, few_shot, None, kind="bank", cpu_scoring="station_graph")) is Scorer

@@ -14,10 +14,11 @@ from conftest import ROOT, SHARED_DATA, run_cli  # noqa: E402
 from edge.errors import StateError  # noqa: E402
 from edge.evaluation.metrics import auroc  # noqa: E402
 from edge.scoring.scorer import Scorer  # noqa: E402
-from edge.station.state import enroll, load_state  # noqa: E402
+from edge.station.enrollment import enroll  # noqa: E402
+from edge.station.state import load_state  # noqa: E402
 import edge.scoring.student  # noqa: E402
 from edge.scoring.student import DEFAULT_SCORER, StudentScorer, StudentSpec, StudentTraining  # noqa: E402
-from edge.scoring.tiling import station_scorer  # noqa: E402
+from edge.scoring.factory import build_scorer  # noqa: E402
 from edge.line.synthetic import SyntheticLine, apply_defect, write_good_parts  # noqa: E402
 from export.student import (TrainConfig, TrainError, _Teacher, export_student, position_statistics,  # noqa: E402
                             raw_maps, train, train_student)
@@ -143,11 +144,11 @@ def test_station_state_holds_the_student(default_pack, good, trained, tmp_path):
                                                               log=lambda m: None))
     state = load_state(state_dir, default_pack)
     assert state.student is not None and (state_dir / state.student.file).is_file()
-    auto = station_scorer(default_pack, state, None, kind="auto")
+    auto = build_scorer(default_pack, state, None, kind="auto")
     assert isinstance(auto, StudentScorer) == (DEFAULT_SCORER == "student")
-    bank = station_scorer(default_pack, state, None, kind="bank")
+    bank = build_scorer(default_pack, state, None, kind="bank")
     assert not isinstance(bank, StudentScorer) and bank.threshold == state.calibration.threshold
-    student = station_scorer(default_pack, state, None, kind="student")
+    student = build_scorer(default_pack, state, None, kind="student")
     assert student.threshold == state.student.calibration.threshold
     assert state.student.position_mean.shape == tuple(default_pack.encoder.feature_shape[1:])
     # Enrolling more good parts without --scorer student keeps the student (and says so).
@@ -181,11 +182,11 @@ def test_budget_stopped_student_is_undertrained_never_auto_and_refused_until_res
     assert t.final_loss is not None and np.isfinite(t.final_loss)
     # auto never picks it, even where the measured default would be the student.
     monkeypatch.setattr(edge.scoring.student, "DEFAULT_SCORER", "student")
-    assert type(station_scorer(default_pack, state, None, kind="auto")) is Scorer
+    assert type(build_scorer(default_pack, state, None, kind="auto")) is Scorer
     with pytest.raises(StateError, match=r"student is undertrained: stopped by the 0.001 s time budget after 1 of "
                                          r"12 steps.*student\.ckpt.*--allow-undertrained"):
-        station_scorer(default_pack, state, None, kind="student")
-    allowed = station_scorer(default_pack, state, None, kind="student", allow_undertrained=True)
+        build_scorer(default_pack, state, None, kind="student")
+    allowed = build_scorer(default_pack, state, None, kind="student", allow_undertrained=True)
     assert isinstance(allowed, StudentScorer) and allowed.threshold == state.student.calibration.threshold
     # A station configured `scorer: student` refuses it at start, unless the config allows it by name.
     import yaml
@@ -207,8 +208,8 @@ def test_budget_stopped_student_is_undertrained_never_auto_and_refused_until_res
     state = load_state(state_dir, default_pack)
     t = state.student.training
     assert (t.status, t.stopped_by, t.steps_done, t.steps_planned) == ("complete", "completed", 12, 12)
-    assert isinstance(station_scorer(default_pack, state, None, kind="auto"), StudentScorer)
-    assert isinstance(station_scorer(default_pack, state, None, kind="student"), StudentScorer)
+    assert isinstance(build_scorer(default_pack, state, None, kind="auto"), StudentScorer)
+    assert isinstance(build_scorer(default_pack, state, None, kind="student"), StudentScorer)
 
 
 def test_states_without_the_training_record_are_judged_from_their_info(trained):
@@ -229,9 +230,9 @@ def test_states_without_the_training_record_are_judged_from_their_info(trained):
 def test_student_kind_without_a_student_is_refused(default_pack, tmp_path):
     state = enroll(default_pack, write_good_parts(tmp_path / "g", 3, seed=1), tmp_path / "s", quiet=True,
                    log=lambda m: None)
-    assert type(station_scorer(default_pack, state, None, kind="auto")) is Scorer
+    assert type(build_scorer(default_pack, state, None, kind="auto")) is Scorer
     with pytest.raises(StateError, match="holds no student"):
-        station_scorer(default_pack, state, None, kind="student")
+        build_scorer(default_pack, state, None, kind="student")
 
 
 def test_runtime_modules_never_import_torch():

@@ -9,8 +9,9 @@ from edge.line.config import ConfigError, parse_config
 from edge.errors import StateError
 from edge.scoring.roi import RoiError, RoiSpec, estimate_alignment, fixed_box, grey
 from edge.line.synthetic import HighResLine, apply_small_defect, render_part
-from edge.scoring.tiling import Layout, TiledScorer, TileGrid, TilingSpec, build_tiled_state, prepare, resolve_layout, \
-    station_scorer, to_frame_map
+from edge.scoring.factory import build_scorer
+from edge.scoring.tiling import Layout, TiledScorer, TileGrid, TilingSpec, prepare, resolve_layout, to_frame_map
+from edge.station.tiled_enrollment import build_tiled_state
 
 BASE = {"pack": "packs/default", "state": "state", "source": {"kind": "synthetic"}}
 SMALL_FRAME = (1024, 1224)  # (height, width): keeps the tests quick; the benchmark uses 2448x2048
@@ -115,13 +116,13 @@ def tiled_state(default_pack, small_frames):
 
 
 def test_small_defect_found_with_tiling_and_missed_without(default_pack, small_frames, tiled_state):
-    from edge.station.state import build_state
+    from edge.station.enrollment import build_state
 
     refs, good, defective, mask = small_frames
     assert 400 < mask.sum() < 560  # about 0.04 % of the frame
-    tiled = TiledScorer.from_state(default_pack, tiled_state)
+    tiled = build_scorer(default_pack, tiled_state, tiled_state.tiling_spec)
     whole_state = build_state(default_pack, refs, seed=0, quiet=True)
-    whole = station_scorer(default_pack, whole_state, None)
+    whole = build_scorer(default_pack, whole_state, None)
 
     r_good, r_bad = tiled.score([good, defective])
     assert r_bad.frame_size == SMALL_FRAME and r_bad.map_at_frame().shape == SMALL_FRAME
@@ -145,14 +146,14 @@ def test_tiled_state_round_trips_and_refuses_another_tiling(default_pack, tiled_
     assert loaded.layout.spec == tiled_state.layout.spec
     assert loaded.layout.roi_size == tiled_state.layout.roi_size
     np.testing.assert_array_equal(loaded.layout.reference, tiled_state.layout.reference)
-    a = station_scorer(default_pack, loaded, loaded.layout.spec).score_one(small_frames[2])
-    b = TiledScorer.from_state(default_pack, tiled_state).score_one(small_frames[2])
+    a = build_scorer(default_pack, loaded, loaded.layout.spec).score_one(small_frames[2])
+    b = build_scorer(default_pack, tiled_state, tiled_state.tiling_spec).score_one(small_frames[2])
     assert a.score == pytest.approx(b.score, rel=1e-5)
     other = TilingSpec(scale=3, roi=RoiSpec(kind="contour", align="ecc"), bank_patches=2048)
     with pytest.raises(StateError, match=r"enrolled with tiling scale 2.*asks for tiling scale 3.*enroll again"):
-        station_scorer(default_pack, loaded, other)
+        build_scorer(default_pack, loaded, other)
     with pytest.raises(StateError, match=r"asks for no tiling \(whole frames\)"):
-        station_scorer(default_pack, loaded, None)
+        build_scorer(default_pack, loaded, None)
 
 
 def test_per_tile_banks_are_saved_and_loaded(default_pack, small_frames, tmp_path):
@@ -166,7 +167,7 @@ def test_per_tile_banks_are_saved_and_loaded(default_pack, small_frames, tmp_pat
     assert [len(b) for b in loaded.banks] == [len(b) for b in state.banks]
     assert len(list((tmp_path / "state").glob("bank-*.npz"))) == len({b.features.tobytes() for b in state.banks})
     with pytest.raises(RoiError, match=r"roi\.rect \[100, 60, 600, 500\].*outside the 640x480 frame"):
-        TiledScorer.from_state(default_pack, loaded).score_one(np.zeros((480, 640, 3), np.uint8))
+        build_scorer(default_pack, loaded, loaded.tiling_spec).score_one(np.zeros((480, 640, 3), np.uint8))
 
 
 def test_runtime_builds_the_tiled_scorer_its_config_asks_for(default_pack_dir, tiled_state, tmp_path):

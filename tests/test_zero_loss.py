@@ -34,7 +34,7 @@ ROI = [16, 16, 224, 224]  # fits the 256 px synthetic parts, not a 160 px frame
 def tiled_state(default_pack, tmp_path_factory) -> Path:
     """A station state enrolled with tiling scale 1 and a fixed ROI rect (8 good synthetic parts)."""
     from edge.scoring.roi import RoiSpec
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
     from edge.line.synthetic import write_good_parts
     from edge.scoring.tiling import TilingSpec
 

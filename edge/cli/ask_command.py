@@ -21,11 +21,11 @@ def cmd_ask(args) -> int:
     from edge.inference.preprocess import read_image
     from edge.explain.questions import FIRST_QUESTION
     from edge.station.state import load_state
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.tiling_spec)
+    scorer = build_scorer(pack, state, state.tiling_spec)
     image = read_image(args.image)
     findings = describe(image, scorer.score_one(image), mm_per_pixel=args.mm_per_pixel).to_dict()
     part_id = args.part_id or f"{Path(args.image).stem}-{hashlib.sha256(image.tobytes()).hexdigest()[:12]}"

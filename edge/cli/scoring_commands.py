@@ -17,12 +17,12 @@ def cmd_score(args) -> int:
     from edge.pack import load_pack
     from edge.inference.preprocess import list_images, read_image
     from edge.station.state import load_state
-    from edge.scoring.tiling import station_scorer
+    from edge.scoring.factory import build_scorer
 
     pack = load_pack(args.pack)
     state = load_state(args.state, pack)
-    scorer = station_scorer(pack, state, state.tiling_spec, kind=args.scorer,
-                            allow_undertrained=args.allow_undertrained)
+    scorer = build_scorer(pack, state, state.tiling_spec, kind=args.scorer,
+                          allow_undertrained=args.allow_undertrained)
     paths = []
     for p in args.images:
         p = Path(p)

@@ -29,7 +29,7 @@ def cmd_enroll(args) -> int:
 
 
 def _enroll(pack, good, args) -> int:
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
                    log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),

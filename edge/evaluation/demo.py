@@ -15,8 +15,8 @@ import numpy as np
 
 from edge.scoring import visual
 from edge.pack import load_pack
-from edge.scoring.scorer import Scorer
-from edge.station.state import build_state
+from edge.scoring.factory import build_scorer
+from edge.station.enrollment import build_state
 from edge.line.synthetic import SyntheticLine
 
 
@@ -31,7 +31,7 @@ def run_demo(pack_dir: str | Path, out: str | Path, parts: int = 60, shots: int 
     c = state.calibration
     print(f"bank {len(state.bank)} patches, automatic threshold {c.threshold:.3f} "
           f"(held-out normal scores: median {c.median:.3f}, robust sd {c.spread:.3f}, max {c.max:.3f})")
-    scorer = Scorer.from_state(pack, state)  # the few-shot head or the bank, as enrolled
+    scorer = build_scorer(pack, state)  # the few-shot head or the bank, as enrolled
     scorer.score_one(line.good(1)[0])  # warm-up: first ONNX Runtime call allocates
     counts = {"parts": 0, "defective": 0, "detected": 0, "false_alarms": 0, "located": 0}
     latencies = []

@@ -23,9 +23,10 @@ from edge.errors import DatasetError, EdgeError, ImageError
 from edge.pack import Pack
 from edge.inference.preprocess import choose_shots, read_image, read_images
 from edge.scoring.scorer import FeatureExtractor, Scorer
-from edge.station.state import build_state
+from edge.station.enrollment import build_state
 from edge.scoring.student import StudentScorer, StudentTraining
-from edge.scoring.tiling import build_tiled_state, station_scorer
+from edge.scoring.factory import build_scorer
+from edge.station.tiled_enrollment import build_tiled_state
 
 PIXEL_STEP = 2  # pixel metrics on every 2nd row/column of the full-resolution maps
 BATCH = 8
@@ -61,7 +62,7 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
             calibration = state.calibration
             info = {"bank_patches": sum(len(b) for b in state.banks),
                     "tiling": state.layout.to_dict() if state.layout is not None else None}
-            scorer = station_scorer(pack, state, tiling, extractor=extractor)
+            scorer = build_scorer(pack, state, tiling, extractor=extractor)
         else:
             student = train_student(ref_images, Path(work))
             calibration, info = student.calibration, {"student": student.info,
@@ -103,7 +104,7 @@ def _evaluate_learn(pack, data, category, n_parts: int, defect_rate: float, seed
                           "good_set_aside": len(suspects - bad_names), "cutoff": round(result.cutoff, 4)}}
         log(f"learn mode: {len(suspects)} of {len(stream)} parts set aside ({len(suspects & bad_names)} of the "
             f"{n_bad} defective ones)")
-        scorer = station_scorer(pack, state, None, extractor=extractor)
+        scorer = build_scorer(pack, state, None, extractor=extractor)
         kept_images = [read_image(p) for p in result.kept]
         test = dataclasses.replace(category, test=[t for t in category.test if t not in mixed])
         return _score_test(pack, data, test, scorer, state.calibration, info, kept_images, seed, enroll_s, [],

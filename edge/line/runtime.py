@@ -38,10 +38,11 @@ from edge.station.line_learning import LineLearner
 from edge.line.notify import SystemdNotifier
 from edge.pack import load_pack
 from edge.scoring.scorer import FeatureExtractor
-from edge.scoring.tiling import station_scorer
+from edge.scoring.factory import build_scorer
 from edge.line.sources import Frame, ReconnectingSource, make_source
 from edge.station.station_lock import StationLock
-from edge.station.state import enroll, load_state
+from edge.station.enrollment import enroll
+from edge.station.state import load_state
 from edge.station.deploy import deploy_health, keep_deployed, run_deploy, run_rollback, start_models
 from edge.scoring.student import StudentScorer
 from edge.line.store import TraceStore, iso_time
@@ -890,11 +891,10 @@ class Runtime:
                              self.config.gpu.on_calibration_mismatch, self.config.tiling_spec())
 
     def _scorer_for(self, state):
-        # A bank scorer keeps the encoder session it has; a student runs its own fused graph.
-        extractor = None if self.scorer is None or isinstance(self.scorer, StudentScorer) else self.scorer.extractor
-        return station_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, extractor=extractor,
-                              kind=self.config.scorer, cpu_scoring=self.config.gpu.cpu_scoring,
-                              allow_undertrained=self.config.student_allow_undertrained)
+        # load_models' call; the new scorer keeps the encoder session of the one it replaces (not a student's).
+        return build_scorer(self.pack, state, self.config.tiling_spec(), backend=self.backend, kind=self.config.scorer,
+                            allow_undertrained=self.config.student_allow_undertrained,
+                            cpu_scoring=self.config.gpu.cpu_scoring, replacing=self.scorer)
 
     def reload(self) -> dict:
         """Re-read the config file (applying what can be applied live) and the station state."""
@@ -1013,8 +1013,8 @@ def load_models(config: StationConfig):
         return pack, backend, None, None
     state = follow_engine(pack, load_state(config.state, pack), FeatureExtractor(pack, backend),
                           config.gpu.on_calibration_mismatch, config.tiling_spec())
-    scorer = station_scorer(pack, state, config.tiling_spec(), backend=backend, kind=config.scorer,
-                            allow_undertrained=config.student_allow_undertrained, cpu_scoring=config.gpu.cpu_scoring)
+    scorer = build_scorer(pack, state, config.tiling_spec(), backend=backend, kind=config.scorer,
+                          allow_undertrained=config.student_allow_undertrained, cpu_scoring=config.gpu.cpu_scoring)
     return pack, backend, state, scorer
 
 

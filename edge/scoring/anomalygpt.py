@@ -16,6 +16,7 @@ reads them as raw input embeddings in AnomalyGPT's conversation (the pack's `llm
     <s>### Human: <Img>[image row]</Img> [18 prompt rows]{question}\\n### Assistant:
 
 The explanation worker lays that out; it takes `Projector.embeddings(result)` as `embeddings=`.
+The scorer of kind `anomalygpt` registers itself with edge.scoring.registry (built by edge.scoring.factory).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from edge.scoring.decide import Result
 from edge.errors import PackError
 from edge.pack import Pack
 from edge.inference.preprocess import check_frame, to_batch
+from edge.scoring.registry import ScorerRequest, register_scorer
 from edge.scoring.scorer import FeatureExtractor, Scorer
 
 VISION_MAPS = "anomaly_maps"
@@ -105,15 +107,10 @@ class AnomalyGptScorer(Scorer):
     `class_name` and the image embedding with each result, for the LLM."""
 
     def __init__(self, pack: Pack, bank, threshold: float, extractor: AnomalyGptExtractor | None = None,
-                 class_name: str | None = None):
+                 class_name: str | None = None, calibration=None):
         self.class_index = class_index(pack, class_name)
         self.class_name = pack.scorer.zero_shot.classes[self.class_index]
-        super().__init__(pack, bank, threshold, extractor or AnomalyGptExtractor(pack))
-
-    @classmethod
-    def from_state(cls, pack: Pack, state, backend: Backend | None = None,
-                   class_name: str | None = None) -> "AnomalyGptScorer":
-        return cls(pack, state.bank, state.calibration.threshold, AnomalyGptExtractor(pack, backend), class_name)
+        super().__init__(pack, bank, threshold, extractor or AnomalyGptExtractor(pack), calibration=calibration)
 
     def score(self, frames: Sequence[np.ndarray]) -> list[AnomalyGptResult]:
         t0 = time.perf_counter()
@@ -129,6 +126,17 @@ class AnomalyGptScorer(Scorer):
                                              zero_shot_map=out.zero_shot_maps[i, self.class_index],
                                              image_embedding=out.image_embeddings[i]))
         return results
+
+
+@register_scorer("anomalygpt")
+def build_anomalygpt_scorer(request: ScorerRequest) -> AnomalyGptScorer:
+    """The scorer of an AnomalyGPT pack's station: the state's bank and calibration, all three vision
+    outputs from one run (a reused encoder session is wrapped to give them)."""
+    extractor, state = request.extractor, request.state
+    if not isinstance(extractor, AnomalyGptExtractor):
+        extractor = AnomalyGptExtractor(request.pack, extractor.backend if extractor is not None else request.backend)
+    return AnomalyGptScorer(request.pack, state.bank, state.calibration.threshold, extractor,
+                            calibration=state.calibration)
 
 
 class Projector:

@@ -1,7 +1,9 @@
 """The score stage: frames -> encoder features -> nearest-neighbour distances -> smoothed anomaly maps.
 
 `FeatureExtractor` runs the pack's encoder in batches; `Scorer` adds the memory bank and the
-calibrated threshold and hands each map to the decide stage (`edge.scoring.decide`).
+calibrated threshold and hands each map to the decide stage (`edge.scoring.decide`). Which scorer a
+station scores with is chosen by edge.scoring.factory alone (the bank scorer's builder, with its
+station-graph form, registers in edge.scoring.station_graph); this module must not import its subclasses.
 """
 from __future__ import annotations
 
@@ -116,18 +118,6 @@ class Scorer:
         self.extractor = extractor or FeatureExtractor(pack)
         self.head = head
         self.calibration = calibration
-
-    @classmethod
-    def from_state(cls, pack: Pack, state, backend: Backend | None = None) -> "Scorer":
-        """The bank scorer of a station state (edge.scoring.tiling.station_scorer picks among all scorers)."""
-        if cls is Scorer and pack.scorer.kind == "anomalygpt":
-            from edge.scoring.anomalygpt import AnomalyGptScorer
-
-            return AnomalyGptScorer.from_state(pack, state, backend)
-        from edge.inference.cuda import gpu_bank  # the bank on the GPU's nn_min kernel where CUDA is usable
-
-        return cls(pack, gpu_bank(state.bank), state.calibration.threshold, FeatureExtractor(pack, backend),
-                   head=state.head, calibration=state.calibration)
 
     def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
         """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""

@@ -15,7 +15,8 @@ kernel OpenCV picks for the sigma, BORDER_REFLECT_101), so the graph equals the 
 (edge.scoring.scorer) to float32 rounding. Covers the memory-bank scorer without a few-shot head (l2 metric,
 one bank group, linear upsampling); `supports` says why not otherwise.
 
-`StationGraphScorer` runs it with ONNX Runtime and decides as `Scorer` does.
+`StationGraphScorer` runs it with ONNX Runtime and decides as `Scorer` does. The builder of the
+`memory_bank` scorer kind registers here (edge.scoring.registry), as it chooses between the two forms.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from edge.scoring.decide import Result, decide
 from edge.errors import EdgeError
 from edge.pack import Pack
 from edge.inference.preprocess import check_frame
+from edge.scoring.registry import ScorerRequest, register_scorer
 from edge.scoring.scorer import FeatureExtractor, Scorer
 
 INPUTS = ("frames", "bank", "bank_sq", "proj_mean", "proj_components")
@@ -260,3 +262,20 @@ class StationGraphScorer(Scorer):
             p_value = self.calibration.p_value(float(s)) if self.calibration is not None else None
             out.append(decide(m, float(s), self.threshold, f.shape[:2], per_frame_ms, p_value=p_value))
         return out
+
+
+@register_scorer("memory_bank")
+def build_bank_scorer(request: ScorerRequest) -> Scorer:
+    """The bank scorer of a station state: with `cpu_scoring` station_graph and an encoder on ONNX
+    Runtime's CPU, the one station graph where it covers the state; else `Scorer` (the few-shot head
+    where the state has one), with the bank on the GPU's nn_min kernel where CUDA is usable."""
+    from edge.inference.cuda import gpu_bank
+
+    pack, state = request.pack, request.state
+    extractor = request.extractor or FeatureExtractor(pack, request.backend)
+    if request.cpu_scoring == "station_graph" and supports(pack, state.bank, state.head) is None \
+            and on_cpu(extractor.backend):
+        return StationGraphScorer(pack, state.bank, state.calibration.threshold, extractor,
+                                  calibration=state.calibration)
+    return Scorer(pack, gpu_bank(state.bank), state.calibration.threshold, extractor, head=state.head,
+                  calibration=state.calibration)

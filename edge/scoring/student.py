@@ -11,7 +11,8 @@ A student whose training did not run to the end of its schedule (stopped by the 
 refuses it unless told `allow_undertrained` (`score --allow-undertrained`, station config
 `student_allow_undertrained: true`). A state written before the training record existed is judged
 from its `info` (completed when it says it ran all its planned steps without the budget stopping it;
-"unknown", treated like undertrained, when it cannot tell).
+"unknown", treated like undertrained, when it cannot tell). `chosen_student` makes that choice for
+edge.scoring.factory; the scorer of kind `student` registers itself with edge.scoring.registry.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from edge.inference.backend import OnnxRuntimeBackend
 from edge.scoring.calibration import Calibration
 from edge.errors import StateError
 from edge.pack import Pack, sha256_file
+from edge.scoring.registry import ScorerRequest, register_scorer
 from edge.scoring.scorer import FeatureExtractor, Scorer, grid_maps
 
 log = logging.getLogger(__name__)
@@ -205,8 +207,8 @@ class StudentScorer(Scorer):
         return grid_maps(features[..., 0], self.pack)
 
 
-def student_scorer(pack: Pack, state, kind: str, allow_undertrained: bool = False) -> StudentScorer | None:
-    """The student scorer of a station state for `kind` student or auto; None where the bank scores
+def chosen_student(state, kind: str, allow_undertrained: bool = False) -> StudentSpec | None:
+    """The student a station state scores with for `kind` student or auto; None where the bank scores
     (auto on a state without a student, with DEFAULT_SCORER bank, or whose student did not complete
     its training). `kind` student refuses a student that did not complete unless `allow_undertrained`."""
     if kind not in (*SCORERS, "auto"):
@@ -230,4 +232,11 @@ def student_scorer(pack: Pack, state, kind: str, allow_undertrained: bool = Fals
                 "(station config)")
         log.warning("%s: scoring with a student whose training is %s (allowed): %s", state.root, training.status,
                     training.describe())
-    return StudentScorer.from_spec(pack, state.root, student)
+    return student
+
+
+@register_scorer("student", checks_engine=False)  # its own graph on ONNX Runtime's CPU, calibrated there
+def build_student_scorer(request: ScorerRequest) -> StudentScorer:
+    """The state's student (edge.scoring.factory picks this kind where `chosen_student` names one)."""
+    state = request.state
+    return StudentScorer.from_spec(request.pack, state.root, state.student)

@@ -4,7 +4,9 @@ encoder batch -> per-tile anomaly maps -> blended back into one map in ROI, then
 A frame is first shrunk by `scale` (frame pixels per tile pixel); everything after that works at
 tile resolution, so a 2448x2048 frame at scale 3 is an 816x683 image cut into 224 px tiles.
 `TiledScorer` has `Scorer`'s interface (`score`, `score_one`, `threshold`, `decide`); its maps are
-frame maps at tile resolution (`Result.map_at_frame()` brings them to frame size).
+frame maps at tile resolution (`Result.map_at_frame()` brings them to frame size); the scorer kind
+`tiled` registers itself with edge.scoring.registry. Enrolling tiles (banks and threshold from the
+references' tiles) is the station's: edge.station.tiled_enrollment. This module must not import edge.station.
 """
 from __future__ import annotations
 
@@ -18,9 +20,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from edge.inference.backend import Backend
 from edge.scoring.bank import MemoryBank
-from edge.scoring.calibration import calibrate
 from edge.scoring.decide import Result, decide, image_score
 from edge.scoring.frozen_spec import FrozenSpec
 from edge.errors import StateError
@@ -28,6 +28,7 @@ from edge.pack import Pack
 from edge.inference.preprocess import check_frame
 from edge.scoring.roi import RoiError, RoiSpec, compose, estimate_alignment, fixed_box, grey, largest_contour_box, place, \
     polygon_mask
+from edge.scoring.registry import ScorerRequest, register_scorer
 from edge.scoring.scorer import FeatureExtractor, pack_maps
 
 
@@ -202,17 +203,6 @@ class TiledScorer:
         self.extractor = extractor or FeatureExtractor(pack)
         self._masks: dict = {}
 
-    @classmethod
-    def from_state(cls, pack: Pack, state, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None) -> "TiledScorer":
-        if state.layout is None:
-            raise StateError("station state was enrolled without tiling; enroll with --tile-scale or a tiling: "
-                             "section to score tiled")
-        from edge.inference.cuda import gpu_bank  # each bank on the GPU's nn_min kernel where CUDA is usable
-
-        return cls(pack, [gpu_bank(b) for b in state.banks], state.calibration.threshold, state.layout,
-                   extractor or FeatureExtractor(pack, backend), calibration=state.calibration)
-
     def roi_mask(self, frame_size: tuple[int, int]) -> np.ndarray | None:
         if frame_size not in self._masks:
             spec = self.layout.spec
@@ -259,135 +249,15 @@ class TiledScorer:
         return self.score([frame])[0]
 
 
-def tiled_features(pack: Pack, layout: Layout, images: Sequence[np.ndarray], extractor: FeatureExtractor,
-                   progress=None) -> np.ndarray:
-    """N x T x h x w x C tile features of reference frames, tiled exactly as scoring tiles them."""
-    scorer = TiledScorer(pack, [], 0.0, layout, extractor)
-    out = None
-    for i, img in enumerate(images):
-        feats = scorer.features([prepare(layout, check_frame(img))[0]])
-        if out is None:
-            out = np.empty((len(images), *feats.shape[1:]), np.float32)
-        out[i] = feats[0]
-        if progress:
-            progress(1)
-    return out
+@register_scorer("tiled")
+def build_tiled_scorer(request: ScorerRequest) -> TiledScorer:
+    """The tiled scorer of a state enrolled with tiling (edge.scoring.factory picks this kind where the
+    station tiles): its bank(s), each on the GPU's nn_min kernel where CUDA is usable."""
+    from edge.inference.cuda import gpu_bank
 
-
-def build_tiled_banks(pack: Pack, features: np.ndarray, spec: TilingSpec, seed: int, quiet: bool = True,
-                      images: np.ndarray | None = None) -> list[MemoryBank]:
-    """One bank over all tiles (shared) or one per tile position, from N x T x h x w x C features
-    (`images`: boolean mask over N of the references to use)."""
-    from edge.station.state import build_bank
-
-    scorer = pack.scorer if spec.bank_patches is None else pack.scorer.model_copy(
-        update={"max_bank_patches": spec.bank_patches})
-    n, t = features.shape[:2]
-    if spec.bank == "shared":
-        mask = None if images is None else np.repeat(images, t)
-        return [build_bank(features.reshape(n * t, *features.shape[2:]), scorer, seed, quiet=quiet, images=mask)]
-    return [build_bank(features[:, i], scorer, seed + i, quiet=quiet, images=images) for i in range(t)]
-
-
-def tiled_holdout_scores(pack: Pack, layout: Layout, features: np.ndarray, seed: int, quiet: bool = True,
-                         roi_mask: np.ndarray | None = None) -> np.ndarray:
-    """ROI scores of each reference against banks built without it (k-fold, as `holdout_scores`)."""
-    from edge.station.state import MAX_CALIBRATION_IMAGES
-
-    n = len(features)
-    if n < 2:
-        raise StateError("tiled calibration needs at least two reference images")
-    grid = layout.grid(pack)
-    order = np.random.default_rng(seed).permutation(n)
-    n_folds = min(5, n)
-    per_fold = max(1, MAX_CALIBRATION_IMAGES // n_folds)
-    scores = []
-    for f in range(n_folds):
-        held = np.sort(order[f::n_folds][:per_fold])
-        rest = np.ones(n, bool)
-        rest[order[f::n_folds]] = False
-        banks = build_tiled_banks(pack, features, layout.spec, seed + 1 + f, quiet, images=rest)
-        maps = tile_maps(pack, banks, features[held])
-        t = len(grid)
-        for i in range(len(held)):
-            m = grid.blend(maps[i * t:(i + 1) * t])
-            scores.append(roi_score(m if roi_mask is None else m * roi_mask, pack, grid, roi_mask))
-    return np.asarray(scores)
-
-
-def build_tiled_state(pack: Pack, images: list[np.ndarray], spec: TilingSpec,
-                      extractor: FeatureExtractor | None = None, seed: int = 0, references: list[str] | None = None,
-                      quiet: bool = False):
-    """Station state for tiled scoring: bank(s) and threshold from the references' tiles."""
-    from edge.station.state import StationState, _progress
-
-    if len(images) < 2:
-        raise StateError(f"tiled enrollment needs at least two good reference images, got {len(images)}")
-    extractor = extractor or FeatureExtractor(pack)
-    layout = resolve_layout(spec, check_frame(images[0]))
-    with _progress("extracting tile features", len(images), quiet, unit="img") as bar:
-        feats = tiled_features(pack, layout, images, extractor, progress=bar.update)
-    roi_mask = TiledScorer(pack, [], 0.0, layout, extractor).roi_mask(images[0].shape[:2])
-    calibration = calibrate(tiled_holdout_scores(pack, layout, feats, seed, quiet, roi_mask))
-    banks = build_tiled_banks(pack, feats, spec, seed, quiet)
-    return StationState(
-        pack_model_id=pack.model_id, pack_encoder_sha256=pack.encoder_sha256, bank=banks[0],
-        calibration=calibration, references=list(references or []), tile_banks=banks[1:], layout=layout,
-        info={"shots": len(images), "augmented_views": 0, "seed": seed, "bank_patches": sum(len(b) for b in banks),
-              "candidate_patches": int(np.prod(feats.shape[:4])), "tiles": len(layout.grid(pack))},
-    )
-
-
-def station_scorer(pack: Pack, state, spec: TilingSpec | None, backend: Backend | None = None,
-                   extractor: FeatureExtractor | None = None, kind: str = "bank", allow_undertrained: bool = False,
-                   cpu_scoring: str = "numpy"):
-    """The scorer a station's configuration asks for: `Scorer`, `TiledScorer` when it tiles, or the
-    learned `StudentScorer` (`kind` student, or auto as edge.scoring.student decides: never a student that did
-    not complete its training; `kind` student refuses one unless `allow_undertrained`). Refuses a tiling
-    other than the one the state was enrolled with (its bank would not match the tiles). `extractor`: an
-    encoder session to reuse (a bank scorer's, never a student's: that one runs the fused graph).
-    `cpu_scoring` station_graph: a bank scorer whose encoder runs on ONNX Runtime's CPU scores with
-    the one station graph (edge.scoring.station_graph) where it covers the state. A state calibrated with other
-    numerics than the backend's is refused (edge.station.engine_calibration)."""
-    from edge.station import engine_calibration
-    from edge.scoring.scorer import Scorer
-    from edge.scoring.student import student_scorer
-
-    enrolled = state.tiling_spec
-    if enrolled != spec:
-        raise StateError(f"station state was enrolled with {_tiling_words(enrolled)} but the configuration asks for "
-                         f"{_tiling_words(spec)}: enroll again with the configured tiling")
-    if spec is not None:
-        if kind == "student":
-            raise StateError("scorer student scores whole frames: use scorer bank (or auto) with tiling")
-        scorer = TiledScorer.from_state(pack, state, backend, extractor)
-    else:
-        if kind != "bank":
-            student = student_scorer(pack, state, kind, allow_undertrained)
-            if student is not None:
-                return student  # its own graph on ONNX Runtime's CPU, calibrated there
-        from edge.scoring.station_graph import StationGraphScorer, on_cpu, supports
-
-        scorer = None
-        if cpu_scoring == "station_graph" and supports(pack, state.bank, state.head) is None:
-            graph_extractor = extractor or FeatureExtractor(pack, backend)
-            if on_cpu(graph_extractor.backend):
-                scorer = StationGraphScorer(pack, state.bank, state.calibration.threshold, graph_extractor,
-                                            calibration=state.calibration)
-            else:  # a GPU backend: the bank path, with the bank on the GPU where CUDA is usable
-                backend = graph_extractor.backend
-        if scorer is None and extractor is not None:
-            scorer = Scorer(pack, state.bank, state.calibration.threshold, extractor, head=state.head,
-                            calibration=state.calibration)
-        elif scorer is None:
-            scorer = Scorer.from_state(pack, state, backend)
-    engine_calibration.check(state, scorer.extractor.backend)  # the threshold holds for its numerics only
-    return scorer
-
-
-def _tiling_words(spec: TilingSpec | None) -> str:
-    if spec is None:
-        return "no tiling (whole frames)"
-    return (f"tiling scale {spec.scale:g}, overlap {spec.overlap:g}, {spec.bank} bank"
-            f"{'' if spec.bank_patches is None else f' of {spec.bank_patches}'}, roi {spec.roi.kind}"
-            f"{f' {list(spec.roi.rect)}' if spec.roi.rect else ''}, align {spec.roi.align}")
+    pack, state = request.pack, request.state
+    if state.layout is None:
+        raise StateError("station state was enrolled without tiling; enroll with --tile-scale or a tiling: "
+                         "section to score tiled")
+    return TiledScorer(pack, [gpu_bank(b) for b in state.banks], state.calibration.threshold, state.layout,
+                       request.extractor or FeatureExtractor(pack, request.backend), calibration=state.calibration)

@@ -7,7 +7,7 @@ every patch of part i is matched with its nearest patch in each other part j, an
 quantile of those N-1 distances, not the minimum, so a defect that a few other parts share (the same
 scratch on two parts) still stands out, while normal texture finds close matches in most parts. Parts
 whose score is a robust outlier (median + z * MAD-sigma of all parts' scores) are set aside as suspect;
-the rest are enrolled as good references (`edge.station.state.enroll`: bank and automatic threshold from their
+the rest are enrolled as good references (`edge.station.enrollment.enroll`: bank and automatic threshold from their
 own held-out scores). What was set aside is reported with its scores, so a person can look at it.
 
     result = learn(pack, paths, "station/state")
@@ -88,7 +88,7 @@ def suspect_cutoff(scores: np.ndarray, z: float = SUSPECT_Z) -> float:
 def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: float = SUSPECT_Z,
           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
     """Enroll the unlabeled `parts` into the state folder `out`, setting suspects aside."""
-    from edge.station.state import enroll
+    from edge.station.enrollment import enroll
 
     out = Path(out)
     if (out / "state.yaml").is_file():

@@ -1,0 +1,192 @@
+"""Few-shot enrollment: up to FEW_SHOT_MAX_SHOTS references enroll with the subspace head of
+edge.scoring.fewshot (saved as `head-<sha>.npz`), augmented views of every shot, and a threshold from
+held-out views (quadrants of a single shot, or leave-one-shot-out): capped below synthetic-defect scores
+from 2 up to FEW_SHOT_MAX_VIEWED_SHOTS shots; at 1 shot the largest held-out quadrant score. Called by edge.station.enrollment; owns the head's fitting and the
+few-shot threshold, not the state's files.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edge.pack import Pack
+from edge.scoring.bank import MemoryBank
+from edge.scoring.calibration import TARGET_FALSE_REJECT, calibrate_few_shot
+from edge.scoring.decide import image_score
+from edge.scoring.fewshot import (PADDING_RING, FewShotHead, SubspaceHead, border_offsets, few_shot_views,
+                                  jittered_views, synthetic_defects)
+from edge.scoring.scorer import FeatureExtractor, grid_maps
+from edge.station.reference_banks import build_bank, progress_bar, sampled_bank
+from edge.station.state import StationState
+
+# Up to this many references, enrollment scores with the subspace head and the held-out +
+# synthetic-defect threshold; above it, with the nearest-neighbour bank and its k-fold hold-out. On
+# magnetic_tile the head measured better than the bank up to 64 references and level at 128; the
+# bank wins at 256 and at all 752 (docs/evaluation.md, "Few shots").
+FEW_SHOT_MAX_SHOTS = 64
+# Augmented views of every shot up to this many shots: they lift image AUROC at 1-16 shots and cost
+# it at 48 (more real parts show more than turned copies of them).
+FEW_SHOT_MAX_VIEWED_SHOTS = 16
+FEW_SHOT_VIEWS = "rot8+shift"
+FEW_SHOT_MAX_FOLDS = 16  # above this many shots the held-out scores come from folds of shots, not one each
+FEW_SHOT_HEAD = "subspace"
+# Several shots: the subspace head takes the encoder's zero-padding offsets off the grid's outer ring
+# (BORDER_OFFSETS) and divides the ring's scores by their typical level on the references (BORDER_SCALES).
+# Off: on magnetic_tile, whose defects often sit on the frame's edge, they cost image and pixel AUROC
+# (docs/evaluation.md, "Regions on the frame border"), though on the synthetic line they end border boxes.
+BORDER_SCALES = False
+BORDER_OFFSETS = False
+SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
+QUADRANTS = 4  # a single shot is held out by quadrants (few_shot_quadrant_scores)
+
+
+def enrolls_few_shot(pack: Pack, n_references: int) -> bool:
+    """Whether `n_references` enroll with the few-shot head (else the bank). AnomalyGPT packs score their
+    few-shot branch with the bank itself: they keep the bank path."""
+    return n_references <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
+
+
+def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int, border: bool = False) -> FewShotHead:
+    """The few-shot head fitted to N x h x w x C (or rows x C) reference features; `border` (N x h x w x C
+    of several shots only): the padding ring's offsets are taken off first (edge.scoring.fewshot.border_offsets)."""
+    # (the subspace head only: the nn+subspace head's bank holds the features as they come)
+    offsets = border_offsets(feats) if border and kind == "subspace" and feats.ndim == 4 else None
+    if offsets is not None:
+        feats = feats - offsets
+    rows = feats.reshape(-1, feats.shape[-1])
+    subspace = SubspaceHead.fit(rows, seed=seed)
+    sample = rows[:: max(1, len(rows) // 20000)]
+    scale = float(np.median(subspace.residual(sample))) or 1.0
+    nn_scale = _nn_scale(feats, pack, seed) if kind == "nn+subspace" else None
+    head = FewShotHead(kind, views, subspace, scale, nn_scale, offsets)
+    if offsets is not None and BORDER_SCALES:
+        head.border_scales = _border_scales(head.flat_scores(rows).reshape(feats.shape[:3]))
+    return head
+
+
+def _border_scales(scores: np.ndarray, ring: int = PADDING_RING) -> np.ndarray:
+    """h x w: each ring position's median reference score over the interior's median; 1 inside."""
+    n, h, w = scores.shape
+    inner = float(np.median(scores[:, ring:h - ring, ring:w - ring])) or 1.0
+    scales = np.maximum(np.median(scores, axis=0) / inner, 1.0).astype(np.float32)
+    scales[ring:h - ring, ring:w - ring] = 1.0
+    return scales
+
+
+def _head_bank(head: FewShotHead, feats: np.ndarray, pack: Pack, seed: int) -> MemoryBank | None:
+    """The bank a head searches (None for the subspace head alone, which does not search)."""
+    return build_bank(feats, pack.scorer, seed, quiet=True) if head.kind != "subspace" else None
+
+
+def _nn_scale(feats: np.ndarray, pack: Pack, seed: int) -> float:
+    """Median nearest distance of half of the references' patches to a bank of the other half (halves:
+    the first and second half of the views, or the top and bottom of a single view)."""
+    if len(feats) >= 2:
+        a, b = feats[: len(feats) // 2], feats[len(feats) // 2:]
+    else:
+        a, b = feats[:, : feats.shape[1] // 2], feats[:, feats.shape[1] // 2:]
+    bank = build_bank(a, pack.scorer, seed, quiet=True)
+    return float(np.median(np.sqrt(bank.nearest_sqdist(b.reshape(-1, b.shape[-1]))))) or 1.0
+
+
+def head_image_scores(head: FewShotHead, bank: MemoryBank, feats: np.ndarray, pack: Pack) -> np.ndarray:
+    maps = grid_maps(head.patch_scores(feats, bank), pack)
+    return np.array([image_score(m, pack.scorer.top_fraction) for m in maps])
+
+
+def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.ndarray, frame_shape: tuple[int, int],
+                             seed: int, jitter_features: np.ndarray | None = None) -> np.ndarray:
+    """One shot's held-out scores: every view's patches from one quadrant of the part scored by a head
+    fitted to all views' patches from the other three (as `single_reference_scores` does for the bank).
+    `jitter_features` (untransformed geometry, re-lit / blurred / noisy copies of the shot) are scored
+    the same way, against the enrolled views only: they stand in for the part-to-part variation one
+    shot cannot show."""
+    h, w = frame_shape
+    labels = np.zeros((h, w), np.uint8)
+    labels[: h // 2, w // 2:] = 1
+    labels[h // 2:, : w // 2] = 2
+    labels[h // 2:, w // 2:] = 3
+    gh, gw = view_features.shape[1:3]
+    grids = np.stack([cv2.resize(v, (gw, gh), interpolation=cv2.INTER_NEAREST)
+                      for v in few_shot_views(labels, head.views, labels=True)])
+    fitted_on = len(view_features)
+    if jitter_features is not None:
+        grids = np.concatenate([grids, np.repeat(grids[:1], len(jitter_features), axis=0)])
+        view_features = np.concatenate([view_features, jitter_features])
+    scores = []
+    for region in range(QUADRANTS):
+        others = view_features[:fitted_on][grids[:fitted_on] != region]
+        part_head = fit_head(head.kind, head.views, others, pack, seed + region)
+        part_bank = _head_bank(part_head, others, pack, seed + region)
+        for v in range(len(view_features)):
+            own = grids[v] == region
+            if not own.any():
+                continue
+            patch = np.empty((gh, gw), np.float32)
+            patch[own] = part_head.flat_scores(view_features[v][own], part_bank)
+            patch[~own] = np.median(patch[own])  # only the held-out quadrant is scored
+            scores.append(image_score(grid_maps(patch[None], pack)[0], pack.scorer.top_fraction))
+    return np.asarray(scores)
+
+
+def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarray], seed: int,
+                         max_folds: int = FEW_SHOT_MAX_FOLDS) -> np.ndarray:
+    """Held-out scores of the shots: each shot's views scored by a head (and bank) fitted to the views of
+    the shots outside its fold. Up to `max_folds` shots that is leave-one-shot-out; above, the shots are
+    dealt into `max_folds` folds (shot i into fold i mod max_folds)."""
+    n_folds = min(len(per_shot), max_folds)
+    scores = []
+    for f in range(n_folds):
+        held = [i for i in range(len(per_shot)) if i % n_folds == f]
+        others = np.concatenate([x for i, x in enumerate(per_shot) if i % n_folds != f])
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f, border=BORDER_OFFSETS)
+        part_bank = _head_bank(part_head, others, pack, seed + 1 + f)
+        scores.append(head_image_scores(part_head, part_bank, np.concatenate([per_shot[i] for i in held]), pack))
+    return np.concatenate(scores)
+
+
+def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int = 0,
+                         references: list[str] | None = None, quiet: bool = False,
+                         target_false_reject: float = TARGET_FALSE_REJECT, views: str | None = None,
+                         kind: str = FEW_SHOT_HEAD) -> StationState:
+    """Few-shot enrollment: every shot's augmented views in the bank and the subspace head, the threshold
+    from held-out views (quadrants of a single shot, or leave-one-shot-out) and synthetic defects."""
+    if views is None:
+        views = FEW_SHOT_VIEWS if len(images) <= FEW_SHOT_MAX_VIEWED_SHOTS else "none"
+    per_shot = []
+    with progress_bar("extracting features of augmented views", len(images), quiet, unit="shot") as bar:
+        for img in images:
+            per_shot.append(extractor.patch_features_batched(few_shot_views(img, views)))
+            bar.update(1)
+    feats = np.concatenate(per_shot)
+    head = fit_head(kind, views, feats, pack, seed, border=BORDER_OFFSETS and len(images) > 1)
+    if kind == "subspace":
+        # The subspace head scores without the bank; it is kept (a random sample, not a coreset, in the
+        # head's own principal axes: no second decomposition) so the state stays a valid bank state.
+        bank = sampled_bank(feats, pack.scorer, seed, head.subspace)
+    else:
+        bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
+    if len(images) == 1:
+        jitter = extractor.patch_features_batched(jittered_views(images[0], seed))
+        normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter)
+        source = "quadrants+jitter"
+    else:
+        normal = few_shot_loso_scores(pack, head, per_shot, seed)
+        source = "loso" if len(images) <= FEW_SHOT_MAX_FOLDS else f"{FEW_SHOT_MAX_FOLDS}-fold"
+    per_image = -(-SYNTHETIC_DEFECTS // len(images))
+    defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
+    synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)
+    # The cap corrects the held-out estimate of few viewed shots, which overstates; folds of many plain
+    # shots need none. One shot's quadrants understate instead (parts of one part vary less than parts
+    # do): four held-out units, whose largest score is the good side, uncapped.
+    single = len(images) == 1
+    calibration = calibrate_few_shot(normal, synthetic, source, target_false_reject=target_false_reject,
+                                     cap=views != "none" and not single,
+                                     held_out_units=QUADRANTS if single else None)
+    return StationState(
+        pack_model_id=pack.model_id, pack_encoder_sha256=pack.encoder_sha256, bank=bank, calibration=calibration,
+        references=list(references or []), head=head,
+        info={"shots": len(images), "augmented_views": len(feats), "seed": seed, "bank_patches": len(bank),
+              "candidate_patches": int(np.prod(feats.shape[:3])), "head": kind, "views": views,
+              "subspace_dims": head.subspace.dims, "synthetic_defects": len(defects)},
+    )
