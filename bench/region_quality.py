@@ -25,8 +25,9 @@ from edge.inference.preprocess import choose_shots, read_image
 from edge.line.synthetic import SyntheticLine
 from edge.pack import load_pack
 from edge.scoring.decide import decide, find_regions
-from edge.scoring.tiling import station_scorer
-from edge.station.state import build_state, load_state
+from edge.scoring.factory import build_scorer
+from edge.station.enrollment import build_state
+from edge.station.state import load_state
 
 
 def threshold_components(anomaly_map, score, threshold, frame_size):
@@ -130,14 +131,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pack = load_pack(args.pack)
     if args.state:
-        scorer = station_scorer(pack, load_state(args.state, pack), None)
+        scorer = build_scorer(pack, load_state(args.state, pack), None)
         parts = list(SyntheticLine(seed=0, defect_rate=0.2).parts(args.line))
         print(table(f"synthetic line (threshold {scorer.threshold:.4f})",
                     scored(scorer, [p.image for p in parts], [p.mask for p in parts])))
     if args.data:
         category = open_dataset(args.data)
         train = choose_shots(category.train_good, args.shots, 0)  # the shots of `anomaly-edge eval --seed 0`
-        scorer = station_scorer(pack, build_state(pack, [read_image(p) for p in train], seed=0, quiet=True), None)
+        scorer = build_scorer(pack, build_state(pack, [read_image(p) for p in train], seed=0, quiet=True), None)
         samples = category.test[::args.every]
         images = [read_image(s.path) for s in samples]
         truths = [read_mask(s, im.shape[:2]) for s, im in zip(samples, images)]

@@ -4,12 +4,12 @@ import numpy as np
 
 from edge.line.synthetic import SyntheticLine
 from edge.scoring.decide import find_regions
-from edge.scoring.tiling import station_scorer
+from edge.scoring.factory import build_scorer
 from edge.station.state import load_state
 
 
 def test_regions_of_flagged_synthetic_parts_lie_on_their_defect(default_pack, enrolled_state):
-    scorer = station_scorer(default_pack, load_state(enrolled_state, default_pack), None)
+    scorer = build_scorer(default_pack, load_state(enrolled_state, default_pack), None)
     parts = [p for p in SyntheticLine(seed=0, defect_rate=0.2).parts(100) if p.defect is not None]
     side_ratios, old_ratios, checked = [], [], 0
     for part, r in zip(parts, scorer.score([p.image for p in parts])):
