@@ -105,9 +105,12 @@ class ZeroShotSpec(_Strict):
 
 
 class ScorerSpec(_Strict):
-    # memory_bank: nearest-neighbour distances to enrolled patches. anomalygpt: the same bank search
-    # per encoder layer (few-shot branch), plus the zero-shot maps of `zero_shot`.
-    kind: Literal["memory_bank", "anomalygpt"] = "memory_bank"
+    # Which scorer scores with this pack. memory_bank: nearest-neighbour distances to enrolled patches.
+    # anomalygpt: the same bank search per encoder layer (few-shot branch), plus the zero-shot maps of
+    # `zero_shot`. Any other registered kind (edge.scoring.registry) may be named: the pack contract
+    # checks the name's form, and building the scorer (`run --check`, start) refuses a kind nothing
+    # registered, naming the known ones.
+    kind: str = Field(default="memory_bank", pattern=r"^[a-z][a-z0-9_]{0,63}$")
     # l2: patch score = L2 distance. cosine: features are unit vectors (per bank group) and the patch
     # score is 1 - cosine similarity = squared distance / 2.
     metric: Literal["l2", "cosine"] = "l2"

@@ -2,13 +2,15 @@
 the pack's scorer kind picks the builder, an unknown kind names itself and the known ones, and every
 path (start, reload, a reused encoder session) gets the same scorer for the same station."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.bench_deploy import encoder_only_copy
 from edge.errors import PackError, StateError
 from edge.line.synthetic import SyntheticLine
-from edge.pack import Pack
+from edge.pack import Pack, load_pack
 from edge.scoring.decide import image_score
 from edge.scoring.factory import build_scorer
 from edge.scoring.registry import SCORER_KINDS, ScorerRequest, register_scorer
@@ -80,3 +82,28 @@ def test_reload_gets_the_start_scorer_with_the_encoder_session_it_replaces(defau
     reloaded = build_scorer(default_pack, state, None, kind="auto", cpu_scoring="numpy", replacing=start)
     assert type(reloaded) is type(start) is Scorer and reloaded.extractor is start.extractor
     assert type(reloaded.bank) is type(start.bank) and reloaded.threshold == start.threshold
+
+
+def test_a_pack_yaml_naming_a_registered_kind_loads_and_scores_with_it(default_pack_dir, state, farthest_patch_kind,
+                                                                        tmp_path):
+    def name_the_kind(manifest):
+        manifest["scorer"]["kind"] = farthest_patch_kind
+
+    pack = load_pack(encoder_only_copy(Path(default_pack_dir), tmp_path / "pack", load_pack(default_pack_dir).model_id,
+                                       edit=name_the_kind))
+    assert pack.scorer.kind == farthest_patch_kind
+    assert type(build_scorer(pack, state)) is FarthestPatchScorer
+    SCORER_KINDS.pop(farthest_patch_kind)  # the same pack where nothing registered the kind: a named refusal
+    try:
+        with pytest.raises(PackError, match=f"scorer kind '{farthest_patch_kind}' has no scorer"):
+            build_scorer(pack, state)
+    finally:
+        register_scorer(farthest_patch_kind)(build_farthest_patch_scorer)
+
+
+def test_a_malformed_scorer_kind_is_refused_when_the_pack_loads(default_pack_dir, tmp_path):
+    def bad_kind(manifest):
+        manifest["scorer"]["kind"] = "Memory Bank!"
+
+    with pytest.raises(PackError, match=r"scorer\.kind"):
+        load_pack(encoder_only_copy(Path(default_pack_dir), tmp_path / "pack", "bad-kind", edit=bad_kind))
