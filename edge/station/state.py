@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
 from edge.errors import StateError
 from edge.inference.preprocess import read_image
@@ -25,6 +26,7 @@ from edge.scoring.bank import MemoryBank
 from edge.scoring.calibration import Calibration
 from edge.scoring.fewshot import FewShotHead
 from edge.scoring.student import StudentSpec
+from edge.scoring.frozen_spec import problems
 from edge.scoring.tiling import Layout, TilingSpec
 
 STATE_SCHEMA_VERSION = 1
@@ -174,8 +176,11 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
         if tiling is not None:
             tile_banks = [_load_bank(root, b, path) for b in tiling.get("tile_banks") or []]
             reference = read_image(root / tiling["reference"]) if tiling.get("reference") else None
-            spec = TilingSpec.from_dict({k: v for k, v in tiling.items()
-                                         if k not in ("tile_banks", "reference", "roi_size")})
+            try:
+                spec = TilingSpec.model_validate({k: v for k, v in tiling.items()
+                                                  if k not in ("tile_banks", "reference", "roi_size")})
+            except ValidationError as e:
+                raise StateError(f"{path}: {problems(e, 'tiling')}") from None
             layout = Layout(spec, tuple(int(v) for v in tiling["roi_size"]), reference)
         state = StationState(str(doc["pack"]["model_id"]), str(doc["pack"]["encoder_sha256"]), bank,
                              Calibration.from_dict(doc["calibration"]), list(doc.get("references") or []),
