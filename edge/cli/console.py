@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.line.api import ApiClient, ApiError
+from edge.line.api_client import ApiClient, ApiError
 from edge.errors import EdgeError
 
 COMMANDS = ("list", "open", "ask", "defect", "false-alarm", "status", "help", "quit", "exit")
