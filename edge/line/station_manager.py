@@ -202,7 +202,7 @@ class StationManager:
                              f"anomaly-edge enroll --scorer student --out {self.config.state} off the line to include it")
         return reply
 
-    def _switch_models(self, config: StationConfig, models, expect_state=None) -> None:
+    def switch_models(self, config: StationConfig, models, expect_state=None) -> None:
         """Swap pack, backend, state and scorer together (edge.station.deploy); the score loop takes the next batch's
         scorer from here. The explainer keeps the LLM it started with until a restart. `expect_state`: refuse
         (CommandError) if an enrollment or reload replaced the state since the models were built."""
