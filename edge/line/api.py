@@ -312,7 +312,7 @@ class LocalApi:
         self.token_file, self.read_timeout_s = token_file, read_timeout_s
         self._servers = []
 
-    def _token(self) -> bytes:
+    def read_token(self) -> bytes:
         if self.token_file is None:
             raise ApiError("api.tcp_port needs api.token_file: the TCP listener does not run without a token")
         try:
@@ -342,7 +342,7 @@ class LocalApi:
     def start(self) -> "LocalApi":
         base = {"station": self.station, "timeout": self.read_timeout_s}
         handler = type("Handler", (_Handler,), base)
-        tcp_handler = type("TcpHandler", (_Handler,), {**base, "token": self._token()}) if self.tcp else None
+        tcp_handler = type("TcpHandler", (_Handler,), {**base, "token": self.read_token()}) if self.tcp else None
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.is_socket():
             self.socket_path.unlink()  # left by a process that died

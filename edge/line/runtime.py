@@ -73,31 +73,14 @@ class Runtime:
         rc = config.source.reconnect
         self.source = ReconnectingSource(source, rc.initial_delay_s, rc.max_delay_s, self._on_source_state, self._stop)
 
-    # -- the current models, held by the station manager ---------------------------------------
-
-    @property
-    def config(self) -> StationConfig:
-        return self.manager.config
-
-    @property
-    def pack(self):
-        return self.manager.pack
-
-    @property
-    def backend(self):
-        return self.manager.backend
-
-    @property
-    def state(self):
-        return self.manager.state
-
-    @property
-    def scorer(self):
-        return self.manager.scorer
-
-    @property
-    def learner(self):
-        return self.manager.learner
+    # The current models, held (and swapped together) by the station manager; read here by the PLC sinks,
+    # edge.station.deploy's health, tests and benches.
+    config = property(lambda self: self.manager.config)
+    pack = property(lambda self: self.manager.pack)
+    backend = property(lambda self: self.manager.backend)
+    state = property(lambda self: self.manager.state)
+    scorer = property(lambda self: self.manager.scorer)
+    learner = property(lambda self: self.manager.learner)
 
     # -- what other parts of the station call ------------------------------------------------------
 
@@ -273,7 +256,7 @@ def check(config: StationConfig) -> str:
     if config.api.enabled and config.api.tcp_port:
         from edge.line.api import LocalApi
 
-        LocalApi(None, config.api_socket, token_file=config.api.token_file)._token()  # readable, long enough
+        LocalApi(None, config.api_socket, token_file=config.api.token_file).read_token()  # readable, long enough
     if state is None:
         return (f"pack {pack.model_id}, learn mode: no state in {config.state} yet, built from the first "
                 f"{config.learn.parts} parts")
