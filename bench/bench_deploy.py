@@ -72,10 +72,10 @@ def main() -> int:
     try:
         for what, source, digest in (("deploy a local folder", second, sha256(second / "pack.yaml")),
                                      ("deploy a local .tar.gz", out / "pack-c.tar.gz", sha256(out / "pack-c.tar.gz"))):
-            reply = rt.deploy(DeployCommand(pack=str(source), sha256=digest, request_id=what.replace(" ", "-")))
+            reply = rt.manager.deploy(DeployCommand(pack=str(source), sha256=digest, request_id=what.replace(" ", "-")))
             rows.append((what, reply.get("duration_s"), reply.get("model_id")))
         t0 = time.perf_counter()  # a rollback reply carries no duration: timed here
-        reply = rt.rollback("bench-rollback")
+        reply = rt.manager.rollback("bench-rollback")
         rows.append(("rollback", round(time.perf_counter() - t0, 2), reply.get("model_id")))
     finally:
         rt.stop()

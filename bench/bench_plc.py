@@ -98,7 +98,7 @@ def bench_handshakes(work: Path, pack: Path, state: Path, broker_port: int, n: i
         for name, argv in (("OPC UA", ["opcua_plc.py", f"opc.tcp://127.0.0.1:{ua_port}/anomaly-edge/", "plc",
                                        "bench", "handshake", str(n)]),
                            ("Modbus TCP", ["modbus_plc.py", str(mb_port), "handshake", str(n)])):
-            rt.score_ms._samples.clear()
+            rt.pipeline.score_ms._samples.clear()
             proc = subprocess.run([sys.executable, str(ROOT / "tests" / argv[0]), *argv[1:]],
                                   capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
@@ -126,7 +126,7 @@ def bench_station_sparkplug(work: Path, pack: Path, state: Path, broker_port: in
         t1, parts1 = time.monotonic(), rt.counts["parts"]
         time.sleep(0.5)
         return {"parts_per_s": (parts1 - parts0) / (t1 - t0), "ddata_per_s": counter.rate(t0, t1),
-                "captured_per_s": rt.captured.rate(), "dropped": rt._queue.dropped,
+                "captured_per_s": rt.pipeline.captured.rate(), "dropped": rt._queue.dropped,
                 "undecodable": counter.undecodable}
     finally:
         rt.stop()

@@ -57,7 +57,7 @@ def _get(port: int, path: str, token: str | None) -> tuple[int, dict]:
 @pytest.mark.timeout(300)  # the first test also exports the pack
 def test_the_tcp_listener_needs_the_token_and_refuses_bad_lengths_before_reading(tmp_path, default_pack_dir,
                                                                                 enrolled_state):
-    from edge.line.api import ApiClient
+    from edge.line.api_client import ApiClient
 
     port = free_port()
     cfg, rt = _station(tmp_path, default_pack_dir, enrolled_state, tcp_port=port, read_timeout_s=1)

@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 from conftest import ROOT
-from edge.line.api import ApiClient
+from edge.line.api_client import ApiClient
 from edge.cli.console_screen import parse_when, part_line
 from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto, wait_until
@@ -204,7 +204,9 @@ def test_at_80_columns_a_technician_opens_what_the_list_shows(broker, tmp_path, 
 def test_asking_about_a_part_flagged_while_explanations_were_off_says_so(tmp_path):
     from types import SimpleNamespace
 
-    from edge.line.api import ApiError, ask
+    from edge.line.api import ask
+    from edge.line.api_client import ApiError
+    from edge.line.api_port import StationPort
     from edge.explain.dialogue import DialogueStore
     from edge.line.store import TraceStore
 
@@ -213,7 +215,8 @@ def test_asking_about_a_part_flagged_while_explanations_were_off_says_so(tmp_pat
     store.add_part("F-1", "s1", time.time(), "free_run", summary, "m", None, (None, 0), None)
     store.add_part("N-1", "s1", time.time(), "free_run", {**summary, "verdict": "normal"}, "m", None, (None, 0), None)
     with DialogueStore(tmp_path / "d.sqlite") as dialogue:
-        station = SimpleNamespace(store=store, explainer=SimpleNamespace(store=dialogue))
+        explainer = SimpleNamespace(store=dialogue)
+        station = StationPort(store, lambda: explainer, lambda: None, health=None, run_job=None)
         with pytest.raises(ApiError, match=r"^part F-1 was flagged while explanations were off, so there is no "
                                            r"dialogue to ask about"):
             ask(station, "F-1", {"question": "How big is it?"})

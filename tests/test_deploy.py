@@ -180,7 +180,7 @@ class _PackServer:
 @pytest.mark.timeout(600)
 def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
         broker, tmp_path, default_pack_dir, enrolled_state):
-    from edge.line.api import ApiClient, ApiError
+    from edge.line.api_client import ApiClient, ApiError
 
     pack = make_pack(default_pack_dir, tmp_path / "packs" / "default-c", "default-c")
     served = tmp_path / "served"
@@ -206,13 +206,13 @@ def test_download_over_the_api_and_a_broken_deployed_pack_falls_back_at_start(
         # An enrollment or reload that replaces the state while the pack is trial-scored: nothing switches.
         from edge.line.commands import DeployCommand
         from edge.station.deploy import DeployError, run_deploy
-        from edge.line.runtime import load_models
+        from edge.line.station_manager import load_models
 
         def reload_during_trial(step, **fields):
             if step == "trial":
                 rt.reload()
         with pytest.raises(DeployError, match="state changed during the deployment") as raced:
-            run_deploy(rt, DeployCommand(pack=str(pack), sha256=_sha(pack / "pack.yaml")), load_models,
+            run_deploy(rt.manager, DeployCommand(pack=str(pack), sha256=_sha(pack / "pack.yaml")), load_models,
                        reload_during_trial)
         assert raced.value.step == "queue" and rt.pack.model_id == original
         assert not (Path(rt.config.storage.dir) / "deploy" / "active.json").exists()

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from edge.line.api import ApiClient, ApiError
+from edge.line.api_client import ApiClient, ApiError
 from edge.line.store import TraceStore
 from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until

@@ -18,7 +18,7 @@ pytest.importorskip("google.protobuf", reason="needs the plc extra (pip install 
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import ROOT
-from edge.line.plc.sparkplug import DEVICE_METRICS, NODE_METRICS
+from edge.line.plc.sparkplug_metrics import DEVICE_METRICS, NODE_METRICS
 from edge.line.plc.sparkplug_schema import DATA_TYPE_NAMES, DATA_TYPES, VALUE_FIELD, Payload
 from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
 from station_helpers import finish, start, write_config

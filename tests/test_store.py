@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.line.runtime import Part, PartQueue
+from edge.line.pipeline import Part, PartQueue
 from edge.line.sources import Frame
 from edge.line.store import StoreError, TraceStore
 

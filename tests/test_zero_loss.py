@@ -288,7 +288,7 @@ def test_a_source_of_only_bad_frames_backs_off_instead_of_spinning(broker, tmp_p
 
 
 def _connected(tmp_path: Path) -> bool:
-    from edge.line.api import ApiClient, ApiError
+    from edge.line.api_client import ApiClient, ApiError
 
     sock = tmp_path / "var" / "api.sock"
     try:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edge.cli.console_screen import explain_words, heatmap_preview, parse_when, part_line, path_lines, wrapped
-from edge.line.api import ApiClient, ApiError
+from edge.line.api_client import ApiClient, ApiError
 from edge.errors import EdgeError
 
 COMMANDS = ("list", "open", "ask", "defect", "false-alarm", "status", "help", "quit", "exit")

@@ -18,17 +18,19 @@ part or path), 413 (body over MAX_BODY) or 503. The TCP listener (api.tcp_port) 
 carrying `Authorization: Bearer <token>` (api.token_file); the UNIX socket is guarded by its mode and
 group. A Content-Length that is missing where a body is due, negative, malformed or over the limit is
 refused before anything is read; a client that sends nothing for api.read_timeout_s is dropped; a
-client that goes away costs one log line. `ApiClient` is the matching client.
+client that goes away costs one log line. `edge.line.api_client.ApiClient` is the matching client.
+
+Owns the HTTP side: routes, limits, authentication, the socket's permissions. Must not reach into the
+runtime: everything it does to the station goes through edge.line.api_port.StationPort, and jobs that
+change the models go to the station manager's queue (as MQTT commands do) and are waited for.
 """
 from __future__ import annotations
 
 import grp
 import hmac
-import http.client
 import json
 import logging
 import os
-import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,18 +38,11 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from edge.errors import EdgeError
+from edge.line.api_client import ApiError
 from edge.line.store import FEEDBACK_LABELS, StoreError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 65536
-
-
-class ApiError(EdgeError):
-    """The station's API cannot be reached or refused a request."""
-
-    def __init__(self, message: str, status: int = 0):
-        super().__init__(message)
-        self.status = status
 
 
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -74,7 +69,7 @@ class _TcpHTTPServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    runtime = None  # set per server class
+    station = None  # edge.line.api_port.StationPort, set per server class
     token: bytes | None = None  # the TCP listener's: every request must carry it
     timeout = 10.0  # socket reads and writes (api.read_timeout_s), set per server class
     protocol_version = "HTTP/1.1"
@@ -186,7 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body(length) if method == "POST" else {}
             if method != "POST" and length:
                 self.rfile.read(length)  # keep the connection in step
-            out = route(self.runtime, method, parts, parse_qs(url.query), body)
+            out = route(self.station, method, parts, parse_qs(url.query), body)
             if isinstance(out, Stream):
                 self._stream(out)
                 return
@@ -227,10 +222,11 @@ def _number(query: dict, key: str, kind=float):
         raise ApiError(f"query parameter {key}={query[key][0]!r} is not a {kind.__name__}", 400) from None
 
 
-def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> dict:
-    """The API's routing, apart from HTTP so it can be called and tested directly."""
+def route(station, method: str, parts: list[str], query: dict, body: dict) -> dict:
+    """The API's routing, apart from HTTP so it can be called and tested directly. `station`: the
+    narrow interface of edge.line.api_port.StationPort."""
     if method == "GET" and parts == ["health"]:
-        return runtime.health()
+        return station.health()
     if method == "GET" and parts == ["parts"]:
         verdict = query.get("verdict", [None])[0]
         if verdict not in (None, "anomalous", "normal", "error"):
@@ -238,32 +234,30 @@ def route(runtime, method: str, parts: list[str], query: dict, body: dict) -> di
         limit = _number(query, "limit", int) or 20
         if not 1 <= limit <= 1000:
             raise ApiError(f"limit={limit}: use 1..1000", 400)
-        return {"parts": runtime.store.query(limit=limit, verdict=verdict, since=_number(query, "since"),
-                                             until=_number(query, "until"),
-                                             station=query.get("station", [None])[0])}
+        return {"parts": station.parts(limit, verdict, _number(query, "since"), _number(query, "until"),
+                                       query.get("station", [None])[0])}
     if len(parts) >= 2 and parts[0] == "parts":
         part_id = parts[1]
         if method == "GET" and len(parts) == 2:
-            return runtime.store.get(part_id)
+            return station.part(part_id)
         if method == "POST" and parts[2:] == ["feedback"]:
-            return feedback(runtime, part_id, body)
+            return feedback(station, part_id, body)
         if method == "POST" and parts[2:] == ["ask"]:
-            if runtime.explainer is None:
-                why = (f"its language model could not be started: {runtime.explain_error}" if runtime.explain_error
-                       else "the pack has no llm section or explain.enabled is false")
+            why = station.explain_unavailable()
+            if why is not None:
                 raise ApiError(f"this station has no language model ({why})", 503)
-            return ask(runtime, part_id, body)
+            return ask(station, part_id, body)
     if method == "POST" and parts == ["reload"]:
-        return runtime.reload()
+        return station.reload()
     if method == "POST" and parts in (["deploy"], ["rollback"]):
         from edge.line.commands import parse_command
 
         command = parse_command(parts[0], json.dumps(body))  # CommandError (400) naming the bad key
-        return runtime.deploy(command) if parts == ["deploy"] else runtime.rollback(command.request_id)
+        return station.deploy(command) if parts == ["deploy"] else station.rollback(command)
     raise ApiError(f"no such endpoint: {method} /{'/'.join(parts)}", 404)
 
 
-def ask(runtime, part_id: str, body: dict):
+def ask(station, part_id: str, body: dict):
     from edge.explain.dialogue import DialogueError
     from edge.explain.questions import clean_question
 
@@ -274,9 +268,9 @@ def ask(runtime, part_id: str, body: dict):
     if not isinstance(question, str):
         raise ApiError("ask: give a 'question'", 400)
     clean_question(question)  # empty or over-long questions are refused here, with the reason
-    row = runtime.store.get(part_id)
+    row = station.part(part_id)
     try:
-        runtime.explainer.store.session(part_id)
+        station.check_dialogue(part_id)
     except DialogueError:
         if row["verdict"] == "anomalous":
             raise ApiError(f"part {part_id} was flagged while explanations were off, so there is no "
@@ -284,12 +278,12 @@ def ask(runtime, part_id: str, body: dict):
         raise ApiError(f"part {part_id} is {row['verdict']}: only flagged parts have a dialogue to ask "
                        "about", 400) from None
     if body.get("stream"):
-        return Stream(lambda emit: {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(
+        return Stream(lambda emit: {"part_id": part_id, "question": question, "answer": station.ask(
             part_id, question, on_token=lambda t: emit({"token": t}), timeout=120)})
-    return {"part_id": part_id, "question": question, "answer": runtime.explainer.ask(part_id, question, timeout=120)}
+    return {"part_id": part_id, "question": question, "answer": station.ask(part_id, question, timeout=120)}
 
 
-def feedback(runtime, part_id: str, body: dict) -> dict:
+def feedback(station, part_id: str, body: dict) -> dict:
     unknown = set(body) - {"label", "by", "note", "enroll"}
     if unknown:
         raise ApiError(f"feedback: unknown keys {sorted(unknown)} (label, by, note, enroll)", 400)
@@ -301,22 +295,24 @@ def feedback(runtime, part_id: str, body: dict) -> dict:
     enroll = body.get("enroll", False)
     if enroll and label != "false_alarm":
         raise ApiError("feedback: only a false alarm can be enrolled as good", 400)
-    row = runtime.store.set_feedback(part_id, label, by.strip(), body.get("note"))
+    row = station.set_feedback(part_id, label, by.strip(), body.get("note"))
     out = {"part": row}
     if enroll:
-        out["enrolled"] = runtime.enroll_good(part_id, by.strip())
+        out["enrolled"] = station.enroll_good(part_id, by.strip())  # the maintenance queue, as over MQTT
     return out
 
 
 class LocalApi:
-    def __init__(self, runtime, socket_path: str | Path, mode: int = 0o660, group: str | None = None,
+    """The HTTP servers (UNIX socket, optional TCP) over a station's StationPort."""
+
+    def __init__(self, station, socket_path: str | Path, mode: int = 0o660, group: str | None = None,
                  tcp: tuple[str, int] | None = None, token_file: str | Path | None = None,
                  read_timeout_s: float = 10.0):
-        self.runtime, self.socket_path, self.mode, self.group, self.tcp = runtime, Path(socket_path), mode, group, tcp
+        self.station, self.socket_path, self.mode, self.group, self.tcp = station, Path(socket_path), mode, group, tcp
         self.token_file, self.read_timeout_s = token_file, read_timeout_s
         self._servers = []
 
-    def _token(self) -> bytes:
+    def read_token(self) -> bytes:
         if self.token_file is None:
             raise ApiError("api.tcp_port needs api.token_file: the TCP listener does not run without a token")
         try:
@@ -344,9 +340,9 @@ class LocalApi:
             log.warning("api: cannot give %s to group %s: %s", folder, self.group, e)
 
     def start(self) -> "LocalApi":
-        base = {"runtime": self.runtime, "timeout": self.read_timeout_s}
+        base = {"station": self.station, "timeout": self.read_timeout_s}
         handler = type("Handler", (_Handler,), base)
-        tcp_handler = type("TcpHandler", (_Handler,), {**base, "token": self._token()}) if self.tcp else None
+        tcp_handler = type("TcpHandler", (_Handler,), {**base, "token": self.read_token()}) if self.tcp else None
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.is_socket():
             self.socket_path.unlink()  # left by a process that died
@@ -379,72 +375,3 @@ class LocalApi:
             self.socket_path.unlink()
         except FileNotFoundError:
             pass
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
-class ApiClient:
-    """Talks to a station's local API over its UNIX socket."""
-
-    def __init__(self, socket_path: str | Path, timeout: float = 30.0):
-        self.socket_path, self.timeout = str(socket_path), timeout
-
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
-        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-            response = conn.getresponse()
-            payload = json.loads(response.read() or b"{}")
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ApiError(f"the station service is not running (no API at {self.socket_path})") from None
-        except PermissionError:
-            raise ApiError(f"no permission to use {self.socket_path} (ask to be added to its group)") from None
-        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
-            raise ApiError(f"station API at {self.socket_path}: {e}") from None
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise ApiError(payload.get("error", f"HTTP {response.status}"), response.status)
-        return payload
-
-    def stream(self, path: str, body: dict, on_event) -> dict:
-        """POST and read an NDJSON stream: on_event(event) for each line; returns the final event."""
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            if response.status != 200:
-                payload = json.loads(response.read() or b"{}")
-                raise ApiError(payload.get("error", f"HTTP {response.status}"), response.status)
-            while line := response.readline():
-                event = json.loads(line)
-                if "error" in event:
-                    raise ApiError(event["error"], 400)
-                if event.get("done"):
-                    return event
-                on_event(event)
-            raise ApiError(f"station API at {self.socket_path}: the answer stopped before it was complete")
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ApiError(f"the station service is not running (no API at {self.socket_path})") from None
-        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
-            raise ApiError(f"station API at {self.socket_path}: {e}") from None
-        finally:
-            conn.close()
-
-    def get(self, path: str) -> dict:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
-        """`timeout`: seconds to wait for the reply (default: the client's), e.g. longer for an enrollment."""
-        return self.request("POST", path, body or {}, timeout)

@@ -13,6 +13,8 @@ the runtime answers it on `<prefix>/reply` with `ok: false` instead of acting on
                                                                      verify, trial-score and switch to a pack
                                                                      (edge.station.deploy; progress on P/reply)
     cmd/rollback     {}                                                back to the previous pack and state
+
+Owns the command payloads' validation. Must not carry a command out (edge.line.command_handler does).
 """
 from __future__ import annotations
 

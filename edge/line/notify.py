@@ -2,6 +2,8 @@
 
 A no-op when the service does not run under systemd (no NOTIFY_SOCKET). The protocol is a single
 datagram per message, so it is written here rather than pulled in as a dependency.
+
+Owns the datagrams. Must not decide when to send them (edge.line.health and edge.line.runtime do).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ One connection, owned by the `Outbox`, in WAL mode (edge.sqlite). Rows keep an a
 the sender replays them in the order they were put, also after a process restart. Each message
 carries a uuid4 `message_id`; dict payloads get it injected so subscribers can de-duplicate
 the redeliveries a reconnect may cause (delivery is at least once).
+
+Owns the outbox table and its order. Must not talk to the broker (edge.line.publish does).
 """
 from __future__ import annotations
 

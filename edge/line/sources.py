@@ -6,6 +6,8 @@ backoff, see `ReconnectingSource`) and `ImageError` for one bad frame (counted a
 `live` sources (cameras, streams, replays paced at a camera rate) keep running whether or not we keep
 up, so the pipeline drops their oldest frames when scoring falls behind; replays taken as fast as
 scoring goes are never dropped.
+
+Owns frames and reconnection. Must not queue, score or drop frames (edge.line.pipeline does).
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ marked `files_purged`). Below the free-space floor (`min_free_mb`) no image is w
 go until the floor is met again; when that is not enough, `low_on_space()` tells the runtime to
 refuse new parts (recorded as errors) until space returns. A file that cannot be written (disk
 full, permissions) is logged and the row still lands.
+
+Owns the parts and triggers tables (their SQL: edge.line.store_schema), the image files and the space
+rules. Must not build MQTT payloads or publish: a part's messages are stored as the recorder gives them.
 """
 from __future__ import annotations
 
@@ -28,49 +31,9 @@ import numpy as np
 
 from edge.sqlite import SqliteStore
 from edge.errors import EdgeError
+from edge.line.store_schema import PARTS_INDEXES, PARTS_TABLE, SCHEMA
 
 log = logging.getLogger(__name__)
-
-_PARTS_TABLE = """
-CREATE TABLE IF NOT EXISTS parts (
-    part_id        TEXT PRIMARY KEY,
-    station        TEXT NOT NULL,
-    captured_at    REAL NOT NULL,
-    trigger        TEXT NOT NULL,
-    verdict        TEXT NOT NULL,
-    score          REAL,            -- NULL: the part could not be scored (verdict "error")
-    threshold      REAL,            -- NULL: no state yet (verdict "learning", learn mode)
-    regions        TEXT NOT NULL,
-    findings       TEXT,
-    latency_ms     REAL,
-    model_id       TEXT,
-    files_dir      TEXT,
-    files_bytes    INTEGER NOT NULL DEFAULT 0,
-    files_purged   INTEGER NOT NULL DEFAULT 0,
-    explanation    TEXT,
-    explanation_status TEXT,
-    feedback       TEXT,
-    feedback_by    TEXT,
-    feedback_at    REAL,
-    feedback_note  TEXT,
-    messages       TEXT,            -- [[topic, payload], ...] to publish for this part
-    published      INTEGER NOT NULL DEFAULT 0
-)"""
-_PARTS_INDEXES = """
-CREATE INDEX IF NOT EXISTS parts_time ON parts (captured_at);
-CREATE INDEX IF NOT EXISTS parts_verdict_time ON parts (verdict, captured_at);
-CREATE INDEX IF NOT EXISTS parts_unpublished ON parts (published) WHERE published = 0;
-"""
-# Triggers accepted (acknowledged to the PLC) but not yet recorded as a part: replayed at the next start.
-_TRIGGERS_TABLE = """
-CREATE TABLE IF NOT EXISTS triggers (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    part_id     TEXT NOT NULL UNIQUE,
-    request_id  TEXT,
-    accepted_at REAL NOT NULL
-);
-"""
-_SCHEMA = _PARTS_TABLE + ";\n" + _PARTS_INDEXES + _TRIGGERS_TABLE
 
 FEEDBACK_LABELS = ("defect", "false_alarm")
 
@@ -111,7 +74,7 @@ class TraceStore(SqliteStore):
             (self.root / "parts").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create traceability store in {self.root}: {e}") from e
-        super().__init__(self.root / "parts.sqlite", _SCHEMA)
+        super().__init__(self.root / "parts.sqlite", SCHEMA)
         self._allow_null_score_and_threshold()
         self._files_bytes = self._sql("SELECT COALESCE(SUM(files_bytes), 0) FROM parts WHERE files_purged = 0")[0][0]
 
@@ -125,10 +88,10 @@ class TraceStore(SqliteStore):
         names = ", ".join(name for _, name, *_ in columns)
         with self._transaction() as conn:
             conn.execute("ALTER TABLE parts RENAME TO parts_before_null_score")
-            conn.execute(_PARTS_TABLE)
+            conn.execute(PARTS_TABLE)
             conn.execute(f"INSERT INTO parts ({names}) SELECT {names} FROM parts_before_null_score")
             conn.execute("DROP TABLE parts_before_null_score")
-            for statement in filter(str.strip, _PARTS_INDEXES.split(";")):
+            for statement in filter(str.strip, PARTS_INDEXES.split(";")):
                 conn.execute(statement)
         log.info("traceability: %s migrated (parts.score and parts.threshold may be NULL: parts that could not "
                  "be scored, parts collected in learn mode)",

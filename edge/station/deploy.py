@@ -330,7 +330,7 @@ def run_deploy(rt, command, load_models, progress) -> dict:
         previous = _current_entry(rt)
         active = entry_for(models[0], state_root)
         try:
-            rt._switch_models(candidate, models, expect_state=state_before)
+            rt.switch_models(candidate, models, expect_state=state_before)
         except EdgeError as e:
             raise DeployError("queue", str(e)) from None
         installed.clear()
@@ -361,7 +361,7 @@ def run_rollback(rt, load_models, progress) -> dict:
             models = load_models(candidate)
         except EdgeError as e:
             raise DeployError("load", f"previous pack {previous.get('model_id')} at {previous['pack']}: {e}") from None
-        rt._switch_models(candidate, models)
+        rt.switch_models(candidate, models)
         write_record(rt.config.storage.dir, {"active": previous, "previous": current})
         return {"step": "switched", "done": True, "model_id": previous.get("model_id"),
                 "pack_sha256": previous.get("pack_sha256"), "pack_dir": previous["pack"], "previous": current}

@@ -7,6 +7,8 @@ handshake (PLC), the same handshake over Modbus TCP. Each is a *sink* the runtim
 
 A sink acts on the station only through `Runtime.command(name, payload)` (the JSON command handling of
 edge.line.commands, so a command means the same on every protocol) and `Runtime.trigger` / `Runtime.health`.
+
+Owns starting, feeding and closing the sinks. Must not change the station's models or store.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ ResultValid, so a PLC that sees ResultValid reads a complete result). All calls 
     trigger_edge(high, part_id)   the PLC's Trigger went high (accept a part) or low (drop TriggerAck)
     ack_edge(high)                the PLC's ResultAck went high (drop ResultValid) or low (present the next)
     result(result)                a recorded part's JSON result; presented if the PLC triggered it
+
+Owns the handshake's state machine. Must not do protocol I/O (opcua.py, modbus.py do).
 """
 from __future__ import annotations
 

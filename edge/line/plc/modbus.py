@@ -16,6 +16,8 @@ The handshake is edge.line.plc.handshake's, as over OPC UA. Writes to any other 
 out of range and coil functions are refused with a Modbus exception (ILLEGAL_ADDRESS, ILLEGAL_VALUE,
 ILLEGAL_FUNCTION) and a logged reason; so are reads past register 47. Modbus has no authentication:
 the server listens on loopback unless told otherwise.
+
+Owns the register map and the Modbus server. Must not decide the handshake (handshake.py does).
 """
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ or both; anonymous sessions only when allow_anonymous, and then read-only; users
 call) or read_only (browse, read). Writes and calls a session may not make are refused for the whole
 request (BadUserAccessDenied); writes of a wrong type are refused by the server (BadTypeMismatch); both
 are logged with the node, the user and the reason.
+
+Owns the address space and the OPC UA server. Must not decide the handshake (handshake.py does).
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A protocol server (OPC UA, Modbus) in its own thread and asyncio event loop, started and stopped from
-the runtime's threads: `start()` returns once it serves (or raises why it cannot), `close()` stops it."""
+the runtime's threads: `start()` returns once it serves (or raises why it cannot), `close()` stops it.
+
+Owns that thread and loop. Must not know any protocol.
+"""
 from __future__ import annotations
 
 import asyncio

@@ -15,16 +15,16 @@ restarts at 0 with each NBIRTH. Births and data are QoS 0 as the specification s
 of each part stays the JSON `result` topic (outbox-backed) and the store; a SCADA that reconnects gets
 the current values from a rebirth (NCMD Node Control/Rebirth). Commands are carried out by the JSON
 command handling (Runtime.command), so a trigger means the same over either topic family.
+
+Owns the Edge Node's session (births, deaths, bdSeq/seq, commands in). Must not carry out commands
+itself or touch the runtime beyond its config, pack, health(), counts and command(); the metrics and
+their encoding are edge.line.plc.sparkplug_metrics.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import threading
-import time
-from datetime import datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -33,96 +33,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.line.config import mqtt_password
 from edge.line.plc import largest_region_mm
+from edge.line.plc.sparkplug_metrics import DEVICE_METRICS, NODE_METRICS, BdSeqFile, add_metric, ms_of, now_ms
 from edge.line.plc.sparkplug_schema import DATA_TYPES, VALUE_FIELD, Payload
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "spBv1.0"
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    datatype: str            # a DataType name (sparkplug_b.proto)
-    alias: int
-    command: str | None = None  # NCMD/DCMD: the station command a write of this metric carries out
-
-
-NODE_METRICS = (
-    MetricSpec("bdSeq", "Int64", 1),
-    MetricSpec("Node Control/Rebirth", "Boolean", 2, command="rebirth"),
-    MetricSpec("Node Control/Reload", "Boolean", 3, command="reload"),
-)
-DEVICE_METRICS = (
-    MetricSpec("Inspection/Part Id", "String", 10),
-    MetricSpec("Inspection/Verdict", "String", 11),
-    MetricSpec("Inspection/Pass", "Boolean", 12),
-    MetricSpec("Inspection/Score", "Double", 13),
-    MetricSpec("Inspection/Threshold", "Double", 14),
-    MetricSpec("Inspection/Severity", "Double", 15),
-    MetricSpec("Inspection/Region Count", "UInt32", 16),
-    MetricSpec("Inspection/Largest Region mm", "Double", 17),
-    MetricSpec("Inspection/Trigger", "String", 18),
-    MetricSpec("Inspection/Error", "String", 19),
-    MetricSpec("Model/Id", "String", 20),
-    MetricSpec("Latency/Score ms", "Double", 21),
-    MetricSpec("Latency/Capture To Publish ms", "Double", 22),
-    MetricSpec("Health/Parts", "UInt64", 30),
-    MetricSpec("Health/Flagged", "UInt64", 31),
-    MetricSpec("Health/Errors", "UInt64", 32),
-    MetricSpec("Health/Dropped Frames", "UInt64", 33),
-    MetricSpec("Health/Bad Frames", "UInt64", 34),
-    MetricSpec("Health/Bad Commands", "UInt64", 35),
-    MetricSpec("Health/Source Reconnects", "UInt64", 36),
-    MetricSpec("Source/Name", "String", 40),
-    MetricSpec("Source/State", "String", 41),
-    MetricSpec("Command/Trigger", "String", 50, command="trigger"),
-    MetricSpec("Command/Enroll Good", "String", 51, command="enroll-good"),
-)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _ms_of(iso: str | None) -> int:
-    try:
-        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
-    except (AttributeError, ValueError):
-        return now_ms()
-
-
-def add_metric(payload: Payload, spec: MetricSpec, value, timestamp: int, birth: bool) -> None:
-    """Births name, alias and type every metric; data messages carry the alias and the value only."""
-    m = payload.metrics.add(alias=spec.alias, timestamp=timestamp)
-    if birth:
-        m.name = spec.name
-        m.datatype = DATA_TYPES[spec.datatype]
-    if value is None:
-        m.is_null = True
-    else:
-        setattr(m, VALUE_FIELD[spec.datatype], value)
-
-
-class BdSeqFile:
-    """The birth/death sequence number across restarts: `take()` returns this session's value after
-    writing the next one to disk."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def take(self) -> int:
-        try:
-            value = int(self.path.read_text().strip()) % 256
-        except (OSError, ValueError):
-            value = 0
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{(value + 1) % 256}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        return value
 
 
 class CommandRefused(Exception):
@@ -349,7 +265,7 @@ class SparkplugNode:
             "Latency/Score ms": float(latency["score"]) if "score" in latency else None,
             "Latency/Capture To Publish ms": (float(latency["capture_to_publish"])
                                               if "capture_to_publish" in latency else None),
-        }, _ms_of(result.get("timestamp")))
+        }, ms_of(result.get("timestamp")))
 
     def _health_values(self) -> dict:
         h = self.runtime.health()

@@ -3,6 +3,8 @@
 The reader below understands the part of the proto2 language that file uses: `syntax`, `package`,
 enums, messages nested in messages, `optional`/`repeated` scalar or message fields and `oneof`. It turns
 them into a FileDescriptorProto, and the `protobuf` package builds the classes from that.
+
+Owns the proto reader and the classes. Must not build metrics or open sessions.
 """
 from __future__ import annotations
 

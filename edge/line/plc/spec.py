@@ -10,6 +10,8 @@
         users: [{name: plc, password_file: /etc/anomaly-edge/opcua-plc.pw, role: operator},
                 {name: hmi, password_file: /etc/anomaly-edge/opcua-hmi.pw, role: read_only}]
       modbus: {enabled: true, port: 5020}        # the same handshake on holding registers
+
+Owns these sections' keys and checks. Must not start any protocol.
 """
 from __future__ import annotations
 
