@@ -23,7 +23,8 @@ from edge.evaluation.dataset import open_mvtec, read_mask  # noqa: E402
 from edge.scoring.decide import image_score  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import read_image  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor, distances_to_maps  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
+from edge.scoring.scorer import distances_to_maps  # noqa: E402
 from edge.station.reference_banks import build_bank  # noqa: E402
 
 STEP = 4  # pixel metrics on every 4th row/column

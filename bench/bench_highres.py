@@ -28,7 +28,8 @@ from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.evaluation import metrics  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.scoring.roi import RoiSpec  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
 from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import HighResLine  # noqa: E402
 from edge.scoring.factory import build_scorer  # noqa: E402

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scoring import cpu_name  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
 from edge.station.enrollment import build_state  # noqa: E402
 from edge.scoring.station_graph import StationGraphScorer  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402

@@ -9,7 +9,8 @@ from edge.scoring.decide import image_score
 from edge.scoring.fewshot import few_shot_views
 from edge.pack import load_pack
 from edge.inference.preprocess import choose_shots, read_image, read_images
-from edge.scoring.scorer import FeatureExtractor, grid_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import grid_maps
 import cv2
 
 pack = load_pack(sys.argv[1])

@@ -39,7 +39,8 @@ from edge.scoring.decide import image_score  # noqa: E402
 from edge.scoring.fewshot import SHIFTS, SubspaceHead, few_shot_views, l2_normalise, shifted  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor, grid_maps  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
+from edge.scoring.scorer import grid_maps  # noqa: E402
 from edge.station.reference_banks import build_bank  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from edge.evaluation import metrics  # noqa: E402
 from edge.evaluation.dataset import open_dataset  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
 from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
 from edge.station.few_shot_enrollment import build_few_shot_state, head_image_scores  # noqa: E402
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge.inference.backend import GpuOptions, OnnxRuntimeBackend, TensorRtBackend  # noqa: E402
 from edge.errors import EdgeError  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.scoring.scorer import FeatureExtractor, Scorer  # noqa: E402
+from edge.inference.features import FeatureExtractor  # noqa: E402
+from edge.scoring.scorer import Scorer  # noqa: E402
 from edge.station.enrollment import build_state  # noqa: E402
 from edge.line.synthetic import SyntheticLine  # noqa: E402
 

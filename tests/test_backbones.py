@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from edge.pack import load_pack
-from edge.scoring.scorer import FeatureExtractor
+from edge.inference.features import FeatureExtractor
 from export import assets
 from export.backbones import export_backbone
 from export.common import ExportError

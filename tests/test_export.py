@@ -33,7 +33,7 @@ def test_cli_export_at_another_size_gives_a_loadable_pack(tmp_path):
     proc = run_cli("export", "default", "--out", tmp_path / "p256", "--size", "256")
     assert "max abs error" in proc.stderr
     from edge.pack import load_pack
-    from edge.scoring.scorer import FeatureExtractor
+    from edge.inference.features import FeatureExtractor
 
     pack = load_pack(tmp_path / "p256")
     feats = FeatureExtractor(pack).patch_features([np.zeros((300, 400, 3), np.uint8)])

@@ -6,7 +6,8 @@ import pytest
 from edge.scoring.calibration import Calibration, calibrate, calibrate_few_shot, conformal_rank
 from edge.errors import StateError
 from edge.scoring.fewshot import SubspaceHead, few_shot_views, flips_and_rotations, jittered_views, synthetic_defects
-from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer
 from edge.station.enrollment import build_state, enroll
 from edge.station.state import load_state
 from edge.line.synthetic import SyntheticLine, apply_defect, write_good_parts

@@ -383,7 +383,7 @@ def test_a_state_calibrated_on_onnx_runtime_is_refused_by_an_fp16_engine_or_reca
     from edge.inference.backend import TensorRtBackend
     from edge.station.engine_calibration import follow_engine
     from edge.pack import load_pack
-    from edge.scoring.scorer import FeatureExtractor
+    from edge.inference.features import FeatureExtractor
     from edge.station.enrollment import enroll
     from edge.station.state import load_state
     from edge.line.synthetic import write_good_parts
@@ -602,7 +602,8 @@ def test_a_gpu_backend_keeps_the_bank_path_whatever_cpu_scoring_says(default_pac
     """cpu_scoring: station_graph is for ONNX Runtime on the CPU; a TensorRT station scores with its engine."""
     from edge.inference.backend import TensorRtBackend
     from edge.pack import load_pack
-    from edge.scoring.scorer import FeatureExtractor, Scorer
+    from edge.inference.features import FeatureExtractor
+    from edge.scoring.scorer import Scorer
     from edge.station.enrollment import build_state
     from edge.scoring.station_graph import StationGraphScorer
     from edge.line.synthetic import SyntheticLine

@@ -14,7 +14,8 @@ from edge.pack import Pack, load_pack
 from edge.scoring.decide import image_score
 from edge.scoring.factory import build_scorer
 from edge.scoring.registry import SCORER_KINDS, ScorerRequest, register_scorer
-from edge.scoring.scorer import FeatureExtractor, Scorer, anomaly_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer, anomaly_maps
 from edge.station.enrollment import build_state
 
 

@@ -5,7 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.inference.features import FeatureExtractor
+
+from edge.scoring.scorer import Scorer
 from edge.station.enrollment import build_state
 from edge.scoring.station_graph import StationGraphScorer, map_matrices, supports
 from edge.line.synthetic import SyntheticLine

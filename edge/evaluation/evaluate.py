@@ -22,7 +22,8 @@ from edge.evaluation.dataset import open_dataset, read_mask
 from edge.errors import DatasetError, EdgeError, ImageError
 from edge.pack import Pack
 from edge.inference.preprocess import choose_shots, read_image, read_images
-from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer
 from edge.station.enrollment import build_state
 from edge.scoring.student import StudentScorer, StudentTraining
 from edge.scoring.factory import build_scorer

@@ -22,7 +22,7 @@ from edge.line.config import StationConfig, load_config
 from edge.line.config_reload import changed_keys, needs_restart, with_reloaded
 from edge.line.store import iso_time
 from edge.pack import load_pack
-from edge.scoring.scorer import FeatureExtractor
+from edge.inference.features import FeatureExtractor
 from edge.scoring.student import StudentScorer
 from edge.scoring.factory import build_scorer
 from edge.station.deploy import keep_deployed, run_deploy, run_rollback, start_models

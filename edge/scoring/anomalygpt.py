@@ -32,7 +32,8 @@ from edge.errors import PackError
 from edge.pack import Pack
 from edge.inference.preprocess import check_frame, to_batch
 from edge.scoring.registry import ScorerRequest, register_scorer
-from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer
 
 VISION_MAPS = "anomaly_maps"
 VISION_EMBEDDING = "image_embedding"

@@ -1,6 +1,7 @@
 """The score stage: frames -> encoder features -> nearest-neighbour distances -> smoothed anomaly maps.
 
-`FeatureExtractor` runs the pack's encoder in batches; `Scorer` adds the memory bank and the
+`Scorer` takes patch features from `edge.inference.features.FeatureExtractor` (the pack's encoder run in
+batches) and adds the memory bank and the
 calibrated threshold and hands each map to the decide stage (`edge.scoring.decide`). Which scorer a
 station scores with is chosen by edge.scoring.factory alone (the bank scorer's builder, with its
 station-graph form, registers in edge.scoring.station_graph); this module must not import its subclasses.
@@ -13,36 +14,11 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from edge.inference.backend import Backend, create_backend
+from edge.inference.features import FeatureExtractor
 from edge.scoring.bank import MemoryBank
 from edge.scoring.decide import Result, decide, image_score
 from edge.pack import Pack
-from edge.inference.preprocess import check_frame, to_batch
-
-
-class FeatureExtractor:
-    def __init__(self, pack: Pack, backend: Backend | None = None):
-        self.pack = pack
-        self.backend = backend or create_backend(pack)
-
-    def patch_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """N frames -> N x h x w x C float32 patch features (channels last, ready for the bank)."""
-        feats = self.backend.run(to_batch(list(images), self.pack.input))
-        return np.ascontiguousarray(feats.transpose(0, 2, 3, 1))
-
-    def patch_features_batched(self, images: Sequence[np.ndarray], batch_size: int = 8, progress=None) -> np.ndarray:
-        """All images' patch features in one preallocated N x h x w x C array (no concatenation copy)."""
-        out = None
-        for b0 in range(0, len(images), batch_size):
-            feats = self.patch_features(images[b0:b0 + batch_size])
-            if out is None:
-                out = np.empty((len(images), *feats.shape[1:]), np.float32)
-            out[b0:b0 + len(feats)] = feats
-            if progress:
-                progress(len(feats))
-        if out is None:
-            raise ValueError("no images to extract features from")
-        return out
+from edge.inference.preprocess import check_frame
 
 
 def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:

@@ -32,7 +32,8 @@ from edge.errors import EdgeError
 from edge.pack import Pack
 from edge.inference.preprocess import check_frame
 from edge.scoring.registry import ScorerRequest, register_scorer
-from edge.scoring.scorer import FeatureExtractor, Scorer
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer
 
 INPUTS = ("frames", "bank", "bank_sq", "proj_mean", "proj_components")
 OUTPUTS = ("maps", "scores")

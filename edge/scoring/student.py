@@ -27,7 +27,8 @@ from edge.scoring.calibration import Calibration
 from edge.errors import StateError
 from edge.pack import Pack, sha256_file
 from edge.scoring.registry import ScorerRequest, register_scorer
-from edge.scoring.scorer import FeatureExtractor, Scorer, grid_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import Scorer, grid_maps
 
 log = logging.getLogger(__name__)
 

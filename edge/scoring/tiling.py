@@ -29,7 +29,8 @@ from edge.inference.preprocess import check_frame
 from edge.scoring.roi import RoiError, RoiSpec, compose, estimate_alignment, fixed_box, grey, largest_contour_box, place, \
     polygon_mask
 from edge.scoring.registry import ScorerRequest, register_scorer
-from edge.scoring.scorer import FeatureExtractor, pack_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import pack_maps
 
 
 class TilingSpec(FrozenSpec):

@@ -23,7 +23,8 @@ from edge.pack import Pack
 from edge.scoring.calibration import TARGET_FALSE_REJECT, calibrate, check_target_false_reject
 from edge.scoring.decide import image_score
 from edge.scoring import numerics
-from edge.scoring.scorer import FeatureExtractor, image_scores, pack_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import image_scores, pack_maps
 from edge.station.few_shot_enrollment import build_few_shot_state, enrolls_few_shot
 from edge.station.reference_banks import build_bank, kfold_holdout_scores, progress_bar
 from edge.station.state import GOOD_DIR, STATE_FILE, StationState, load_state

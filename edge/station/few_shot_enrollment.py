@@ -15,7 +15,8 @@ from edge.scoring.calibration import TARGET_FALSE_REJECT, calibrate_few_shot
 from edge.scoring.decide import image_score
 from edge.scoring.fewshot import (PADDING_RING, FewShotHead, SubspaceHead, border_offsets, few_shot_views,
                                   jittered_views, synthetic_defects)
-from edge.scoring.scorer import FeatureExtractor, grid_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import grid_maps
 from edge.station.reference_banks import build_bank, progress_bar, sampled_bank
 from edge.station.state import StationState
 

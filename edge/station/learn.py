@@ -24,7 +24,8 @@ from edge.scoring.decide import image_score
 from edge.errors import StateError
 from edge.pack import Pack
 from edge.inference.preprocess import read_images
-from edge.scoring.scorer import FeatureExtractor, pack_maps
+from edge.inference.features import FeatureExtractor
+from edge.scoring.scorer import pack_maps
 
 MIN_PARTS = 8
 PATCH_QUANTILE = 0.3     # of a patch's distances to the other parts

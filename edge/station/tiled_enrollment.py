@@ -13,7 +13,7 @@ from edge.inference.preprocess import check_frame
 from edge.pack import Pack
 from edge.scoring.bank import MemoryBank
 from edge.scoring.calibration import calibrate
-from edge.scoring.scorer import FeatureExtractor
+from edge.inference.features import FeatureExtractor
 from edge.scoring.tiling import Layout, TiledScorer, TilingSpec, prepare, resolve_layout, roi_score, tile_maps
 from edge.station.reference_banks import build_bank, kfold_holdout_scores, progress_bar
 from edge.station.state import StationState
