@@ -66,7 +66,7 @@ def draw(lines, arrows, out: Path) -> None:
     """Left: the stages stacked in contract order, each with its modules (over 400 lines in red). Right: the
     stage-to-stage import matrix; a house that imports downwards only has numbers below the diagonal alone."""
     stages = [s for row in ROWS for s in row]
-    stack_w, row_h, gap, margin, cell = 1000, 118, 22, 30, 64
+    stack_w, row_h, gap, margin, cell = 1000, 132, 22, 30, 64
     matrix_x = margin + stack_w + 60
     width = matrix_x + 110 + cell * len(stages) + margin
     height = margin * 2 + 50 + len(ROWS) * (row_h + gap)
