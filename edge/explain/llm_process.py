@@ -148,7 +148,7 @@ class LlmProcess:
         finally:
             child_sock.close()
         self._conn = Connection(parent_sock.detach())
-        self._conn.send({"op": "load", "pack": self.pack, **self.settings})
+        self._send({"op": "load", "pack": self.pack, **self.settings}, "loading the model")
         msg = self._receive(time.monotonic() + self.start_timeout_s, "loading the model")
         if msg["op"] == "error":
             self.close()
@@ -206,19 +206,19 @@ class LlmProcess:
                 raise LlmProcessError("the LLM child process is not running")
             self._next_id += 1
             rid = self._next_id
-            self._conn.send({"op": "answer", "id": rid, "session": session, "question": question})
+            doing = f"answering about part {session.part_id}"
+            self._send({"op": "answer", "id": rid, "session": session, "question": question}, doing)
             deadline = time.monotonic() + self.settings["time_limit_s"] + self.hang_grace_s
             cancel_sent = 0.0
             while True:
                 if cancel is not None and cancel.is_set() and not cancel_sent:
-                    self._conn.send({"op": "cancel", "id": rid})
+                    self._send({"op": "cancel", "id": rid}, doing)
                     cancel_sent = time.monotonic()
                 if cancel_sent and time.monotonic() - cancel_sent > CANCEL_GRACE_S:
                     self.kill()  # stuck in native code: a stop must not wait for it
                     raise Cancelled(f"part {session.part_id}: explanation cancelled (the LLM process did not "
                                     f"stop within {CANCEL_GRACE_S:g} s and was killed)")
-                msg = self._receive(deadline, f"answering about part {session.part_id}", poll_s=0.05,
-                                    idle_ok=True)
+                msg = self._receive(deadline, doing, poll_s=0.05, idle_ok=True)
                 if msg is None:
                     continue
                 if msg.get("id") != rid:
@@ -232,6 +232,14 @@ class LlmProcess:
                     if msg["type"] == "Cancelled":
                         raise Cancelled(msg["message"])
                     raise _ERRORS.get(msg["type"], LlmError)(msg["message"])
+
+    def _send(self, msg: dict, doing: str) -> None:
+        """A request to the child; a child that died since the last look (a broken pipe) raises LlmCrashed
+        naming its signal, never the bare OSError a caller could take for its own client going away."""
+        try:
+            self._conn.send(msg)
+        except (OSError, ValueError):
+            self._raise_crash(doing)
 
     def _receive(self, deadline: float, doing: str, poll_s: float = 0.1, idle_ok: bool = False) -> dict | None:
         """The next message from the child; raises LlmCrashed when it dies and LlmHung past the deadline.
