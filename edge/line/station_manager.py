@@ -3,8 +3,9 @@ deploy and rollback all run as jobs on one maintenance thread, one at a time, wh
 MQTT (P/cmd/*, answered on P/reply), the local API (which waits for the job's outcome) or SIGHUP.
 
 Owns the current config, pack, backend, state, scorer and learner, the lock that swaps them together,
-and `station_scorer`, the one call through which the line builds a scorer (edge.scoring.factory). Must not publish payloads itself (the
-runtime's command handler replies), touch the pipeline's queues or serve HTTP.
+and `station_scorer`, the one call through which the line builds a scorer (edge.scoring.factory). Must
+not publish payloads itself (the runtime's command handler replies), touch the pipeline's queues or
+serve HTTP.
 """
 from __future__ import annotations
 
