@@ -1,7 +1,8 @@
 """Quality of the reported regions (issue 17): are the boxes on the defect, how large are they against it,
 how many touch the frame border, and the pixel F1/IoU of the mask. The rule of the code under test
-(edge.scoring.decide.decide) is put beside the old one (every connected component of `map >= the image
-threshold` is a region) on the same maps, so the image scores and verdicts are the same in both columns.
+(edge.scoring.decide.decide) is put beside the two before it (every connected component of `map >= the image
+threshold` is a region; those components cut at half height, without the split into basins) on the same maps,
+so the image scores and verdicts are the same in every column.
 
     python bench/region_quality.py PACK --state STATE [--line N] [--data MVTEC_DIR --shots K --every E]
 
@@ -24,7 +25,7 @@ from edge.evaluation.dataset import open_dataset, read_mask
 from edge.inference.preprocess import choose_shots, read_image
 from edge.line.synthetic import SyntheticLine
 from edge.pack import load_pack
-from edge.scoring.decide import decide, find_regions
+from edge.scoring.decide import REGION_HALF_HEIGHT, decide, find_regions
 from edge.scoring.factory import build_scorer
 from edge.station.enrollment import build_state
 from edge.station.state import load_state
@@ -36,12 +37,26 @@ def threshold_components(anomaly_map, score, threshold, frame_size):
     return mask, (find_regions(anomaly_map, mask, frame_size) if score >= threshold else [])
 
 
+def half_height_components(anomaly_map, score, threshold, frame_size):
+    """The rule before basins (commit 32a0bb3): components of `map >= threshold` whose peak reaches the image
+    score, each cut half-way between the map's median and its peak; no split where the map dips."""
+    n, labels = cv2.connectedComponents((anomaly_map >= threshold).astype(np.uint8), connectivity=8)
+    peaks = np.full(n, -np.inf)
+    np.maximum.at(peaks, labels.ravel(), anomaly_map.ravel().astype(np.float64))
+    peaks[0] = -np.inf
+    background = float(np.median(anomaly_map))
+    level = np.maximum(threshold, background + REGION_HALF_HEIGHT * (peaks - background))
+    mask = (peaks >= min(score, peaks.max()))[labels] & (anomaly_map >= level[labels])
+    return mask, (find_regions(anomaly_map, mask, frame_size) if score >= threshold else [])
+
+
 def current_rule(anomaly_map, score, threshold, frame_size):
     r = decide(anomaly_map, score, threshold, frame_size)
     return r.mask, r.regions
 
 
-RULES = {"before (map >= threshold)": threshold_components, "after (decide)": current_rule}
+RULES = {"map >= threshold": threshold_components, "half-height components": half_height_components,
+         "basins (decide)": current_rule}
 
 
 def scored(scorer, images, truths):
@@ -61,8 +76,11 @@ def box_iou(a, b):
     return inter / ((ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter)
 
 
+MID_PART_PX = 16  # a defect at least this far (frame pixels) from every edge of the frame is mid-part
+
+
 def measure(records, rule) -> dict:
-    regions_n = on_defect = border = border_off = flagged = 0
+    regions_n = on_defect = border = border_off = flagged = mid_n = mid_border = 0
     defects = found = 0
     ious, ratios, linear = [], [], []
     tp = fp = fn = 0
@@ -73,11 +91,14 @@ def measure(records, rule) -> dict:
         fn += int(np.count_nonzero(~full & truth))
         flagged += anomalous
         boxes = [(g.x, g.y, g.x + g.width, g.y + g.height) for g in regions]
+        ys, xs = np.nonzero(truth)
+        mid_part = truth.any() and min(xs.min(), ys.min(), w - 1 - xs.max(), h - 1 - ys.max()) >= MID_PART_PX
         for x0, y0, x1, y1 in boxes:
             regions_n += 1
             hit = truth[y0:y1, x0:x1].any()
             edge = x0 <= 0 or y0 <= 0 or x1 >= w or y1 >= h
             on_defect += hit; border += edge; border_off += edge and not hit
+            mid_n += mid_part; mid_border += mid_part and edge
         n, labels, stats, _ = cv2.connectedComponentsWithStats(truth.astype(np.uint8), connectivity=8)
         for i in range(1, n):
             defects += 1
@@ -104,6 +125,7 @@ def measure(records, rule) -> dict:
         "found defects with box area <= 2x true": float(np.mean(np.asarray(ratios) <= 2)) if ratios else float("nan"),
         "regions touching the border": f"{border} of {regions_n}",
         "off-defect regions on the border": border_off,
+        f"regions of defects >= {MID_PART_PX} px from the edge touching it": f"{mid_border} of {mid_n}",
         "pixel F1 of the mask": 2 * tp / max(2 * tp + fp + fn, 1),
         "pixel IoU of the mask": tp / max(tp + fp + fn, 1),
     }

@@ -125,13 +125,39 @@ def find_regions(anomaly_map: np.ndarray, mask: np.ndarray, frame_size: tuple[in
 REGION_HALF_HEIGHT = 0.5
 
 
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+
+def ascent_peaks(anomaly_map: np.ndarray) -> np.ndarray:
+    """For each pixel, the flat index of the local maximum its steepest ascent ends at (each pixel steps to
+    its highest 8-neighbour while that is higher): the pixels sharing a peak are that peak's basin, and
+    basins meet where the map dips between two peaks."""
+    h, w = anomaly_map.shape
+    padded = np.pad(anomaly_map, 1, constant_values=-np.inf)
+    index = np.arange(h * w).reshape(h, w)
+    highest, step = anomaly_map.copy(), index.copy()
+    for dy, dx in _NEIGHBOURS:
+        neighbour = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        higher = neighbour > highest
+        highest = np.where(higher, neighbour, highest)
+        step = np.where(higher, index + dy * w + dx, step)  # never off the map: the padding is -inf
+    step = step.ravel()
+    while True:  # pointer jumping: each round doubles the steps taken
+        jumped = step[step]
+        if np.array_equal(jumped, step):
+            return step.reshape(h, w)
+        step = jumped
+
+
 def region_mask(anomaly_map: np.ndarray, score: float, threshold: float) -> np.ndarray:
     """The mask whose connected components are the regions. Candidates are the components of the map at
     or above the threshold; one is kept only when its own peak reaches the image score (the mean of the
     map's top values: a component that could not carry the verdict on its own, such as a patch of the
     border ring just over the threshold, is no region; the one holding the map's maximum always stays),
     and it is cut where the map falls below half-way between the map's median and that peak, never below
-    the threshold."""
+    the threshold. Within what is left, a basin (`ascent_peaks`) that reaches the frame's edge and whose
+    own peak is under the image score is taken away: that is the encoder's raised border ring, joined to
+    a defect's skirt above the cut, and the region stops where the map dips between the two."""
     above = anomaly_map >= threshold
     n, labels = cv2.connectedComponents(above.astype(np.uint8), connectivity=8)
     if n <= 1:
@@ -139,10 +165,18 @@ def region_mask(anomaly_map: np.ndarray, score: float, threshold: float) -> np.n
     peaks = np.full(n, -np.inf)
     np.maximum.at(peaks, labels.ravel(), anomaly_map.ravel().astype(np.float64))
     peaks[0] = -np.inf  # the background label
-    keep = peaks >= min(float(score), float(peaks.max()))
+    gate = min(float(score), float(peaks.max()))
+    keep = peaks >= gate
     background = float(np.median(anomaly_map))
     level = np.maximum(float(threshold), background + REGION_HALF_HEIGHT * (peaks - background))
-    return keep[labels] & (anomaly_map >= level[labels])
+    mask = keep[labels] & (anomaly_map >= level[labels])
+    basin_peak = ascent_peaks(anomaly_map)
+    weak = mask & (anomaly_map.ravel()[basin_peak] < gate)
+    frame_edge = np.ones(mask.shape, bool)
+    frame_edge[1:-1, 1:-1] = False
+    on_edge = np.zeros(mask.size, bool)
+    on_edge[basin_peak[weak & frame_edge]] = True
+    return mask & ~(weak & on_edge[basin_peak])
 
 
 def decide(anomaly_map: np.ndarray, score: float, threshold: float, frame_size: tuple[int, int],
