@@ -163,20 +163,39 @@ def region_mask(anomaly_map: np.ndarray, score: float, threshold: float) -> np.n
     if n <= 1:
         return above
     peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, labels.ravel(), anomaly_map.ravel().astype(np.float64))
-    peaks[0] = -np.inf  # the background label
+    np.maximum.at(peaks, labels[above], anomaly_map[above].astype(np.float64))
     gate = min(float(score), float(peaks.max()))
     keep = peaks >= gate
     background = float(np.median(anomaly_map))
     level = np.maximum(float(threshold), background + REGION_HALF_HEIGHT * (peaks - background))
     mask = keep[labels] & (anomaly_map >= level[labels])
-    basin_peak = ascent_peaks(anomaly_map)
-    weak = mask & (anomaly_map.ravel()[basin_peak] < gate)
-    frame_edge = np.ones(mask.shape, bool)
-    frame_edge[1:-1, 1:-1] = False
-    on_edge = np.zeros(mask.size, bool)
+    edge_rows, edge_cols = np.r_[0, mask.shape[0] - 1], np.r_[0, mask.shape[1] - 1]
+    if not (mask[edge_rows].any() or mask[:, edge_cols].any()):
+        return mask  # no part of it on the frame's edge: no basin to take away
+    # A mask pixel's higher neighbours are mask pixels too (higher than its cut, and joined to it), so its
+    # steepest ascent stays in the mask: the basins are found on the mask's bounding box alone.
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box = np.where(mask[y0:y1, x0:x1], anomaly_map[y0:y1, x0:x1], -np.inf)
+    basin_peak = ascent_peaks(box)
+    inside = mask[y0:y1, x0:x1]
+    weak = inside & (box.ravel()[basin_peak] < gate)
+    frame_edge = _frame_edge(inside.shape, y0 == 0, y1 == mask.shape[0], x0 == 0, x1 == mask.shape[1])
+    on_edge = np.zeros(inside.size, bool)
     on_edge[basin_peak[weak & frame_edge]] = True
-    return mask & ~(weak & on_edge[basin_peak])
+    out = mask.copy()
+    out[y0:y1, x0:x1] = inside & ~(weak & on_edge[basin_peak])
+    return out
+
+
+def _frame_edge(shape: tuple[int, int], top: bool, bottom: bool, left: bool, right: bool) -> np.ndarray:
+    """Which cells of a box lie on the frame's edge, given which sides of the box are the frame's."""
+    edge = np.zeros(shape, bool)
+    edge[0] |= top
+    edge[-1] |= bottom
+    edge[:, 0] |= left
+    edge[:, -1] |= right
+    return edge
 
 
 def decide(anomaly_map: np.ndarray, score: float, threshold: float, frame_size: tuple[int, int],
