@@ -187,8 +187,8 @@ def test_bad_enrollment_input_gets_a_clear_error(default_pack, tmp_path):
 def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
     """The encoder's zero padding lifts the outer ring of the feature grid; with its offsets and scales
     taken off (several shots; off by default, see edge.station.few_shot_enrollment) a good part's hottest point is no longer
-    drawn to the frame's border, and defective parts get fewer regions off their defect (without: 88% of
-    good parts peaked within 16 px of the border, 22 of 79 regions were border boxes; docs/evaluation.md)."""
+    drawn to the frame's border (without: 88% of good parts peaked within 16 px of the border;
+    docs/evaluation.md). Regions off the defect (22 of 79 border boxes before region_mask) stay few either way."""
     import edge.station.few_shot_enrollment as state_module
 
     good_line, test_line = SyntheticLine(seed=0), SyntheticLine(seed=0, defect_rate=0.3)
@@ -214,7 +214,9 @@ def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
     band_area = 1 - (192 / 224) ** 2  # 27% of the map lies within 16 px of its border
     assert peaks_in_band[False] > 2 * band_area  # the fault this guards against is real
     assert peaks_in_band[True] < band_area, peaks_in_band
-    assert spurious[True] < spurious[False], spurious
+    # Regions off the defect: the region extraction (edge.scoring.decide.region_mask) now drops the ring's
+    # patches whichever way the head is fitted, so the correction may only not add any.
+    assert spurious[True] <= spurious[False] <= 2, spurious
 
 
 def test_the_border_offsets_survive_a_state_round_trip(default_pack, tmp_path, monkeypatch):
