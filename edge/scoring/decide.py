@@ -200,11 +200,12 @@ def _frame_edge(shape: tuple[int, int], top: bool, bottom: bool, left: bool, rig
 
 def decide(anomaly_map: np.ndarray, score: float, threshold: float, frame_size: tuple[int, int],
            latency_ms: float = 0.0, p_value: float | None = None) -> Result:
-    """The verdict of a scored map: anomalous at or above the threshold. The mask is `region_mask` (the
-    score and verdict do not depend on it), and its connected regions are reported (frame pixels) for
-    anomalous frames."""
+    """The verdict of a scored map: anomalous at or above the threshold. An anomalous frame's mask is
+    `region_mask` (the score and verdict do not depend on it) and its connected regions are reported in
+    frame pixels; a normal frame has no anomalous pixel and no region (an empty mask, at no cost on the
+    frames that pass)."""
     anomalous = score >= threshold
-    mask = region_mask(anomaly_map, score, threshold)
+    mask = region_mask(anomaly_map, score, threshold) if anomalous else np.zeros(anomaly_map.shape, bool)
     regions = find_regions(anomaly_map, mask, frame_size) if anomalous else []
     return Result(score=score, threshold=threshold, anomalous=anomalous, anomaly_map=anomaly_map,
                   mask=mask, regions=regions, frame_size=frame_size, latency_ms=latency_ms, p_value=p_value)
