@@ -314,16 +314,8 @@ class TraceStore(SqliteStore):
         with self._space_lock:
             self._last_room_at = time.monotonic()
             self.checkpoint_all()
-            removed = 0
-            while self._free_space() < floor:
-                rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
-                                 "AND files_purged = 0 ORDER BY captured_at LIMIT 16")
-                if not rows:
-                    break
-                for part_id, files_dir, nbytes in rows:
-                    self._remove_files(files_dir, nbytes)
-                    self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
-                    removed += 1
+            # Whole batches of 16: the floor keeps some slack above the part that makes room (the WAL grows).
+            removed = self._purge_oldest_files(lambda: self._free_space() >= floor, batch=16, stop_in_batch=False)
             if removed:
                 log.warning("traceability: below the free-space floor (%g MB): removed the files of the %d "
                             "oldest parts", self.min_free_mb, removed)
@@ -348,24 +340,13 @@ class TraceStore(SqliteStore):
         """Checkpoint the databases, then remove the oldest parts' files until files and databases fit
         the budget; returns how many parts lost files."""
         budget = self.disk_budget_mb * 1e6
-        removed = 0
         wal = sum(f.stat().st_size for f in self.root.glob("*.sqlite-wal") if f.exists())
         # A checkpoint costs a sync: at most one a second, unless the WALs are a tenth of the budget.
         if self.used_bytes() > budget and (wal > budget / 10 or time.monotonic() - self._last_room_at >= 1.0):
             self._last_room_at = time.monotonic()
             self.checkpoint_all()
         db = self.db_bytes()
-        while self._files_bytes + db > budget:
-            rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
-                             "AND files_purged = 0 ORDER BY captured_at LIMIT 64")
-            if not rows:
-                break
-            for part_id, files_dir, nbytes in rows:
-                self._remove_files(files_dir, nbytes)
-                self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
-                removed += 1
-                if self._files_bytes + db <= budget:
-                    break
+        removed = self._purge_oldest_files(lambda: self._files_bytes + db <= budget, batch=64, stop_in_batch=True)
         over = self._files_bytes + db > budget
         if over and not self.over_budget:
             log.error("traceability: the databases in %s alone take %.1f MB, over storage.disk_budget_mb %g "
@@ -376,6 +357,24 @@ class TraceStore(SqliteStore):
             log.info("traceability: disk budget %.0f MB reached; removed the files of the %d oldest parts",
                      self.disk_budget_mb, removed)
             self._prune_empty_days()
+        return removed
+
+    def _purge_oldest_files(self, enough, batch: int, stop_in_batch: bool) -> int:
+        """Remove the oldest parts' image files (their rows stay, marked files_purged), `batch` rows at a
+        time, until `enough()`; with `stop_in_batch` it is asked after every part, else after each batch.
+        Returns how many parts lost their files."""
+        removed = 0
+        while not enough():
+            rows = self._sql("SELECT part_id, files_dir, files_bytes FROM parts WHERE files_dir IS NOT NULL "
+                             "AND files_purged = 0 ORDER BY captured_at LIMIT ?", (batch,))
+            if not rows:
+                break
+            for part_id, files_dir, nbytes in rows:
+                self._remove_files(files_dir, nbytes)
+                self._sql("UPDATE parts SET files_purged = 1 WHERE part_id = ?", (part_id,))
+                removed += 1
+                if stop_in_batch and enough():
+                    break
         return removed
 
     def _remove_files(self, files_dir: str, nbytes: int) -> None:
