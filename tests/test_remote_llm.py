@@ -203,7 +203,8 @@ def test_a_wrong_key_is_named_and_parts_wait_for_the_right_one(llama_server, smo
         assert "401" in remote["last_error"] and str(key) in remote["last_error"]
         assert store.get("P-1").status == "pending" and messages == []
         key.write_text(KEY)  # read at every request: fixing the file is enough
-        wait_until(lambda: store.get("P-1").status == "done", 60, "the part explained with the right key")
+        # the session is marked done, then its explanation message is handed on: wait for both
+        wait_until(lambda: store.get("P-1").status == "done" and messages, 60, "the part explained with the right key")
         assert messages[-1]["status"] == "done"
     finally:
         worker.stop()
