@@ -47,12 +47,18 @@ class InputSpec(_Strict):
     colour: Literal["rgb", "bgr", "gray"] = "rgb"
     channels: Literal[1, 3] = 3
     normalization: Normalization
-
+    # None: the encoder takes height x width only. An integer: it takes any height and width that are
+    # multiples of it (its ONNX input has dynamic H and W), so a station whose frames are far from this
+    # aspect ratio can score them at their own (Pack.at_input_size).
+    size_multiple: int | None = Field(default=None, gt=0, le=512)
 
     @model_validator(mode="after")
     def _channels_consistent(self):
         if self.colour in ("rgb", "bgr") and self.channels != 3:
             raise ValueError(f"colour {self.colour} needs channels: 3, not {self.channels}")
+        m = self.size_multiple
+        if m is not None and (self.height % m or self.width % m):
+            raise ValueError(f"input {self.height}x{self.width} is not a multiple of size_multiple {m}")
         n = len(self.normalization.mean)
         if n not in (1, self.channels):
             raise ValueError(f"normalization has {n} values for {self.channels} channels (give 1 or {self.channels})")
@@ -230,6 +236,27 @@ class Pack:
         self.root = root
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
+        self.native_size: tuple[int, int] | None = None  # set on a copy at another input size: pack.yaml's
+
+    def at_input_size(self, height: int, width: int) -> "Pack":
+        """This pack with the encoder fed height x width frames (its grid follows); itself where that is
+        pack.yaml's size. Only a pack whose input declares `size_multiple` takes another size."""
+        spec = self.input
+        if (height, width) == (spec.height, spec.width):
+            return self
+        m = spec.size_multiple
+        if m is None:
+            raise PackError(f"{self.root}: the encoder takes {spec.height}x{spec.width} frames only (pack.yaml "
+                            f"input has no size_multiple), not {height}x{width}")
+        if height % m or width % m or not 0 < height <= 4096 or not 0 < width <= 4096:
+            raise PackError(f"{self.root}: input {height}x{width}: both sides must be multiples of {m}, up to 4096")
+        s = self.encoder.stride
+        encoder = self.encoder.model_copy(update={"feature_shape": (self.encoder.feature_shape[0], height // s, width // s)})
+        manifest = self.manifest.model_copy(update={"input": spec.model_copy(update={"height": height, "width": width}),
+                                                    "encoder": encoder})
+        copy = Pack(self.root, manifest, self.manifest_sha256)
+        copy.native_size = self.native_size or (spec.height, spec.width)
+        return copy
 
     @property
     def model_id(self) -> str:

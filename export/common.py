@@ -31,11 +31,14 @@ def note(text: str) -> None:
     print(f"      {text}", file=sys.stderr, flush=True)
 
 
-def export_onnx(model, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> None:
-    """TorchScript ONNX export (opset 17), batch dimension of every input and output dynamic."""
+def export_onnx(model, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                dynamic_size: bool = False) -> None:
+    """TorchScript ONNX export (opset 17), batch dimension of every input and output dynamic; with
+    `dynamic_size` also the height and width of every (N x C x H x W) input and output."""
     import torch
 
-    dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    spatial = {2: "height", 3: "width"} if dynamic_size else {}
+    dynamic = {name: {0: "batch", **spatial} for name in [*input_names, *output_names]}
     with warnings.catch_warnings():
         # Tracer notes about constant-folded shapes: expected, the spatial size is fixed per pack.
         warnings.simplefilter("ignore")
@@ -62,14 +65,16 @@ def onnx_max_abs_error(model, path: Path, feeds: dict[str, np.ndarray], output_n
     return errors
 
 
-def check_encoder_onnx(model, path: Path, size: int, span: float, n_noise: int, seed: int = 0) -> float:
+def check_encoder_onnx(model, path: Path, size: int | tuple[int, int], span: float, n_noise: int, seed: int = 0) -> float:
     """Max abs difference between ONNX Runtime and the PyTorch forward of an image encoder, on `n_noise`
-    images of uniform noise over +-`span` (the normalised input range) and one blurred, image-like texture."""
+    images of uniform noise over +-`span` (the normalised input range) and one blurred, image-like texture;
+    `size`: the side of a square input, or (height, width)."""
     import cv2
 
+    h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    noise = rng.uniform(-span, span, (n_noise, 3, size, size)).astype(np.float32)
-    texture = cv2.GaussianBlur(rng.uniform(-span, span, (size, size, 3)).astype(np.float32), (0, 0), 3) * 4
+    noise = rng.uniform(-span, span, (n_noise, 3, h, w)).astype(np.float32)
+    texture = cv2.GaussianBlur(rng.uniform(-span, span, (h, w, 3)).astype(np.float32), (0, 0), 3) * 4
     batch = np.concatenate([noise, np.clip(texture, -span, span).transpose(2, 0, 1)[None]])
     return onnx_max_abs_error(model, path, {"image": batch}, ["features"])["features"]
 

@@ -26,6 +26,7 @@ from .common import step as _step
 TAPS = (4, 10, 14)
 N_BLOCKS = 16  # MBConv blocks in EfficientNet-Lite0
 MAX_ABS_ERROR = 1e-4
+SIZE_MULTIPLE = 32  # the network's total stride: the encoder takes any height and width that are multiples of it
 LLM_CONTEXT = 2048
 
 
@@ -48,12 +49,22 @@ def export_onnx(model, path: Path, size: int) -> None:
 
     # The TorchScript exporter: no extra dependency, and this graph (convs, pads, pools, resize)
     # is well inside what it handles.
-    _export_onnx(model, (torch.zeros(2, 3, size, size),), path, ["image"], ["features"])
+    # Height and width are dynamic: a station whose frames are far from square scores them at their own
+    # aspect ratio (any multiple of SIZE_MULTIPLE, edge.pack.Pack.at_input_size).
+    _export_onnx(model, (torch.zeros(2, 3, size, size),), path, ["image"], ["features"], dynamic_size=True)
+
+
+def non_square_size(size: int) -> tuple[int, int]:
+    """A wide input of about the same area, both sides multiples of SIZE_MULTIPLE (224: 160 x 352)."""
+    m = SIZE_MULTIPLE
+    return max(m, (size // m - 2) * m), (size // m + 4) * m
 
 
 def check_onnx(model, path: Path, size: int, seed: int = 0) -> float:
-    """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs ((x-127)/128: +-1)."""
-    return check_encoder_onnx(model, path, size, span=1.0, n_noise=2, seed=seed)
+    """Max abs difference between ONNX Runtime and the PyTorch forward on varied inputs ((x-127)/128: +-1),
+    at the pack's square size and at a wide one."""
+    return max(check_encoder_onnx(model, path, size, span=1.0, n_noise=2, seed=seed),
+               check_encoder_onnx(model, path, non_square_size(size), span=1.0, n_noise=1, seed=seed + 1))
 
 
 def fetch_llm(log) -> Path:
@@ -121,7 +132,8 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
                         "with a memory-bank nearest-neighbour scorer",
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             input=InputSpec(height=size, width=size, colour="rgb", channels=3,
-                            normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3)),
+                            normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3),
+                            size_multiple=SIZE_MULTIPLE),
             files=files,
             encoder=EncoderSpec(file="encoder", output="features", feature_shape=(channels, size // stride, size // stride),
                                 stride=stride, layers=layers, aggregation="avg3x3"),

@@ -49,19 +49,24 @@ def test_enroll_then_score_flags_the_defects(default_pack_dir, synthetic_dataset
     assert len(list((state / "good").iterdir())) == 12
     frames = tmp_path / "frames"
     frames.mkdir()
-    for kind in ("good", "hole", "scratch"):
+    for kind in ("hole", "scratch"):
         src = synthetic_dataset / "test" / kind / "000.png"
         (frames / f"{kind}.png").write_bytes(src.read_bytes())
+    goods = sorted((synthetic_dataset / "test" / "good").iterdir())
+    for i, src in enumerate(goods):
+        (frames / f"good{i}.png").write_bytes(src.read_bytes())
     (frames / "broken.png").write_bytes(b"nope")
     proc = run_cli("score", "--pack", default_pack_dir, "--state", state, frames, "--json",
                    "--overlays", tmp_path / "ov", check=False)
     assert proc.returncode == 1  # one file failed; the others were still scored
     assert "broken.png: not a readable image" in proc.stderr
     rows = {json.loads(line)["image"].split("/")[-1]: json.loads(line) for line in proc.stdout.splitlines()}
-    assert rows["good.png"]["verdict"] == "normal"
+    # The threshold aims at 5% false rejects: of the 8 good parts at most one may be rejected.
+    good_rows = [rows[f"good{i}.png"] for i in range(len(goods))]
+    assert sum(r["verdict"] == "anomalous" for r in good_rows) <= 1
     assert rows["hole.png"]["verdict"] == "anomalous" and rows["scratch.png"]["verdict"] == "anomalous"
-    assert rows["hole.png"]["regions"] and rows["hole.png"]["score"] > rows["good.png"]["score"]
-    assert len(list((tmp_path / "ov").glob("*_overlay.png"))) == 3
+    assert rows["hole.png"]["regions"] and rows["hole.png"]["score"] > max(r["score"] for r in good_rows)
+    assert len(list((tmp_path / "ov").glob("*_overlay.png"))) == 2 + len(goods)
 
 
 def test_bad_arguments_get_clear_errors(default_pack_dir, tmp_path):

@@ -87,21 +87,24 @@ def test_one_shot_threshold_accepts_good_views_and_rejects_defects(one_shot, lin
 def test_one_shot_threshold_passes_fresh_good_parts(default_pack):
     # Enrolled from one part, the threshold must hold the line's other good parts (the quadrants of one
     # part vary less than parts do): the robust fit to the quadrant scores, capped at the synthetic-defect
-    # median, rejected 4 of these 20 (threshold 7.9); the largest quadrant score (10.4) rejects none.
-    line = SyntheticLine(seed=1, defect_rate=0.0)
-    state = build_state(default_pack, line.good(1), seed=0, quiet=True)
-    cal = state.calibration
-    assert cal.threshold == pytest.approx(max(cal.normal_scores)) and "max" in cal.method
-    assert cal.threshold < np.median(cal.synthetic_scores)  # the pasted defects still score above it
-    scorer = Scorer(default_pack, state.bank, cal.threshold, head=state.head, calibration=cal)
-    good = [p.image for p in line.parts(20)]
-    rejected = sum(r.anomalous for r in scorer.score(good))
-    assert rejected <= 2, f"{rejected} of {len(good)} fresh good parts rejected at threshold {cal.threshold:.2f}"
-    rng = np.random.default_rng(4)
-    kinds = ("scratch", "hole", "stain", "missing_chunk") * 2
-    defects = [apply_defect(p.image, kind, rng)[0] for p, kind in zip(line.parts(8, start=40), kinds)]
-    caught = sum(r.anomalous for r in scorer.score(defects))
-    assert caught >= 7, f"{caught} of {len(defects)} defective parts rejected"
+    # median, rejected 4 of 20 of line 1's good parts (threshold 7.9); the largest quadrant score rejects
+    # about the target's 5% (measured over 8 lines: 0.053, with the background masked) and misses 9% of defects.
+    good_rejected = good = missed = defective = 0
+    for seed in (1, 2, 3, 4):
+        line = SyntheticLine(seed=seed, defect_rate=0.5)
+        state = build_state(default_pack, line.good(1), seed=0, quiet=True)
+        cal = state.calibration
+        assert cal.threshold == pytest.approx(max(cal.normal_scores)) and "max" in cal.method
+        assert cal.threshold < np.median(cal.synthetic_scores)  # the pasted defects still score above it
+        scorer = Scorer(default_pack, state.bank, cal.threshold, head=state.head, calibration=cal)
+        parts = list(line.parts(40, start=1))
+        for part, r in zip(parts, scorer.score([p.image for p in parts])):
+            if part.defect is None:
+                good, good_rejected = good + 1, good_rejected + r.anomalous
+            else:
+                defective, missed = defective + 1, missed + (not r.anomalous)
+    assert good_rejected <= 0.10 * good, f"{good_rejected} of {good} fresh good parts rejected"
+    assert missed <= 0.15 * defective, f"{missed} of {defective} defective parts passed"
 
 
 def test_too_few_held_out_units_take_the_largest_score():
@@ -151,25 +154,6 @@ def test_state_round_trip_keeps_the_head_and_target(default_pack, tmp_path, line
     assert len(list((tmp_path / "state").glob("head-*.npz"))) == 1
 
 
-def test_defect_on_a_long_strip_stays_inside_its_region(default_pack):
-    """A 500 x 1250 strip: the map is mapped back to the frame, and the defect is found where it is."""
-    rng = np.random.default_rng(0)
-    texture = (120 + 10 * rng.standard_normal((500, 1250))).astype(np.float32)
-    strips = [np.clip(texture + 3 * rng.standard_normal(texture.shape), 0, 255).astype(np.uint8) for _ in range(3)]
-    state = build_state(default_pack, strips[:2], seed=0, quiet=True)
-    scorer = Scorer(default_pack, state.bank, state.calibration.threshold, head=state.head,
-                    calibration=state.calibration)
-    bad = strips[2].copy()
-    bad[200:300, 900:1000] = 30  # dark 100 x 100 px blotch
-    r = scorer.score_one(bad)
-    assert r.frame_size == (500, 1250) and r.anomalous
-    full = r.map_at_frame()
-    y, x = np.unravel_index(np.argmax(full), full.shape)
-    assert 150 <= y <= 350 and 850 <= x <= 1050
-    assert r.regions and any(reg.x <= 1000 and reg.x + reg.width >= 900 and reg.y <= 300
-                             and reg.y + reg.height >= 200 for reg in r.regions)
-
-
 def test_bad_enrollment_input_gets_a_clear_error(default_pack, tmp_path):
     good = write_good_parts(tmp_path / "good", 2, seed=1)
     with pytest.raises(StateError, match="at least 1"):
@@ -197,7 +181,8 @@ def test_good_parts_peak_on_the_part_not_on_the_frame_border(default_pack):
     for fixed in (False, True):
         state_module.BORDER_OFFSETS = state_module.BORDER_SCALES = fixed
         try:
-            state = build_state(default_pack, good_line.good(8), seed=0, quiet=True)
+            # (background masking, edge.scoring.foreground, off: this measures the ring's correction alone)
+            state = build_state(default_pack, good_line.good(8), seed=0, quiet=True, foreground="off")
         finally:
             state_module.BORDER_OFFSETS = state_module.BORDER_SCALES = False
         assert (state.head.border_scales is not None) == fixed

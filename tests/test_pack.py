@@ -69,11 +69,35 @@ def test_inconsistent_feature_shape_is_refused(pack_copy):
 
 
 def test_manifest_that_disagrees_with_the_onnx_graph_is_refused(pack_copy):
+    import onnx
+
+    from edge.pack import sha256_file
+
+    def fixed_input(d):  # the graph's height and width fixed at 224, as packs before size_multiple
+        model = onnx.load(str(pack_copy / "encoder.onnx"))
+        for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], (224, 224)):
+            dim.dim_value = value
+        onnx.save(model, str(pack_copy / "encoder.onnx"))
+        d["files"]["encoder"]["sha256"] = sha256_file(pack_copy / "encoder.onnx")
+    edit_manifest(pack_copy, fixed_input)
+    with pytest.raises(PackError, match=r"input 'image' has a fixed size \[224, 224\], but pack\.yaml says the "
+                                        r"encoder takes any multiple of 32"):
+        OnnxRuntimeBackend(load_pack(pack_copy))
+
     def grow(d):
+        del d["input"]["size_multiple"]
         d["input"].update(height=256, width=256)
         d["encoder"]["feature_shape"] = [344, 32, 32]
     edit_manifest(pack_copy, grow)
     with pytest.raises(PackError, match=r"input 'image' has shape .*224.*pack\.yaml says N x \(3, 256, 256\)"):
+        OnnxRuntimeBackend(load_pack(pack_copy))
+
+    def more_channels(d):
+        d["input"].update(height=224, width=224)
+        d["encoder"]["feature_shape"] = [345, 28, 28]
+        d["encoder"]["layers"][0]["channels"] += 1
+    edit_manifest(pack_copy, more_channels)
+    with pytest.raises(PackError, match=r"output 'features' of a 224x224 frame has shape \[344, 28, 28\], expected \[345, 28, 28\]"):
         OnnxRuntimeBackend(load_pack(pack_copy))
 
 

@@ -56,6 +56,21 @@ def student_trainer(args, pack):
                                                 log=lambda m: print(m, file=sys.stderr))
 
 
+def add_foreground_option(p, default) -> None:
+    p.add_argument("--foreground", choices=["auto", "on", "off"], default=default,
+                   help="few-shot head: score only the part's patches of parts on a plain background (auto: "
+                        "where every reference is one" + (", the default" if default == "auto" else
+                                                           "; default: what the state was enrolled with, else auto") + ")")
+
+
+def add_aspect_option(p, default) -> None:
+    p.add_argument("--aspect", choices=["auto", "keep", "squash"], default=default,
+                   help="frames far from the pack's shape: keep their aspect ratio (the encoder fed the same area at "
+                        "that shape) or squash them to the pack's size (auto: keep where the pack allows it and "
+                        "the references share one shape " + ("; the default" if default == "auto" else
+                                                              "; default: what the state was enrolled with, else auto") + ")")
+
+
 def add_student_options(p) -> None:
     p.add_argument("--scorer", choices=["bank", "student"], default="bank",
                    help="bank: memory bank only; student: also train the learned scorer (needs torch)")

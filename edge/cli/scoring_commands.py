@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from edge.cli.options import add_student_options, add_tiling_args, positive, shots, student_trainer, tiling_from_options
+from edge.cli.options import (add_aspect_option, add_foreground_option, add_student_options, add_tiling_args, positive,
+                              shots, student_trainer, tiling_from_options)
 
 
 def cmd_score(args) -> int:
@@ -60,6 +61,7 @@ def cmd_eval(args) -> int:
     pack = load_pack(args.pack)
     report = args.report or (str(Path(args.json).with_suffix("")) + "-report" if args.json else None)
     result = evaluate(pack, args.data, args.shots, seed=args.seed, report_dir=report, quiet=args.quiet,
+                      foreground=args.foreground, aspect=args.aspect,
                       log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
                       train_student=student_trainer(args, pack), learn_parts=args.learn,
                       learn_defect_rate=args.learn_defect_rate)
@@ -119,6 +121,8 @@ def add_parsers(sub) -> None:
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_foreground_option(v, default="auto")
+    add_aspect_option(v, default="auto")
     add_student_options(v)
     add_tiling_args(v)
     v.set_defaults(func=cmd_eval)

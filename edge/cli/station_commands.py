@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from edge.cli.options import (add_student_options, add_tiling_args, positive, positive_float, shots, student_trainer,
-                              tiling_from_options)
+from edge.cli.options import (add_aspect_option, add_foreground_option, add_student_options, add_tiling_args,
+                              positive, positive_float, shots, student_trainer, tiling_from_options)
 from edge.errors import EdgeError
 
 
@@ -33,7 +33,8 @@ def _enroll(pack, good, args) -> int:
 
     state = enroll(pack, good, args.out, shots=args.shots, seed=args.seed, quiet=args.quiet,
                    log=lambda m: print(m, file=sys.stderr), tiling=tiling_from_options(args),
-                   train_student=student_trainer(args, pack), target_false_reject=args.target_false_reject)
+                   train_student=student_trainer(args, pack), target_false_reject=args.target_false_reject,
+                   foreground=args.foreground, aspect=args.aspect)
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
@@ -86,6 +87,8 @@ def add_parsers(sub) -> None:
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.add_argument("--target-false-reject", type=float, default=None, metavar="RATE",
                    help="false-reject rate the automatic threshold aims at, in (0, 0.5) (default: the state's, else 0.05)")
+    add_foreground_option(n, default=None)
+    add_aspect_option(n, default=None)
     add_student_options(n)
     add_tiling_args(n)
     n.set_defaults(func=cmd_enroll)

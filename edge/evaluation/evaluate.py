@@ -35,11 +35,14 @@ BATCH = 8
 
 def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, report_dir: str | Path | None = None,
              n_overlays: int = 6, quiet: bool = False, log=print, tiling=None, train_student=None,
-             learn_parts: int | None = None, learn_defect_rate: float = 0.1) -> dict:
+             learn_parts: int | None = None, learn_defect_rate: float = 0.1, foreground: str = "auto",
+             aspect: str = "auto") -> dict:
     """`train_student(images, folder) -> StudentSpec` (export.student) evaluates the learned scorer
     instead of the memory bank. `learn_parts` evaluates learn mode instead (edge.station.learn): an unlabeled
     stream of that many parts, good train images with `learn_defect_rate` of defective test images mixed
-    in (those are then left out of the scored test set)."""
+    in (those are then left out of the scored test set). `foreground` auto | on | off: whether the few-shot
+    head masks the background of parts on a plain one (edge.scoring.foreground); `aspect` auto | keep |
+    squash: whether frames far from the pack's shape keep their aspect ratio (edge.station.input_size)."""
     if tiling is not None and train_student is not None:
         raise EdgeError("the learned scorer scores whole frames: evaluate tiling with --scorer bank")
     category = open_dataset(data)
@@ -57,12 +60,14 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         if train_student is None:
             extractor = FeatureExtractor(pack)
             if tiling is None:
-                state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet)
+                state = build_state(pack, ref_images, extractor, seed=seed, quiet=quiet, foreground=foreground,
+                                    aspect=aspect)
             else:
                 state = build_tiled_state(pack, ref_images, tiling, extractor, seed=seed, quiet=quiet)
             calibration = state.calibration
             info = {"bank_patches": sum(len(b) for b in state.banks),
-                    "tiling": state.layout.to_dict() if state.layout is not None else None}
+                    "tiling": state.layout.to_dict() if state.layout is not None else None,
+                    "foreground": state.info.get("foreground"), "input": state.info.get("input")}
             scorer = build_scorer(pack, state, tiling, extractor=extractor)
         else:
             student = train_student(ref_images, Path(work))

@@ -135,6 +135,10 @@ class OnnxRuntimeBackend:
         got_in = inputs[spec.name]
         if len(got_in) != 4 or not all(dim_matches(d, w) for d, w in zip(got_in[1:], want_in)):
             raise PackError(f"{path}: input '{spec.name}' has shape {got_in}, pack.yaml says N x {want_in}")
+        if spec.size_multiple is not None and any(isinstance(d, int) for d in got_in[2:]):
+            raise PackError(f"{path}: input '{spec.name}' has a fixed size {got_in[2:]}, but pack.yaml says the "
+                            f"encoder takes any multiple of {spec.size_multiple} (input.size_multiple): export it "
+                            "with dynamic height and width, or drop size_multiple")
         out = self.output_name
         if out not in outputs:
             raise PackError(f"{path}: has no output '{out}' (outputs: {sorted(outputs)})")
@@ -142,6 +146,12 @@ class OnnxRuntimeBackend:
         want_out = self.output_shape
         if len(got_out) != 4 or not all(dim_matches(d, w) for d, w in zip(got_out[1:], want_out)):
             raise PackError(f"{path}: output '{out}' has shape {got_out}, expected N x {want_out}")
+        if not all(isinstance(d, int) for d in got_out[1:]):
+            # Symbolic output dims (a graph with dynamic height and width): one blank frame shows what it gives.
+            ran = self.session.run([out], {spec.name: np.zeros((1, *want_in), np.float32)})[0].shape
+            if tuple(ran[1:]) != tuple(want_out):
+                raise PackError(f"{path}: output '{out}' of a {spec.height}x{spec.width} frame has shape "
+                                f"{list(ran[1:])}, expected {list(want_out)}")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.run_outputs(batch, [self.output_name])[0]
@@ -331,7 +341,10 @@ def create_backend(pack: Pack, kind: str = "auto", threads: int | None = None, g
         raise ValueError(f"unknown backend '{kind}' (choose auto, onnxruntime or tensorrt)")
     if kind == "tensorrt":
         return TensorRtBackend(pack)
-    if kind == "auto" and f"{pack.encoder.file}_engine" in pack.manifest.files:
+    if kind == "auto" and pack.native_size is not None and f"{pack.encoder.file}_engine" in pack.manifest.files:
+        log.info("TensorRT engine not used: it was built for %dx%d frames and this station scores %dx%d ones "
+                 "(ONNX Runtime)", *pack.native_size, pack.input.height, pack.input.width)
+    elif kind == "auto" and f"{pack.encoder.file}_engine" in pack.manifest.files:
         try:
             return TensorRtBackend(pack)
         except EngineMismatch:

@@ -6,6 +6,8 @@ refuses) or drops them (a file that decoded whole); OpenCV's own log is kept to 
 """
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 import re
@@ -115,6 +117,12 @@ def check_frame(img, origin: str = "frame") -> np.ndarray:
         elif channels != 3:
             raise ImageError(f"{origin}: {channels} channels not supported (1, 3 or 4)")
     return img
+
+
+def aspect_kept_size(aspect: float, area: int, multiple: int) -> tuple[int, int]:
+    """(height, width), both multiples of `multiple`, of about `area` pixels and width/height `aspect`."""
+    h = math.sqrt(area / aspect)
+    return (max(multiple, round(h / multiple) * multiple), max(multiple, round(h * aspect / multiple) * multiple))
 
 
 def to_input_pixels(img: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -31,6 +31,7 @@ import edge.scoring.anomalygpt  # noqa: F401  (each of these registers its score
 import edge.scoring.station_graph  # noqa: F401
 import edge.scoring.tiling  # noqa: F401
 from edge.errors import StateError
+from edge.inference.features import FeatureExtractor
 from edge.pack import Pack
 from edge.scoring.numerics import check
 from edge.scoring.registry import ScorerRequest, scorer_kind
@@ -55,7 +56,15 @@ def build_scorer(pack: Pack, state, tiling=None, *, kind: str = "bank", allow_un
     if extractor is None and replacing is not None and not isinstance(replacing, StudentScorer):
         extractor = replacing.extractor
     request = ScorerRequest(pack, state, tiling, kind, allow_undertrained, cpu_scoring, backend, extractor)
-    entry = scorer_kind(resolve_kind(request), pack)
+    resolved = resolve_kind(request)
+    if getattr(state, "input_size", None) is not None and resolved != "student":
+        # The station feeds its frames at their own aspect ratio (edge.station.input_size): the pack at that
+        # size, on the encoder session given (ONNX Runtime takes any size the pack allows).
+        pack = pack.at_input_size(*state.input_size)
+        if extractor is not None:
+            extractor = FeatureExtractor(pack, extractor.backend)
+        request = ScorerRequest(pack, state, tiling, kind, allow_undertrained, cpu_scoring, backend, extractor)
+    entry = scorer_kind(resolved, pack)
     scorer = entry.build(request)
     if entry.checks_engine:
         check(state, scorer.extractor.backend)  # the threshold holds for its numerics only

@@ -7,7 +7,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-VIEW_MODES = ("none", "rot8", "rot8+shift", "rot8+shift+photo")
+from edge.errors import StateError
+from edge.scoring.foreground import Foreground
+
+# flip4: the turns that keep a frame's shape (a non-square station input: quarter turns would squash it).
+VIEW_MODES = ("none", "rot8", "rot8+shift", "rot8+shift+photo", "flip4+shift")
 SHIFTS = ((0.04, 0.03), (-0.03, -0.04), (0.05, -0.02), (-0.02, 0.05))
 # (contrast about the image mean, brightness offset) pairs: slow lighting drift on the line.
 PHOTOMETRIC = ((0.85, 0.0), (1.15, 0.0), (1.0, -18.0), (1.0, 18.0))
@@ -20,6 +24,11 @@ def flips_and_rotations(image: np.ndarray) -> list[np.ndarray]:
         for k in range(4):
             views.append(np.ascontiguousarray(np.rot90(flipped, k)))
     return views
+
+
+def flips(image: np.ndarray) -> list[np.ndarray]:
+    """The 4 views that keep the frame's shape: as it is, mirrored left-right, upside down, turned by 180 degrees."""
+    return [image, *(np.ascontiguousarray(cv2.flip(image, code)) for code in (1, 0, -1))]
 
 
 def shifted(image: np.ndarray, dx: float, dy: float, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
@@ -45,7 +54,7 @@ def few_shot_views(image: np.ndarray, mode: str, labels: bool = False) -> list[n
         raise ValueError(f"view mode {mode!r}: expected one of {', '.join(VIEW_MODES)}")
     if mode == "none":
         return [image]
-    views = flips_and_rotations(image)
+    views = flips_and_rotations(image) if mode.startswith("rot8") else flips(image)
     if "shift" in mode:
         interpolation = cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR
         views += [shifted(image, dx, dy, interpolation) for dx, dy in SHIFTS]
@@ -188,7 +197,8 @@ class FewShotHead:
     `patch_scores(features, bank)` takes N x h x w x C features and returns N x h x w scores."""
 
     def __init__(self, kind: str, views: str, subspace: SubspaceHead, subspace_scale: float,
-                 nn_scale: float | None = None, border_offsets: np.ndarray | None = None):
+                 nn_scale: float | None = None, border_offsets: np.ndarray | None = None,
+                 foreground: Foreground | None = None):
         if kind not in HEAD_KINDS:
             raise ValueError(f"few-shot head {kind!r}: expected one of {', '.join(HEAD_KINDS)}")
         if kind == "nn+subspace" and not nn_scale:
@@ -201,6 +211,8 @@ class FewShotHead:
         # before scoring. None: heads fitted without it (single shots, states written before).
         self.border_offsets = None if border_offsets is None else np.ascontiguousarray(border_offsets, np.float32)
         self.border_scales = None  # h x w: the ring's typical score on the references over the interior's (1 inside)
+        # Parts on a plain background: only the part's patches are scored (edge.scoring.foreground); None: all.
+        self.foreground = foreground
 
     def flat_scores(self, rows: np.ndarray, bank=None) -> np.ndarray:
         s = self.subspace.residual(rows) / self.subspace_scale
@@ -208,11 +220,14 @@ class FewShotHead:
             s += np.sqrt(bank.nearest_sqdist(rows)) / self.nn_scale
         return s
 
-    def patch_scores(self, features: np.ndarray, bank=None) -> np.ndarray:
+    def patch_scores(self, features: np.ndarray, bank=None, weights: np.ndarray | None = None) -> np.ndarray:
+        """`weights` (N x h x w, from the head's `foreground.prepare`): each patch's score times its weight."""
         n, h, w, c = features.shape
         scores = self.flat_scores(self.without_border_offsets(features).reshape(-1, c), bank).reshape(n, h, w)
         if self.border_scales is not None:
             scores = scores / self.border_scales
+        if weights is not None:
+            scores = scores * weights
         return scores
 
     def without_border_offsets(self, features: np.ndarray) -> np.ndarray:
@@ -227,7 +242,8 @@ class FewShotHead:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "views": self.views, "dims": self.subspace.dims,
-                "subspace_scale": self.subspace_scale, "nn_scale": self.nn_scale}
+                "subspace_scale": self.subspace_scale, "nn_scale": self.nn_scale,
+                "foreground": self.foreground is not None}
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.subspace.mean, "basis": self.subspace.basis}
@@ -235,12 +251,18 @@ class FewShotHead:
             out["border_offsets"] = self.border_offsets
         if self.border_scales is not None:
             out["border_scales"] = self.border_scales
+        if self.foreground is not None:
+            out["foreground_envelope"] = self.foreground.envelope.astype(np.uint8)
         return out
 
     @classmethod
     def from_parts(cls, d: dict, arrays) -> "FewShotHead":
+        envelope = arrays.get("foreground_envelope") if d.get("foreground") else None
+        if d.get("foreground") and envelope is None:
+            raise StateError("the few-shot head masks the background but its file holds no foreground_envelope")
         head = cls(d["kind"], d["views"], SubspaceHead(arrays["mean"], arrays["basis"]), d["subspace_scale"],
-                   d.get("nn_scale"), arrays.get("border_offsets"))
+                   d.get("nn_scale"), arrays.get("border_offsets"),
+                   None if envelope is None else Foreground(np.asarray(envelope) > 0))
         head.border_scales = arrays.get("border_scales")
         return head
 

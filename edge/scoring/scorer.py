@@ -18,7 +18,7 @@ from edge.inference.features import FeatureExtractor
 from edge.scoring.bank import MemoryBank
 from edge.scoring.decide import Result, decide, image_score
 from edge.pack import Pack
-from edge.inference.preprocess import check_frame
+from edge.inference.preprocess import check_frame, to_input_pixels
 
 
 def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -95,10 +95,11 @@ class Scorer:
         self.head = head
         self.calibration = calibration
 
-    def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
-        """N x h x w x C features -> N x H x W anomaly maps at the pack's input size."""
+    def anomaly_maps(self, features: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """N x h x w x C features -> N x H x W anomaly maps at the pack's input size. `weights` (N x h x w,
+        a head that masks the background: `prepare`): each patch's score times its weight."""
         if self.head is not None:
-            return grid_maps(self.head.patch_scores(features, self.bank), self.pack)
+            return grid_maps(self.head.patch_scores(features, self.bank, weights), self.pack)
         return anomaly_maps(self.bank, features, self.pack)
 
     def decide(self, anomaly_map: np.ndarray, frame_size: tuple[int, int], latency_ms: float = 0.0) -> Result:
@@ -110,9 +111,19 @@ class Scorer:
         """Score a batch of frames (grey or BGR uint8, any size)."""
         t0 = time.perf_counter()
         frames = [check_frame(f) for f in frames]
-        maps = self.anomaly_maps(self.extractor.patch_features(frames))
+        encoded, weights = self.prepare(frames)
+        features = self.extractor.patch_features(encoded)
+        maps = self.anomaly_maps(features) if weights is None else self.anomaly_maps(features, weights)
         per_frame_ms = (time.perf_counter() - t0) * 1000 / max(1, len(frames))
         return [self.decide(m, f.shape[:2], per_frame_ms) for m, f in zip(maps, frames)]
+
+    def prepare(self, frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The frames as the encoder sees them, and their patch weights: a head that masks the background
+        (edge.scoring.foreground) paints it over and weighs its patches 0; else the frames and None."""
+        if self.head is None or self.head.foreground is None:
+            return frames, None
+        return self.head.foreground.prepare(frames, lambda f: to_input_pixels(f, self.pack.input),
+                                            self.pack.encoder.feature_shape[1:])
 
     def score_one(self, frame: np.ndarray) -> Result:
         return self.score([frame])[0]

@@ -46,6 +46,8 @@ def supports(pack: Pack, bank, head=None) -> str | None:
         return f"scorer {s.kind}, metric {s.metric}, {s.bank_groups} bank groups, {s.upsample} upsampling"
     if head is not None:
         return "the state scores with a few-shot head"
+    if pack.native_size is not None:
+        return "the station keeps its frames' aspect ratio (the encoder at another size than pack.yaml's)"
     if not isinstance(bank, MemoryBank):
         return f"bank {type(bank).__name__} is not a host memory bank"
     return None

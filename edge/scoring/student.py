@@ -204,7 +204,7 @@ class StudentScorer(Scorer):
     def from_spec(cls, pack: Pack, root: str | Path, spec: StudentSpec) -> "StudentScorer":
         return cls(pack, spec.check_file(Path(root)), spec.calibration.threshold, calibration=spec.calibration)
 
-    def anomaly_maps(self, features: np.ndarray) -> np.ndarray:
+    def anomaly_maps(self, features: np.ndarray, weights=None) -> np.ndarray:
         return grid_maps(features[..., 0], self.pack)
 
 

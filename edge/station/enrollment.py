@@ -26,6 +26,7 @@ from edge.scoring import numerics
 from edge.inference.features import FeatureExtractor
 from edge.scoring.scorer import image_scores, pack_maps
 from edge.station.few_shot_enrollment import build_few_shot_state, enrolls_few_shot
+from edge.station.input_size import station_input_size
 from edge.station.reference_banks import build_bank, kfold_holdout_scores, progress_bar
 from edge.station.state import GOOD_DIR, STATE_FILE, StationState, load_state
 from edge.station.tiled_enrollment import build_tiled_state
@@ -104,19 +105,38 @@ def check_reference_sizes(images: list[np.ndarray], names: list[str] | None = No
 
 def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor | None = None, seed: int = 0,
                 references: list[str] | None = None, quiet: bool = False,
-                target_false_reject: float = TARGET_FALSE_REJECT, few_shot: bool | None = None) -> StationState:
+                target_false_reject: float = TARGET_FALSE_REJECT, few_shot: bool | None = None,
+                foreground: str = "auto", aspect: str = "auto") -> StationState:
     """Memory bank + calibrated threshold from good reference frames (in memory).
 
     `few_shot` (default: at most FEW_SHOT_MAX_SHOTS references) enrolls augmented views of every
-    shot, adds the subspace head and calibrates with held-out views and synthetic defects."""
+    shot, adds the subspace head and calibrates with held-out views and synthetic defects;
+    `foreground` (auto | on | off) is whether that head masks the background of parts on a plain one;
+    `aspect` (auto | keep | squash) whether frames far from the pack's shape keep their aspect ratio
+    (edge.station.input_size)."""
     if not images:
         raise StateError("no good reference images to enroll (need at least 1)")
     check_reference_sizes(images, references)
-    extractor = extractor or FeatureExtractor(pack)
+    input_size, input_words = station_input_size(pack, images, aspect)
+    if input_size is not None:
+        pack = pack.at_input_size(*input_size)
+        extractor = FeatureExtractor(pack, extractor.backend if extractor is not None else None)
+    state = _build_state(pack, images, extractor or FeatureExtractor(pack), seed, references, quiet,
+                         target_false_reject, few_shot, foreground)
+    state.input_size = input_size
+    state.info["input"] = input_words
+    state.info["aspect_mode"] = aspect
+    return state
+
+
+def _build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int,
+                 references: list[str] | None, quiet: bool, target_false_reject: float, few_shot: bool | None,
+                 foreground: str) -> StationState:
     if few_shot is None:
         few_shot = enrolls_few_shot(pack, len(images))
     if few_shot:
-        state = build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject)
+        state = build_few_shot_state(pack, images, extractor, seed, references, quiet, target_false_reject,
+                                     foreground=foreground)
         numerics.stamp(state, extractor.backend)
         return state
     single = len(images) == 1
@@ -142,7 +162,8 @@ def build_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtracto
 
 def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = None, seed: int = 0,
            extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, tiling=None,
-           train_student=None, target_false_reject: float | None = None) -> StationState:
+           train_student=None, target_false_reject: float | None = None, foreground: str | None = None,
+           aspect: str | None = None) -> StationState:
     """Enroll good images from files into the state folder `out`, adding to what it already holds.
 
     Unreadable files are reported and skipped; the rest are enrolled. References are copied into
@@ -151,7 +172,10 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
     `train_student(images, out)`, when given (export.student: needs torch), trains the learned
     scorer on all references, writes its graph into `out` and returns its StudentSpec.
     `target_false_reject` (default: what the state was calibrated for, else TARGET_FALSE_REJECT) is the
-    false-reject rate the threshold aims at.
+    false-reject rate the threshold aims at. `foreground` (auto | on | off; default: what the state was
+    enrolled with, else auto): whether the few-shot head masks the background of parts on a plain one.
+    `aspect` (auto | keep | squash; default the same way): whether frames far from the pack's shape keep
+    their aspect ratio (edge.station.input_size); a learned student is trained at the pack's size (squash).
     """
     out = Path(out)
     if shots is not None and shots < 1:
@@ -172,6 +196,15 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
                 f"for {pack.model_id}")
     if target_false_reject is None:
         target_false_reject = previous.calibration.target_false_reject if previous is not None else TARGET_FALSE_REJECT
+    if foreground is None:
+        foreground = previous.info.get("foreground_mode", "auto") if previous is not None else "auto"
+    if aspect is None:
+        aspect = previous.info.get("aspect_mode", "auto") if previous is not None else "auto"
+    if train_student is not None or (previous is not None and previous.student is not None):
+        if aspect == "keep":
+            raise StateError("aspect keep: the learned scorer (student) is trained at the pack's input size; "
+                             "enroll with aspect squash, or with --scorer bank into a new folder")
+        aspect = "squash"
     try:
         target_false_reject = check_target_false_reject(target_false_reject)
     except ValueError as e:
@@ -198,7 +231,7 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
         extractor = extractor or FeatureExtractor(pack)
         if tiling is None:
             state = build_state(pack, all_images, extractor, seed=seed, references=all_names, quiet=quiet,
-                                target_false_reject=target_false_reject)
+                                target_false_reject=target_false_reject, foreground=foreground, aspect=aspect)
         else:
             state = build_tiled_state(pack, all_images, tiling, extractor, seed=seed, references=all_names,
                                       quiet=quiet)

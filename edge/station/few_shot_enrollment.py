@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from edge.errors import StateError
+from edge.inference.preprocess import to_input_pixels
 from edge.pack import Pack
 from edge.scoring.bank import MemoryBank
 from edge.scoring.calibration import TARGET_FALSE_REJECT, calibrate_few_shot
@@ -16,6 +18,7 @@ from edge.scoring.decide import image_score
 from edge.scoring.fewshot import (PADDING_RING, FewShotHead, SubspaceHead, border_offsets, few_shot_views,
                                   jittered_views, synthetic_defects)
 from edge.inference.features import FeatureExtractor
+from edge.scoring.foreground import Foreground, plain_background
 from edge.scoring.scorer import grid_maps
 from edge.station.reference_banks import build_bank, progress_bar, sampled_bank
 from edge.station.state import StationState
@@ -29,6 +32,7 @@ FEW_SHOT_MAX_SHOTS = 64
 # it at 48 (more real parts show more than turned copies of them).
 FEW_SHOT_MAX_VIEWED_SHOTS = 16
 FEW_SHOT_VIEWS = "rot8+shift"
+SHAPE_KEEPING_VIEWS = "flip4+shift"  # a station fed non-square frames (edge.station.input_size)
 FEW_SHOT_MAX_FOLDS = 16  # above this many shots the held-out scores come from folds of shots, not one each
 FEW_SHOT_HEAD = "subspace"
 # Several shots: the subspace head takes the encoder's zero-padding offsets off the grid's outer ring
@@ -39,6 +43,8 @@ BORDER_SCALES = False
 BORDER_OFFSETS = False
 SYNTHETIC_DEFECTS = 32  # synthetic defective copies, spread over the shots
 QUADRANTS = 4  # a single shot is held out by quadrants (few_shot_quadrant_scores)
+# Background masking of parts on a plain background (edge.scoring.foreground): auto = where every shot is one.
+FOREGROUND_MODES = ("auto", "on", "off")
 
 
 def enrolls_few_shot(pack: Pack, n_references: int) -> bool:
@@ -47,21 +53,24 @@ def enrolls_few_shot(pack: Pack, n_references: int) -> bool:
     return n_references <= FEW_SHOT_MAX_SHOTS and pack.scorer.kind == "memory_bank"
 
 
-def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int, border: bool = False) -> FewShotHead:
+def fit_head(kind: str, views: str, feats: np.ndarray, pack: Pack, seed: int, border: bool = False,
+             weights: np.ndarray | None = None) -> FewShotHead:
     """The few-shot head fitted to N x h x w x C (or rows x C) reference features; `border` (N x h x w x C
-    of several shots only): the padding ring's offsets are taken off first (edge.scoring.fewshot.border_offsets)."""
+    of several shots only): the padding ring's offsets are taken off first (edge.scoring.fewshot.border_offsets);
+    `weights` (N x h x w, or rows, foreground masking): only the part's patches (weight > 0) are fitted."""
     # (the subspace head only: the nn+subspace head's bank holds the features as they come)
     offsets = border_offsets(feats) if border and kind == "subspace" and feats.ndim == 4 else None
     if offsets is not None:
         feats = feats - offsets
-    rows = feats.reshape(-1, feats.shape[-1])
+    all_rows = feats.reshape(-1, feats.shape[-1])
+    rows = all_rows if weights is None else all_rows[weights.reshape(-1) > 0]
     subspace = SubspaceHead.fit(rows, seed=seed)
     sample = rows[:: max(1, len(rows) // 20000)]
     scale = float(np.median(subspace.residual(sample))) or 1.0
     nn_scale = _nn_scale(feats, pack, seed) if kind == "nn+subspace" else None
     head = FewShotHead(kind, views, subspace, scale, nn_scale, offsets)
     if offsets is not None and BORDER_SCALES:
-        head.border_scales = _border_scales(head.flat_scores(rows).reshape(feats.shape[:3]))
+        head.border_scales = _border_scales(head.flat_scores(all_rows).reshape(feats.shape[:3]))
     return head
 
 
@@ -90,18 +99,21 @@ def _nn_scale(feats: np.ndarray, pack: Pack, seed: int) -> float:
     return float(np.median(np.sqrt(bank.nearest_sqdist(b.reshape(-1, b.shape[-1]))))) or 1.0
 
 
-def head_image_scores(head: FewShotHead, bank: MemoryBank, feats: np.ndarray, pack: Pack) -> np.ndarray:
-    maps = grid_maps(head.patch_scores(feats, bank), pack)
+def head_image_scores(head: FewShotHead, bank: MemoryBank, feats: np.ndarray, pack: Pack,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    maps = grid_maps(head.patch_scores(feats, bank, weights), pack)
     return np.array([image_score(m, pack.scorer.top_fraction) for m in maps])
 
 
 def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.ndarray, frame_shape: tuple[int, int],
-                             seed: int, jitter_features: np.ndarray | None = None) -> np.ndarray:
+                             seed: int, jitter_features: np.ndarray | None = None,
+                             weights: np.ndarray | None = None) -> np.ndarray:
     """One shot's held-out scores: every view's patches from one quadrant of the part scored by a head
     fitted to all views' patches from the other three (as `single_reference_scores` does for the bank).
     `jitter_features` (untransformed geometry, re-lit / blurred / noisy copies of the shot) are scored
     the same way, against the enrolled views only: they stand in for the part-to-part variation one
-    shot cannot show."""
+    shot cannot show. `weights` (foreground masking: views, then jittered copies): only the part's patches
+    are fitted and scored, as the station scores."""
     h, w = frame_shape
     labels = np.zeros((h, w), np.uint8)
     labels[: h // 2, w // 2:] = 1
@@ -114,9 +126,10 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
     if jitter_features is not None:
         grids = np.concatenate([grids, np.repeat(grids[:1], len(jitter_features), axis=0)])
         view_features = np.concatenate([view_features, jitter_features])
+    part = np.ones(grids.shape, bool) if weights is None else weights > 0
     scores = []
     for region in range(QUADRANTS):
-        others = view_features[:fitted_on][grids[:fitted_on] != region]
+        others = view_features[:fitted_on][(grids[:fitted_on] != region) & part[:fitted_on]]
         part_head = fit_head(head.kind, head.views, others, pack, seed + region)
         part_bank = _head_bank(part_head, others, pack, seed + region)
         for v in range(len(view_features)):
@@ -124,43 +137,84 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
             if not own.any():
                 continue
             patch = np.empty((gh, gw), np.float32)
-            patch[own] = part_head.flat_scores(view_features[v][own], part_bank)
+            patch[own] = part_head.flat_scores(view_features[v][own], part_bank) * part[v][own]
             patch[~own] = np.median(patch[own])  # only the held-out quadrant is scored
             scores.append(image_score(grid_maps(patch[None], pack)[0], pack.scorer.top_fraction))
     return np.asarray(scores)
 
 
 def few_shot_loso_scores(pack: Pack, head: FewShotHead, per_shot: list[np.ndarray], seed: int,
-                         max_folds: int = FEW_SHOT_MAX_FOLDS) -> np.ndarray:
+                         max_folds: int = FEW_SHOT_MAX_FOLDS, weights: list[np.ndarray] | None = None) -> np.ndarray:
     """Held-out scores of the shots: each shot's views scored by a head (and bank) fitted to the views of
     the shots outside its fold. Up to `max_folds` shots that is leave-one-shot-out; above, the shots are
-    dealt into `max_folds` folds (shot i into fold i mod max_folds)."""
+    dealt into `max_folds` folds (shot i into fold i mod max_folds). `weights` (per shot, foreground
+    masking): only the part's patches are fitted and scored."""
     n_folds = min(len(per_shot), max_folds)
+
+    def joined(arrays, fold, held):
+        return None if arrays is None else np.concatenate([x for i, x in enumerate(arrays) if (i % n_folds == fold) == held])
+
     scores = []
     for f in range(n_folds):
-        held = [i for i in range(len(per_shot)) if i % n_folds == f]
-        others = np.concatenate([x for i, x in enumerate(per_shot) if i % n_folds != f])
-        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f, border=BORDER_OFFSETS)
+        others = joined(per_shot, f, False)
+        part_head = fit_head(head.kind, head.views, others, pack, seed + 1 + f, border=BORDER_OFFSETS,
+                             weights=joined(weights, f, False))
         part_bank = _head_bank(part_head, others, pack, seed + 1 + f)
-        scores.append(head_image_scores(part_head, part_bank, np.concatenate([per_shot[i] for i in held]), pack))
+        scores.append(head_image_scores(part_head, part_bank, joined(per_shot, f, True), pack, joined(weights, f, True)))
     return np.concatenate(scores)
+
+
+def foreground_for(mode: str, images: list[np.ndarray], view_images: list[list[np.ndarray]], pack: Pack
+                   ) -> tuple[Foreground | None, str]:
+    """The head's foreground mask for `mode` auto (where every shot is a part on a plain background), on or
+    off, and what was decided in words ("on", "off: <why>")."""
+    if mode not in FOREGROUND_MODES:
+        raise StateError(f"foreground {mode!r}: expected one of {', '.join(FOREGROUND_MODES)}")
+    if mode == "off":
+        return None, "off: as configured"
+    if mode == "auto":
+        why = plain_background([to_input_pixels(img, pack.input) for img in images])
+        if why is not None:
+            return None, f"off: {why}"
+    pixels = [to_input_pixels(v, pack.input) for views in view_images for v in views]
+    return Foreground.from_references(pixels), "on"
 
 
 def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int = 0,
                          references: list[str] | None = None, quiet: bool = False,
                          target_false_reject: float = TARGET_FALSE_REJECT, views: str | None = None,
-                         kind: str = FEW_SHOT_HEAD) -> StationState:
+                         kind: str = FEW_SHOT_HEAD, foreground: str = "auto") -> StationState:
     """Few-shot enrollment: every shot's augmented views in the bank and the subspace head, the threshold
-    from held-out views (quadrants of a single shot, or leave-one-shot-out) and synthetic defects."""
+    from held-out views (quadrants of a single shot, or leave-one-shot-out) and synthetic defects.
+    `foreground` auto | on | off: mask the background of parts on a plain background (edge.scoring.foreground;
+    auto: where every shot is one)."""
     if views is None:
-        views = FEW_SHOT_VIEWS if len(images) <= FEW_SHOT_MAX_VIEWED_SHOTS else "none"
-    per_shot = []
+        square = pack.input.height == pack.input.width  # else quarter turns would squash the frames
+        views = "none" if len(images) > FEW_SHOT_MAX_VIEWED_SHOTS else FEW_SHOT_VIEWS if square else SHAPE_KEEPING_VIEWS
+    view_images = [few_shot_views(img, views) for img in images]
+    mask, masking = foreground_for(foreground, images, view_images, pack)
+
+    def encoded(frames):
+        """Features and patch weights of frames as the station's scorer takes them (background painted over)."""
+        if mask is None:
+            return extractor.patch_features_batched(frames), None
+        painted, weights = mask.prepare(frames, lambda f: to_input_pixels(f, pack.input), pack.encoder.feature_shape[1:])
+        return extractor.patch_features_batched(painted), weights
+
+    per_shot, shot_weights = [], []
     with progress_bar("extracting features of augmented views", len(images), quiet, unit="shot") as bar:
-        for img in images:
-            per_shot.append(extractor.patch_features_batched(few_shot_views(img, views)))
+        for shot_views in view_images:
+            f, w = encoded(shot_views)
+            per_shot.append(f)
+            shot_weights.append(w)
             bar.update(1)
     feats = np.concatenate(per_shot)
-    head = fit_head(kind, views, feats, pack, seed, border=BORDER_OFFSETS and len(images) > 1)
+    if mask is None:
+        shot_weights = all_weights = None
+    else:
+        all_weights = np.concatenate(shot_weights)
+    head = fit_head(kind, views, feats, pack, seed, border=BORDER_OFFSETS and len(images) > 1, weights=all_weights)
+    head.foreground = mask
     if kind == "subspace":
         # The subspace head scores without the bank; it is kept (a random sample, not a coreset, in the
         # head's own principal axes: no second decomposition) so the state stays a valid bank state.
@@ -168,15 +222,17 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
     else:
         bank = build_bank(feats, pack.scorer, seed, quiet=quiet)
     if len(images) == 1:
-        jitter = extractor.patch_features_batched(jittered_views(images[0], seed))
-        normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter)
+        jitter, jitter_weights = encoded(jittered_views(images[0], seed))
+        weights = None if mask is None else np.concatenate([shot_weights[0], jitter_weights])
+        normal = few_shot_quadrant_scores(pack, head, per_shot[0], images[0].shape[:2], seed, jitter, weights)
         source = "quadrants+jitter"
     else:
-        normal = few_shot_loso_scores(pack, head, per_shot, seed)
+        normal = few_shot_loso_scores(pack, head, per_shot, seed, weights=shot_weights)
         source = "loso" if len(images) <= FEW_SHOT_MAX_FOLDS else f"{FEW_SHOT_MAX_FOLDS}-fold"
     per_image = -(-SYNTHETIC_DEFECTS // len(images))
     defects = [d for i, img in enumerate(images) for d in synthetic_defects(img, per_image, seed=seed * 1000 + i)]
-    synthetic = head_image_scores(head, bank, extractor.patch_features_batched(defects), pack)
+    defect_features, defect_weights = encoded(defects)
+    synthetic = head_image_scores(head, bank, defect_features, pack, defect_weights)
     # The cap corrects the held-out estimate of few viewed shots, which overstates; folds of many plain
     # shots need none. One shot's quadrants understate instead (parts of one part vary less than parts
     # do): four held-out units, whose largest score is the good side, uncapped.
@@ -189,5 +245,6 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
         references=list(references or []), head=head,
         info={"shots": len(images), "augmented_views": len(feats), "seed": seed, "bank_patches": len(bank),
               "candidate_patches": int(np.prod(feats.shape[:3])), "head": kind, "views": views,
-              "subspace_dims": head.subspace.dims, "synthetic_defects": len(defects)},
+              "subspace_dims": head.subspace.dims, "synthetic_defects": len(defects),
+              "foreground": masking, "foreground_mode": foreground},
     )

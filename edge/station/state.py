@@ -47,6 +47,8 @@ class StationState:
     layout: Layout | None = None  # the tiling enrolled with (None: whole-frame scoring)
     student: StudentSpec | None = None  # the learned scorer, when trained (enroll --scorer student)
     head: FewShotHead | None = None  # the few-shot patch scorer (None: nearest-neighbour bank only)
+    # (height, width) the encoder is fed for this station's frames (aspect ratio kept); None: the pack's size.
+    input_size: tuple[int, int] | None = None
     root: Path | None = None  # the folder it was loaded from or saved to
 
     @property
@@ -93,6 +95,8 @@ class StationState:
             "references": self.references,
             "info": self.info,
         }
+        if self.input_size is not None:
+            doc["input_size"] = [int(v) for v in self.input_size]
         if tiling is not None:
             doc["tiling"] = tiling
         if self.student is not None:
@@ -190,6 +194,11 @@ def load_state(root: str | Path, pack: Pack | None = None) -> StationState:
             state.student.check_file(root)
         if doc.get("head") is not None:  # absent in states written before few-shot enrollment
             state.head = _load_head(root, doc["head"], path)
+        if doc.get("input_size") is not None:  # absent: the pack's input size
+            size = doc["input_size"]
+            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+                raise StateError(f"{path}: input_size must be [height, width] in pixels, got {size!r}")
+            state.input_size = (size[0], size[1])
     except StateError:
         raise
     except Exception as e:

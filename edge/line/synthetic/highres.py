@@ -83,3 +83,28 @@ class HighResLine:
         area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         image, mask = apply_small_defect(image, kind, area, rng)
         return SyntheticPart(f"hr-{index + 1:06d}", image, mask, kind)
+
+
+def write_wide_dataset(root, n_train: int = 16, n_test: int = 80, frame_size: tuple[int, int] = (500, 1250),
+                       defect_area: tuple[float, float] = (60.0, 1500.0), seed: int = 0):
+    """An MVTec-layout category of wide frames (`HighResLine` at `frame_size`: a part on a long belt, half
+    of the test frames with one small pit or scratch): train/good, test/good, test/pit, test/scratch and
+    ground_truth/<kind>/<stem>_mask.png. Returns the root."""
+    from pathlib import Path
+
+    root = Path(root)
+    line = HighResLine(seed=seed, frame_size=frame_size, defect_area=defect_area)
+    folders = {"good": root / "train" / "good"}
+    for d in folders.values():
+        d.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(line.good(n_train)):
+        cv2.imwrite(str(folders["good"] / f"{i:03d}.png"), img)
+    for i in range(n_test):
+        part = line.part(i)
+        kind = part.defect or "good"
+        (root / "test" / kind).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "test" / kind / f"{i:03d}.png"), part.image)
+        if part.defect:
+            (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "ground_truth" / kind / f"{i:03d}_mask.png"), part.mask.astype(np.uint8) * 255)
+    return root
