@@ -47,9 +47,11 @@ def time_batches(scorer: Scorer, frames: list[np.ndarray], batch: int) -> dict:
     for i in range(0, len(frames) - batch + 1, batch):
         chunk = frames[i:i + batch]
         t0 = time.perf_counter()
-        feats = scorer.extractor.patch_features(chunk)
+        # (background masking: finding the mask and painting the frame count as the encoder's stage)
+        encoded, weights = scorer.prepare(chunk) if hasattr(scorer, "prepare") else (chunk, None)
+        feats = scorer.extractor.patch_features(encoded)
         t1 = time.perf_counter()
-        maps = scorer.anomaly_maps(feats)
+        maps = scorer.anomaly_maps(feats) if weights is None else scorer.anomaly_maps(feats, weights)
         t2 = time.perf_counter()
         for m, f in zip(maps, chunk):
             scorer.decide(m, f.shape[:2])
@@ -101,6 +103,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=320)
     ap.add_argument("--bank", type=int, default=None, help="override the pack's bank cap (patches)")
     ap.add_argument("--scorer", choices=["bank", "student"], default="bank")
+    ap.add_argument("--foreground", choices=["auto", "on", "off"], default="auto",
+                    help="few-shot states: background masking (auto: on for the synthetic parts)")
     ap.add_argument("--student-steps", type=int, default=5)
     args = ap.parse_args()
     pack = load_pack(args.pack)
@@ -109,7 +113,7 @@ def main() -> int:
     line = SyntheticLine(seed=1)
     t = time.perf_counter()
     extractor = FeatureExtractor(pack)
-    state = build_state(pack, line.good(args.references), extractor, seed=0)
+    state = build_state(pack, line.good(args.references), extractor, seed=0, foreground=args.foreground)
     enroll_s = time.perf_counter() - t
     # With <= 16 references the state is few-shot (subspace head, no search); the p-value is computed
     # for every frame, as the runtime does.
@@ -136,10 +140,12 @@ def main() -> int:
     runtime_rss_mb = scoring_process_rss(pack, state, frames[:50], graph_dir)
     print(f"command: python bench/bench_scoring.py --pack {args.pack} --references {args.references} "
           f"--frames {args.frames}" + (f" --bank {args.bank}" if args.bank else "")
-          + (f" --scorer student --student-steps {args.student_steps}" if args.scorer == "student" else ""))
+          + (f" --scorer student --student-steps {args.student_steps}" if args.scorer == "student" else "")
+          + (f" --foreground {args.foreground}" if args.foreground != "auto" else ""))
     print(f"date: {dt.date.today()}  machine: {cpu_name()}, {os.cpu_count()} cores, backend {extractor.backend.name}, "
           f"load average (1 min) at the end {os.getloadavg()[0]:.2f}, scorer {args.scorer}")
-    head = f", few-shot head {state.head.kind} ({state.head.subspace.dims} dims)" if state.head is not None else ""
+    head = (f", few-shot head {state.head.kind} ({state.head.subspace.dims} dims, background masking "
+            f"{state.info.get('foreground', 'off')})" if state.head is not None else "")
     print(f"pack {pack.model_id}, input {pack.input.height}x{pack.input.width}, bank {len(state.bank)} patches "
           f"x {state.bank.channels} ch from {args.references} references (enrollment {enroll_s:.1f} s){head}")
     print()
