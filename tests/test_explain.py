@@ -232,3 +232,48 @@ def test_anomalygpt_pack_explains_from_submitted_embeddings(tmp_path):
         assert "prompt embeddings have shape (5, 64); the pack says (18, 64)" in store.session("bad").error
     assert [(m["part_id"], m["status"]) for m in messages] == [("p", "done"), ("bad", "failed")]
     assert messages[0]["answer"].startswith("Yes, there is an anomaly in the upper-right corner of the image.")
+
+
+def test_an_explanation_written_but_not_handed_over_before_a_sigkill_is_handed_over_at_the_next_start(
+        tmp_path, tiny_chat_gguf):
+    """The worker writes the answer into the dialogue store, then hands the message to the line. A process
+    killed between the two must not lose the message: the next worker hands it over, once."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    db = tmp_path / "d.sqlite"
+    child = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import llm_pack
+from test_explain import flagged_findings
+from edge.explain.dialogue import DialogueStore
+from edge.explain.worker import ExplainWorker
+pack = llm_pack(__import__('pathlib').Path({str(tmp_path / 'pack')!r}), {str(tiny_chat_gguf)!r})
+store = DialogueStore({str(db)!r})
+worker = ExplainWorker(pack, store, lambda message: os.kill(os.getpid(), signal.SIGKILL)).start()
+worker.submit("p-1", flagged_findings())
+time.sleep(120)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with DialogueStore(db) as store:
+        assert store.get("p-1").status == "done" and store.unreported() == ["p-1"]
+        written = next(t.text for t in reversed(store.session("p-1").turns) if t.role == "assistant")
+    pack = llm_pack(tmp_path / "pack", tiny_chat_gguf)
+    for restart in range(2):
+        messages = []
+        with DialogueStore(db) as store, ExplainWorker(pack, store, messages.append):
+            deadline = time.monotonic() + 60
+            while restart == 0 and not messages and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+        if restart == 0:  # handed over once, with the answer that was written before the kill
+            assert [(m["part_id"], m["status"], m["answer"]) for m in messages] == [("p-1", "done", written)]
+        else:  # and not again
+            assert messages == []
+    with DialogueStore(db) as store:
+        assert store.unreported() == []

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     status     TEXT NOT NULL,
     error      TEXT,
     created    REAL NOT NULL,
-    updated    REAL NOT NULL
+    updated    REAL NOT NULL,
+    crashes    INTEGER NOT NULL DEFAULT 0,
+    reported   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_status ON sessions (status, created);
 CREATE TABLE IF NOT EXISTS turns (
@@ -89,6 +91,8 @@ class DialogueStore(SqliteStore):
         columns = {r[1] for r in self._execute("PRAGMA table_info(sessions)")}
         if "crashes" not in columns:  # databases written before the LLM ran in its own process
             self._execute("ALTER TABLE sessions ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
+        if "reported" not in columns:  # written before the handover was recorded: what is there was handed over
+            self._execute("ALTER TABLE sessions ADD COLUMN reported INTEGER NOT NULL DEFAULT 1")
 
     def open_session(self, part_id: str, findings: dict, embeddings: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> None:
@@ -104,7 +108,8 @@ class DialogueStore(SqliteStore):
         with self._transaction() as conn:
             conn.execute("DELETE FROM turns WHERE part_id = ?", (part_id,))
             conn.execute("INSERT OR REPLACE INTO sessions (part_id, findings, embeddings, status, error, created, "
-                         "updated, crashes) VALUES (?, ?, ?, 'pending', NULL, ?, ?, 0)", (part_id, doc, blob, now, now))
+                         "updated, crashes, reported) VALUES (?, ?, ?, 'pending', NULL, ?, ?, 0, 0)",
+                         (part_id, doc, blob, now, now))
 
     def get(self, part_id: str) -> Session | None:
         rows = self._execute("SELECT part_id, findings, embeddings, status, error, created, updated FROM sessions "
@@ -151,6 +156,17 @@ class DialogueStore(SqliteStore):
                          (reason, time.time(), part_id))
             row = conn.execute("SELECT crashes FROM sessions WHERE part_id = ?", (part_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    def mark_reported(self, part_id: str) -> None:
+        """The part's first explanation (done or failed) was handed to the line."""
+        self._execute("UPDATE sessions SET reported = 1 WHERE part_id = ?", (part_id,))
+
+    def unreported(self, limit: int = 1000) -> list[str]:
+        """Parts whose first explanation was written but not handed to the line (the process died between
+        the two), oldest first."""
+        rows = self._execute("SELECT part_id FROM sessions WHERE status IN ('done', 'failed') AND reported = 0 "
+                             "ORDER BY updated LIMIT ?", (int(limit),))
+        return [r[0] for r in rows]
 
     def pending(self, limit: int = 16, exclude: set[str] | frozenset = frozenset()) -> list[str]:
         """Part ids still waiting for their explanation, oldest first."""

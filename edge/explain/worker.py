@@ -200,6 +200,7 @@ class ExplainWorker:
     # -- the thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._report_unreported()
         while not self._stop.is_set():
             if not self._llm_ready():
                 continue
@@ -348,11 +349,31 @@ class ExplainWorker:
         self._report(part_id, {"status": "done", "answer": answer.text, "source": answer.source,
                                "n_tokens": answer.n_tokens, "compute_ms": answer.compute_ms}, session.created)
 
-    def _report(self, part_id: str, fields: dict, created: float | None = None) -> None:
+    def _report_unreported(self) -> None:
+        """Hand over the explanations written before the last stop but not handed to the line then (the
+        process died between writing the answer and handing it over): from the stored session, once."""
+        for part_id in self.store.unreported():
+            session = self.store.get(part_id)
+            if session is None:
+                continue
+            if session.status == "failed":
+                fields = {"status": "failed", "error": session.error, "answer": None}
+            else:
+                s = self.store.session(part_id)
+                answer = next((t for t in reversed(s.turns) if t.role == "assistant"), None)
+                meta = answer.meta if answer is not None else {}
+                fields = {"status": "done", "answer": answer.text if answer is not None else None,
+                          "source": meta.get("source"), "n_tokens": meta.get("n_tokens"),
+                          "compute_ms": meta.get("compute_ms")}
+            log.warning("part %s: handing over its explanation written before the last stop", part_id)
+            self._report(part_id, fields, session.created, count=False)
+
+    def _report(self, part_id: str, fields: dict, created: float | None = None, count: bool = True) -> None:
+        """Hand a part's first explanation (or its failure) to the line, then record that it was handed over."""
         with self._lock:
             submitted = self._submitted_at.pop(part_id, created if created is not None else time.time())
         latency = round((time.time() - submitted) * 1000, 1)
-        if fields["status"] == "done":
+        if fields["status"] == "done" and count:
             with self._lock:
                 self._stats.update(explained=self._stats["explained"] + 1, last_latency_ms=latency,
                                    last_compute_ms=fields["compute_ms"])
@@ -365,7 +386,9 @@ class ExplainWorker:
         try:
             self.on_explanation(message)
         except Exception:
-            log.exception("on_explanation failed for part %s", part_id)
+            log.exception("on_explanation failed for part %s (handed over again at the next start)", part_id)
+            return
+        self.store.mark_reported(part_id)
 
     def _serve_ask(self, part_id: str, question: str, on_token, future: Future) -> None:
         if not future.set_running_or_notify_cancel():
