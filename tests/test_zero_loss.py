@@ -479,13 +479,25 @@ def small_disk(tmp_path):
 
 
 def _fill(disk: Path, leave_bytes: int) -> Path:
-    """A ballast file that leaves `leave_bytes` free on `disk`."""
+    """A ballast file that leaves `leave_bytes` free on `disk`. The running station writes to the same disk
+    meanwhile: filling to the last byte (`leave_bytes` 0) writes until the disk refuses (ENOSPC), which is
+    the state asked for, instead of failing on a byte count read a moment before."""
+    import errno
     import shutil
 
     ballast = disk / "ballast"
-    free = shutil.disk_usage(disk).free
-    with open(ballast, "wb") as f:
-        f.write(b"\0" * max(0, free - leave_bytes))
+    todo = max(0, shutil.disk_usage(disk).free - leave_bytes)
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while todo > 0:
+            try:
+                todo -= os.write(fd, b"\0" * min(todo, 1 << 20))
+            except OSError as e:
+                if e.errno != errno.ENOSPC or leave_bytes:
+                    raise
+                break
+    finally:
+        os.close(fd)
     return ballast
 
 

@@ -157,6 +157,19 @@ class DialogueStore(SqliteStore):
             row = conn.execute("SELECT crashes FROM sessions WHERE part_id = ?", (part_id,)).fetchone()
         return int(row[0]) if row else 0
 
+    def first_explanation(self, part_id: str) -> dict | None:
+        """What the part's first explanation handed over (status done: the answer and its source, tokens and
+        compute time; failed: the error), from the stored session; None while it is pending or unknown."""
+        session = self.get(part_id)
+        if session is None or session.status == "pending":
+            return None
+        if session.status == "failed":
+            return {"status": "failed", "error": session.error, "answer": None}
+        answer = next((t for t in reversed(self.session(part_id).turns) if t.role == "assistant"), None)
+        meta = answer.meta if answer is not None else {}
+        return {"status": "done", "answer": answer.text if answer is not None else None, "source": meta.get("source"),
+                "n_tokens": meta.get("n_tokens"), "compute_ms": meta.get("compute_ms")}
+
     def mark_reported(self, part_id: str) -> None:
         """The part's first explanation (done or failed) was handed to the line."""
         self._execute("UPDATE sessions SET reported = 1 WHERE part_id = ?", (part_id,))

@@ -353,20 +353,10 @@ class ExplainWorker:
         """Hand over the explanations written before the last stop but not handed to the line then (the
         process died between writing the answer and handing it over): from the stored session, once."""
         for part_id in self.store.unreported():
-            session = self.store.get(part_id)
-            if session is None:
-                continue
-            if session.status == "failed":
-                fields = {"status": "failed", "error": session.error, "answer": None}
-            else:
-                s = self.store.session(part_id)
-                answer = next((t for t in reversed(s.turns) if t.role == "assistant"), None)
-                meta = answer.meta if answer is not None else {}
-                fields = {"status": "done", "answer": answer.text if answer is not None else None,
-                          "source": meta.get("source"), "n_tokens": meta.get("n_tokens"),
-                          "compute_ms": meta.get("compute_ms")}
-            log.warning("part %s: handing over its explanation written before the last stop", part_id)
-            self._report(part_id, fields, session.created, count=False)
+            fields, session = self.store.first_explanation(part_id), self.store.get(part_id)
+            if fields is not None:
+                log.warning("part %s: handing over its explanation written before the last stop", part_id)
+                self._report(part_id, fields, session.created, count=False)
 
     def _report(self, part_id: str, fields: dict, created: float | None = None, count: bool = True) -> None:
         """Hand a part's first explanation (or its failure) to the line, then record that it was handed over."""
