@@ -46,6 +46,8 @@ def test_enroll_then_score_flags_the_defects(default_pack_dir, synthetic_dataset
     proc = run_cli("enroll", "--pack", default_pack_dir, "--good", synthetic_dataset / "train" / "good",
                    "--out", state, "--quiet")
     assert "threshold" in proc.stdout and (state / "state.yaml").is_file()
+    assert "background masking: on" in proc.stdout  # synthetic parts lie on a plain belt
+    assert "frames: squashed to 224x224" in proc.stdout  # square frames: nothing to keep
     assert len(list((state / "good").iterdir())) == 12
     frames = tmp_path / "frames"
     frames.mkdir()

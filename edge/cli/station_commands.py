@@ -38,6 +38,9 @@ def _enroll(pack, good, args) -> int:
     c = state.calibration
     print(f"enrolled {len(state.references)} good images into {args.out}: bank {len(state.bank)} patches, "
           f"threshold {c.threshold:.4f} ({c.method}, {c.n_scores} held-out scores, median {c.median:.4f})")
+    for key, label in (("input", "frames"), ("foreground", "background masking")):
+        if state.info.get(key):  # the two choices enrollment made from the references, with their reasons
+            print(f"{label}: {state.info[key]}")
     if state.student is not None and args.scorer == "student":
         st, c = state.student, state.student.calibration
         print(f"student {st.file}: {st.training.status}, {st.training.describe()}, {st.info['train_seconds']:.0f} s; "
