@@ -265,8 +265,9 @@ def test_a_sigkilled_station_gets_its_ndeath_and_the_next_start_a_new_bdseq_and_
         command(broker.port, "DCMD", [{"alias": 50, "string_value": "SPB-2"}])  # by alias this time
         wait_until(lambda: any(d.get("Inspection/Part Id") == "SPB-2" for d in decoded_ddata(watcher)), 30,
                    "the second triggered part")
-        results = {r["part_id"] for r in sub.unique_by_topic().get("test/s1/result", [])}
-        assert {"SPB-1", "SPB-2"} <= results
+        # The result topic is published on its own: wait for it too, not only for the DDATA.
+        results = lambda: {r["part_id"] for r in sub.unique_by_topic().get("test/s1/result", [])}  # noqa: E731
+        wait_until(lambda: {"SPB-1", "SPB-2"} <= results(), 30, "both triggered parts' results")
         service.send_signal(signal.SIGTERM)
         assert service.wait(30) == 0
         wait_until(lambda: len(watcher.of("NDEATH")) == 2, 10, "NDEATH at the clean stop")
