@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--lines", default="1-8", help="synthetic line seeds, e.g. 1-8")
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--hazelnut", help="an MVTec-layout folder with one good train image (hazelnut_toy)")
-    ap.add_argument("--image", default="docs/images/foreground-hazelnut.png")
+    ap.add_argument("--image", default="out/foreground-hazelnut.png",
+                    help="where the picture goes (it shows the dataset's photos: keep it out of the project)")
     args = ap.parse_args()
     pack = load_pack(args.pack)
     extractor = FeatureExtractor(pack)
