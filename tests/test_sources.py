@@ -105,6 +105,52 @@ def test_a_folder_that_disappears_and_comes_back_is_reopened_with_backoff(tmp_pa
     src.close()
 
 
+class _FlakyDevice:
+    """A source whose device node vanishes under the read once (the OS raises, not the source)."""
+    name, live = "flaky device", True
+
+    def __init__(self):
+        self.reads = 0
+
+    def open(self):
+        pass
+
+    def read(self):
+        self.reads += 1
+        if self.reads == 2:
+            raise FileNotFoundError(2, "No such file or directory", "/dev/video0")
+        return None if self.reads > 3 else object()
+
+    def close(self):
+        pass
+
+
+def test_an_os_error_under_a_read_is_a_lost_source_not_a_dead_capture_thread():
+    states = []
+    src = ReconnectingSource(_FlakyDevice(), initial_delay_s=0.01, on_state=lambda s, d: states.append((s, d)))
+    assert src.read() is not None
+    assert src.read() is not None, "the read after the OSError did not go on"
+    assert [s for s, _ in states] == ["streaming", "lost", "connecting", "streaming"]
+    assert "No such file or directory" in states[1][1] and src.reconnects == 1
+
+
+def test_a_folder_gone_between_the_check_and_the_listing_is_lost(tmp_path, monkeypatch):
+    """The race a clean-clone run hit: is_dir() said yes, the listing then found nothing there."""
+    folder = tmp_path / "in"
+    write_parts(folder, 2)
+    import edge.line.sources as sources
+    real_listing = sources.list_images
+
+    def listing_of_a_folder_just_moved(path):
+        shutil.move(str(folder), str(tmp_path / "away"))
+        return real_listing(path)
+
+    monkeypatch.setattr(sources, "list_images", listing_of_a_folder_just_moved)
+    replay = FolderReplay(folder, loop=True)
+    with pytest.raises(SourceLost, match="cannot list the folder"):
+        replay.open()
+
+
 def test_gstreamer_without_gstreamer_in_opencv_fails_once_with_the_reason():
     from edge.line.source_specs import GstreamerSource
     from edge.line.sources import SourceError, gstreamer_available

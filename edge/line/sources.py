@@ -137,7 +137,10 @@ class FolderReplay:
     def open(self) -> None:
         if not self.folder.is_dir():
             raise SourceLost(f"{self.name}: not a folder (missing or unmounted?)")
-        files = [] if self._ended else list_images(self.folder)
+        try:
+            files = [] if self._ended else list_images(self.folder)
+        except (OSError, ImageError) as e:  # gone between the check and the listing (moved, unmounted)
+            raise SourceLost(f"{self.name}: cannot list the folder: {e}") from e
         self._files = [f for f in files if f.name not in self._replayed]
         self._pos = 0
 
@@ -257,7 +260,7 @@ class ReconnectingSource:
                 try:
                     self.source.open()
                     self._open = True
-                except SourceLost as e:
+                except (SourceLost, OSError) as e:
                     self._lost(str(e))
                     continue
                 except SourceError as e:
@@ -265,13 +268,22 @@ class ReconnectingSource:
                     raise
             try:
                 frame = self.source.read()
-            except SourceLost as e:
+            except (SourceLost, OSError) as e:  # OSError: a device or folder gone under the read
                 self.source.close()
                 self._open = False
                 self._lost(str(e))
                 continue
             except ImageError as e:
                 self._bad_frame(e)
+                continue
+            except SourceError as e:
+                self._set("failed", str(e))
+                raise
+            except Exception as e:  # a driver raising something unforeseen: the capture thread lives on
+                log.exception("source %s: unexpected error from the read", self.name)
+                self.source.close()
+                self._open = False
+                self._lost(f"{type(e).__name__}: {e}")
                 continue
             if frame is None:
                 self._set("ended")
