@@ -5,7 +5,7 @@ import pytest
 
 from conftest import run_cli
 from edge.errors import StateError
-from edge.station.learn import learn
+from edge.station.learn import learn, refine
 from edge.station.enrollment import enroll
 from edge.line.synthetic import SyntheticLine
 from mqtt_helpers import needs_mosquitto
@@ -68,6 +68,66 @@ def test_eval_learn_mixes_defective_test_parts_into_the_stream_and_leaves_them_o
     assert r["learn"]["parts"] == 10 and r["learn"]["defective_mixed_in"] == 1
     assert r["n_test"] == plain["n_test"] - 1 and r["n_anomalous"] == plain["n_anomalous"] - 1
     assert r["shots"] == 10 - r["learn"]["set_aside"] and 0 <= r["image_auroc"] <= 1
+
+
+def one_shot_state(default_pack, tmp_path, seed: int = 5):
+    good = write_stream(tmp_path / "shot", 1, defect_rate=0.0, seed=seed + 100)
+    return enroll(default_pack, [tmp_path / "shot" / n for n in good], tmp_path / "state", quiet=True,
+                  log=lambda m: None)
+
+
+def test_refine_adds_the_usual_parts_to_a_one_shot_state_and_sets_the_defective_aside(default_pack, tmp_path):
+    before = one_shot_state(default_pack, tmp_path)
+    assert len(before.references) == 1 and before.calibration.source == "quadrants+jitter"
+    truth = write_stream(tmp_path / "stream", 40, defect_rate=0.1)
+    defective = {name for name, kind in truth.items() if kind}
+    result = refine(default_pack, sorted((tmp_path / "stream").glob("*.png")), tmp_path / "state", quiet=True,
+                    log=lambda m: None)
+    suspects = {p.name for p in result.suspects}
+    assert defective <= suspects, f"missed {defective - suspects}"
+    state = result.state
+    assert len(state.references) == 1 + len(result.kept)  # the enrolled shot stays among them
+    assert before.references[0] in state.references
+    refined = state.info["refined"]
+    assert refined["references_before"] == 1 and refined["kept"] == len(result.kept)
+    assert refined["threshold_before"] == pytest.approx(before.calibration.threshold)
+    assert state.calibration.source != before.calibration.source  # now held out over many shots
+    # the refined threshold is the one the clean parts alone (plus the shot) give
+    clean = [tmp_path / "stream" / n for n, kind in truth.items() if not kind]
+    reference = enroll(default_pack, [tmp_path / "shot" / p for p in sorted(p.name for p in (tmp_path / "shot").glob("*.png"))]
+                       + clean, tmp_path / "clean", quiet=True, log=lambda m: None)
+    assert abs(state.calibration.threshold - reference.calibration.threshold) / reference.calibration.threshold < 0.15
+    # a later enroll-good keeps where the references came from
+    again = enroll(default_pack, clean[:1], tmp_path / "state", quiet=True, log=lambda m: None)
+    assert again.info["refined"] == refined
+
+
+def test_refine_needs_a_state(default_pack, tmp_path):
+    write_stream(tmp_path / "stream", 8, defect_rate=0.0)
+    with pytest.raises(StateError, match="no station state to refine"):
+        refine(default_pack, sorted((tmp_path / "stream").glob("*.png")), tmp_path / "none", log=lambda m: None)
+
+
+def test_cli_learn_refine_reports_references_and_threshold_before_and_after(default_pack_dir, default_pack,
+                                                                            tmp_path):
+    before = one_shot_state(default_pack, tmp_path, seed=9)
+    write_stream(tmp_path / "stream", 16, defect_rate=0.0, seed=9)
+    proc = run_cli("learn", "--pack", default_pack_dir, "--parts", tmp_path / "stream", "--out", tmp_path / "state",
+                   "--refine", "--quiet")
+    assert "references 1 -> " in proc.stdout and f"threshold {before.calibration.threshold:.4f} -> " in proc.stdout
+    plain = run_cli("learn", "--pack", default_pack_dir, "--parts", tmp_path / "stream", "--out", tmp_path / "state",
+                    check=False)
+    assert plain.returncode != 0 and "learn --refine" in plain.stderr
+
+
+def test_eval_refine_enrolls_the_shots_first_then_the_stream(default_pack, synthetic_dataset):
+    from edge.evaluation.evaluate import evaluate
+
+    r = evaluate(default_pack, synthetic_dataset, 1, quiet=True, log=lambda m: None, learn_parts=10,
+                 learn_defect_rate=0.1)
+    learn_info = r["learn"]
+    assert learn_info["enrolled_shots"] == 1 and learn_info["threshold_source_before"] == "quadrants+jitter"
+    assert r["shots"] == 1 + 10 - learn_info["set_aside"]
 
 
 def _learning_station(tmp_path, default_pack_dir, port, count, seed, parts=20):
@@ -133,3 +193,50 @@ def test_learn_config_is_checked(tmp_path):
     path.write_text("pack: p\nstate: s\nsource: {kind: synthetic}\nlearn: {parts: 3}\n")
     with pytest.raises(ConfigError, match="learn.parts"):
         load_config(path)
+
+
+@needs_mosquitto
+@pytest.mark.timeout(240)
+def test_a_one_shot_station_refines_itself_from_the_line_while_deciding_every_part(broker, tmp_path, default_pack,
+                                                                                  default_pack_dir):
+    """learn.refine: a station enrolled from one good part decides every part from the first one on; it keeps
+    the next 12 (6 before a restart, 6 after), adds those mutual scoring does not set aside to its
+    references and recalibrates, once: the next start does not refine again."""
+    from mqtt_helpers import Subscriber, wait_until
+    from station_helpers import finish, start, write_config
+
+    before = one_shot_state(default_pack, tmp_path / "enrolled")
+
+    def station(count, seed):
+        return write_config(tmp_path, default_pack_dir, tmp_path / "enrolled" / "state", broker.port,
+                            {"kind": "synthetic", "seed": seed, "defect_rate": 0.1, "count": count},
+                            learn={"parts": 12, "refine": True}, storage={"keep_images": "none"})
+
+    sub = Subscriber(broker.port, "test/s1/#")
+    rt = start(station(6, seed=1))
+    assert rt.health()["refining"]["collected"] == 0 and rt.health()["learning"] is None
+    assert rt.health()["threshold"] == pytest.approx(before.calibration.threshold, rel=1e-5)
+    finish(rt)
+    rt = start(station(20, seed=2))
+    assert rt.health()["refining"]["collected"] >= 6  # resumed after the restart, not from 0
+    wait_until(lambda: any(r.get("command") == "refine" for r in sub.unique_by_topic().get("test/s1/reply", [])),
+               180, "the refine reply")
+    finish(rt)
+    reply = next(r for r in sub.unique_by_topic()["test/s1/reply"] if r.get("command") == "refine")
+    assert reply["ok"], reply
+    assert reply["parts"] == 12 and reply["references_before"] == 1
+    assert reply["references"] == 1 + reply["kept"] and reply["kept"] == 12 - len(reply["suspects"])
+    assert reply["threshold_before"] == pytest.approx(before.calibration.threshold, rel=1e-5)
+    assert reply["threshold"] != reply["threshold_before"]
+    results = sub.unique_by_topic()["test/s1/result"]
+    assert len(results) == 26 and len({r["part_id"] for r in results}) == 26
+    assert all(r["verdict"] in ("normal", "anomalous") and r["score"] is not None for r in results)
+    assert {s["part_id"] for s in reply["suspects"]} <= {r["part_id"] for r in results[:12]}
+    # each result says whether its state was still being refined, and how far that was
+    assert [r["refining"]["collected"] for r in results[:12]] == list(range(1, 13))
+    assert all(r["refining"]["of"] == 12 for r in results[:12])
+
+    rt = start(station(2, seed=3))
+    assert rt.health()["refining"] is None and rt.health()["threshold"] == pytest.approx(reply["threshold"], rel=1e-5)
+    finish(rt)
+    sub.close()

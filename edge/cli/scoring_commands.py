@@ -116,7 +116,8 @@ def add_parsers(sub) -> None:
     v.add_argument("--shots", type=shots, default=None, help="K good references, or 'all' (default)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--learn", type=positive, metavar="N", help="evaluate learn mode: enroll from an unlabeled "
-                   "stream of N parts (good train images with --learn-defect-rate defective test images mixed in)")
+                   "stream of N parts (good train images with --learn-defect-rate defective test images mixed in); with "
+                   "--shots K, the station is first enrolled from K good train images and the stream refines it")
     v.add_argument("--learn-defect-rate", type=float, default=0.1, metavar="RATE")
     v.add_argument("--json", help="write metrics here")
     v.add_argument("--report", help="folder for the ROC plot, overlays and summary.md (default: next to --json)")

@@ -52,13 +52,14 @@ def _enroll(pack, good, args) -> int:
     if len(state.references) < 4:
         print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
               "threshold may reject good parts (one magnetic tile: 0-98% of good tiles, 42% on average): enroll more good images "
-              "when you have them, or start the station in learn mode instead (learn: {parts: 50} in its "
-              "config and no state folder: it learns from its first 50 parts)", file=sys.stderr)
+              "when you have them, or let the line sharpen this state (learn: {parts: 50, refine: true} in the "
+              "station config: its next 50 parts are scored as usual, then the usual-looking ones join the "
+              "references), or start in learn mode (learn: {parts: 50} and no state folder)", file=sys.stderr)
     return 0
 
 
 def cmd_learn(args) -> int:
-    from edge.station.learn import learn
+    from edge.station.learn import learn, refine
     from edge.pack import load_pack
     from edge.inference.preprocess import list_images
 
@@ -66,15 +67,22 @@ def cmd_learn(args) -> int:
     parts = list_images(args.parts)
     if not parts:
         raise EdgeError(f"{args.parts}: no images found (png, jpg, bmp, tif)")
-    result = learn(pack, parts, args.out, seed=args.seed, z=args.z, quiet=args.quiet,
-                   log=lambda m: print(m, file=sys.stderr))
+    how = refine if args.refine else learn
+    result = how(pack, parts, args.out, seed=args.seed, z=args.z, quiet=args.quiet,
+                 log=lambda m: print(m, file=sys.stderr))
     c = result.state.calibration
-    print(f"learned from {len(parts)} unlabeled parts into {args.out}: kept {len(result.kept)}, set aside "
-          f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); threshold {c.threshold:.4f}")
+    if args.refine:
+        before = result.state.info["refined"]
+        print(f"refined {args.out} with {len(parts)} unlabeled parts: kept {len(result.kept)}, set aside "
+              f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); references "
+              f"{before['references_before']} -> {len(result.state.references)}, threshold "
+              f"{before['threshold_before']:.4f} -> {c.threshold:.4f}")
+    else:
+        print(f"learned from {len(parts)} unlabeled parts into {args.out}: kept {len(result.kept)}, set aside "
+              f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); threshold {c.threshold:.4f}")
     for p in result.suspects:
         print(f"  suspect {p.name}  mutual score {result.scores[p.name]:.4f}")
     return 0
-
 
 
 def add_parsers(sub) -> None:
@@ -100,7 +108,10 @@ def add_parsers(sub) -> None:
                                       "(suspects are set aside and listed)")
     lm.add_argument("--pack", required=True)
     lm.add_argument("--parts", required=True, help="folder of unlabeled part images (e.g. the first N off the line)")
-    lm.add_argument("--out", required=True, help="new state folder")
+    lm.add_argument("--out", required=True, help="new state folder (with --refine: the state to refine)")
+    lm.add_argument("--refine", action="store_true",
+                    help="add the parts that look usual to the references of the existing state in --out "
+                         "(enrolled from a few good parts) and recalibrate it")
     lm.add_argument("--z", type=positive_float, default=3.0, help="robust z-score above which a part is suspect")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--quiet", action="store_true")

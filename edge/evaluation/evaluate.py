@@ -40,7 +40,8 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
     """`train_student(images, folder) -> StudentSpec` (export.student) evaluates the learned scorer
     instead of the memory bank. `learn_parts` evaluates learn mode instead (edge.station.learn): an unlabeled
     stream of that many parts, good train images with `learn_defect_rate` of defective test images mixed
-    in (those are then left out of the scored test set). `foreground` auto | on | off: whether the few-shot
+    in (those are then left out of the scored test set); with `shots` as well, the station is first enrolled
+    from that many good train images and the stream refines it (edge.station.learn.refine). `foreground` auto | on | off: whether the few-shot
     head masks the background of parts on a plain one (edge.scoring.foreground); `aspect` auto | keep |
     squash: whether frames far from the pack's shape keep their aspect ratio (edge.station.input_size)."""
     if tiling is not None and train_student is not None:
@@ -50,7 +51,7 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
         if tiling is not None or train_student is not None:
             raise EdgeError("learn mode is evaluated with the whole-frame bank (no tiling, no student)")
         return _evaluate_learn(pack, data, category, learn_parts, learn_defect_rate, seed, report_dir, n_overlays,
-                               quiet, log)
+                               quiet, log, shots=shots)
     train = choose_shots(category.train_good, shots, seed)
     ref_images, _, skipped_refs = read_images(train, log)
     if not ref_images:
@@ -80,27 +81,36 @@ def evaluate(pack: Pack, data: str | Path, shots: int | None, seed: int = 0, rep
 
 
 def _evaluate_learn(pack, data, category, n_parts: int, defect_rate: float, seed: int, report_dir, n_overlays,
-                    quiet, log) -> dict:
+                    quiet, log, shots: int | None = None) -> dict:
     import dataclasses
 
-    from edge.station.learn import learn
+    from edge.station.enrollment import enroll
+    from edge.station.learn import learn, refine
 
     if not 0 <= defect_rate < 0.5:
         raise EdgeError(f"learn defect rate must be in [0, 0.5), got {defect_rate}")
     defective = [t for t in category.test if t.kind != "good"]
     n_bad = int(round(n_parts * defect_rate))
-    if n_bad > len(defective) // 2 or n_parts - n_bad > len(category.train_good):
+    curated = choose_shots(category.train_good, shots, seed) if shots is not None else []
+    pool = [p for p in category.train_good if p not in set(curated)]
+    if n_bad > len(defective) // 2 or n_parts - n_bad > len(pool):
         raise DatasetError(f"{category.root}: too few images for a learn stream of {n_parts} parts "
-                           f"({n_bad} defective)")
+                           f"({n_bad} defective" + (f", after {len(curated)} enrolled shots)" if curated else ")"))
     rng = np.random.default_rng(seed)
     mixed = [defective[i] for i in sorted(rng.choice(len(defective), n_bad, replace=False))]
-    stream = choose_shots(category.train_good, n_parts - n_bad, seed) + [t.path for t in mixed]
+    stream = choose_shots(pool, n_parts - n_bad, seed) + [t.path for t in mixed]
     stream = [stream[i] for i in rng.permutation(len(stream))]
     bad_names = {t.path.name for t in mixed}
     with tempfile.TemporaryDirectory(prefix="eval-learn.") as work:
         t0 = time.perf_counter()
         extractor = FeatureExtractor(pack)
-        result = learn(pack, stream, Path(work) / "state", seed=seed, extractor=extractor, quiet=quiet, log=log)
+        state_dir = Path(work) / "state"
+        before = None
+        if curated:
+            before = enroll(pack, curated, state_dir, seed=seed, extractor=extractor, quiet=quiet, log=log).calibration
+            result = refine(pack, stream, state_dir, seed=seed, extractor=extractor, quiet=quiet, log=log)
+        else:
+            result = learn(pack, stream, state_dir, seed=seed, extractor=extractor, quiet=quiet, log=log)
         enroll_s = time.perf_counter() - t0
         state = result.state
         suspects = {p.name for p in result.suspects}
@@ -108,10 +118,13 @@ def _evaluate_learn(pack, data, category, n_parts: int, defect_rate: float, seed
                 "learn": {"parts": len(stream), "defective_mixed_in": n_bad,
                           "set_aside": len(suspects), "defective_set_aside": len(suspects & bad_names),
                           "good_set_aside": len(suspects - bad_names), "cutoff": round(result.cutoff, 4)}}
+        if before is not None:
+            info["learn"].update(enrolled_shots=len(curated), threshold_before=round(before.threshold, 4),
+                                 threshold_source_before=before.source)
         log(f"learn mode: {len(suspects)} of {len(stream)} parts set aside ({len(suspects & bad_names)} of the "
             f"{n_bad} defective ones)")
         scorer = build_scorer(pack, state, None, extractor=extractor)
-        kept_images = [read_image(p) for p in result.kept]
+        kept_images = [read_image(p) for p in [*curated, *result.kept]]
         test = dataclasses.replace(category, test=[t for t in category.test if t not in mixed])
         return _score_test(pack, data, test, scorer, state.calibration, info, kept_images, seed, enroll_s, [],
                            report_dir, n_overlays, quiet, log)

@@ -182,8 +182,12 @@ class LearnSpec(FrozenSpec):
     # Learn mode: a station started with no state yet (no state.yaml in `state`) builds its references
     # and threshold from its first `parts` parts, assuming most of them are good; parts that look
     # unusual among them are set aside (listed on P/reply). Until then each part's result is `learning`.
+    # refine: a station that does have a state, enrolled from fewer than `parts` good references and not
+    # refined yet, scores and decides every part as usual while it keeps the next `parts` of them, then adds
+    # those that mutual scoring does not set aside to its references and recalibrates (once per state).
     parts: StrictInt = Field(ge=8, le=5000)
     suspect_z: float = Field(default=3.0, gt=0, le=20)
+    refine: bool = False
 
 
 class HealthSpec(FrozenSpec):
@@ -212,7 +216,7 @@ class StationConfig(FrozenSpec):
     api: ApiSpec = ApiSpec()
     explain: ExplainSpec = ExplainSpec()
     health: HealthSpec = HealthSpec()
-    learn: LearnSpec | None = None  # learn mode when the station has no state yet
+    learn: LearnSpec | None = None  # learn mode when the station has no state yet; refine when it has a few
     plc: PlcSpec = PlcSpec()  # OPC UA inspection handshake (edge.line.plc)
     # Where the part is in the frame (edge.scoring.roi); used by tiled scoring, so it needs a tiling: section.
     roi: RoiSpec | None = None

@@ -29,6 +29,7 @@ def health(rt) -> dict:
         trigger_mode=manager.config.trigger.mode, threshold=manager.threshold(),
         references=len(manager.state.references) if manager.state is not None else 0,
         learning=manager.learner.progress() if manager.learner is not None else None,
+        refining=manager.refiner.progress() if manager.refiner is not None else None,
         rates={"captured": pipeline.captured.rate(), "scored": pipeline.scored.rate()},
         latencies={"queue": pipeline.queue_ms.percentiles(), "score": pipeline.score_ms.percentiles(),
                    "capture_to_publish": pipeline.end_to_end_ms.percentiles()},

@@ -39,8 +39,10 @@ def part_summary(result, learning: dict | None, threshold: float | None, mm_per_
 
 def result_message(*, message_id: str, station: str, line: str, part, summary: dict, result, model_id: str,
                    source_name: str, queue_ms: float, score_ms: float, capture_to_publish_ms: float,
-                   mm_per_pixel: float | None, learning: dict | None = None, error: str | None = None) -> dict:
-    """P/result for one part. `part`: its part_id, trigger, request_id and frame (captured_at, index, meta)."""
+                   mm_per_pixel: float | None, learning: dict | None = None, error: str | None = None,
+                   refining: dict | None = None) -> dict:
+    """P/result for one part. `part`: its part_id, trigger, request_id and frame (captured_at, index, meta).
+    `refining`: {collected, of} while the deciding state is being refined from the line (learn.refine)."""
     r = result
     message = {
         "message_id": message_id, "part_id": part.part_id, "station": station, "line": line,
@@ -56,6 +58,8 @@ def result_message(*, message_id: str, station: str, line: str, part, summary: d
         message["mm_per_pixel"] = mm_per_pixel
     if part.request_id:
         message["request_id"] = part.request_id
+    if refining is not None:
+        message["refining"] = refining
     if learning is not None:
         message["learning"] = learning
     elif r is None:
@@ -106,8 +110,10 @@ COUNTED = ("captured", "parts", "flagged", "errors", "learning", "bad_commands",
 def status_message(*, now: float, started_at: float, stopping: bool, station: str, line: str, model_id: str,
                    pack_sha256: str, trigger_mode: str, threshold: float | None, references: int,
                    learning: dict | None, rates: dict, latencies: dict, queues: dict, counts, dropped_frames: int,
-                   source, broker: dict | None, storage: dict, deploy: dict, explain: dict | None) -> dict:
-    """P/status (retained) and GET /health. `rates`: captured, scored (per s); `latencies`: queue, score,
+                   source, broker: dict | None, storage: dict, deploy: dict, explain: dict | None,
+                   refining: dict | None = None) -> dict:
+    """P/status (retained) and GET /health. `learning` / `refining`: learn mode's or learn.refine's progress
+    (collected, of, building, attempts, last_error), else None. `rates`: captured, scored (per s); `latencies`: queue, score,
     capture_to_publish percentiles; `counts`: the runtime's counters (COUNTED, store_retries,
     refused_storage); `source`: name, state, detail, bad_frames, reconnects; `storage`:
     parts, fresh, free_mb, low_space_flag, min_free_mb, over_budget, files_bytes, db_bytes,
@@ -120,6 +126,7 @@ def status_message(*, now: float, started_at: float, stopping: bool, station: st
         "station": station, "line": line, "model_id": model_id,
         "time": iso_time(now), "uptime_s": round(now - started_at, 1),
         "trigger": trigger_mode, "threshold": threshold, "references": references, "learning": learning,
+        "refining": refining,
         "fps": {"captured": round(rates["captured"], 2), "scored": round(rates["scored"], 2)},
         "latency_ms": {"queue": latencies["queue"], "score": latencies["score"],
                        "capture_to_publish": latencies["capture_to_publish"]},

@@ -114,6 +114,8 @@ class PartRecorder:
                 f"storage.min_free_mb {c.storage.min_free_mb:g}, with no image file left to remove"))
         p, r = item.part, item.result
         learning = rt.manager.collect_for_learning(p) if item.learning else None
+        # learn.refine: decided by a state that is still being refined; the frame is kept for it
+        refining = rt.manager.collect_for_refinement(p) if r is not None and rt.manager.refiner is not None else None
         summary = messages.part_summary(r, learning, rt.manager.threshold(), c.station.mm_per_pixel)
         flagged = r is not None and r.anomalous
         findings = None
@@ -130,7 +132,8 @@ class PartRecorder:
             message_id=uuid.uuid4().hex, station=rt.station, line=c.station.line, part=p, summary=summary, result=r,
             model_id=rt.pack.model_id, source_name=rt.source.name,
             queue_ms=(item.scored_at - p.queued_at) * 1000 - item.score_ms, score_ms=item.score_ms,
-            capture_to_publish_ms=e2e_ms, mm_per_pixel=c.station.mm_per_pixel, learning=learning, error=item.error)
+            capture_to_publish_ms=e2e_ms, mm_per_pixel=c.station.mm_per_pixel, learning=learning, error=item.error,
+            refining=refining)
         out = [["result", result]]
         if flagged:
             paths = store.file_paths(files[0])

@@ -167,6 +167,8 @@ class Runtime:
                      c.state, self.learner.parts, self.learner.progress()["collected"])
             if self.learner.full():  # collected before a restart, not built yet
                 self.manager.submit("learn")
+        if self.manager.refiner is not None and self.manager.refiner.full():  # the same for learn.refine
+            self.manager.submit("refine")
         return self
 
     def _start_explainer(self) -> None:

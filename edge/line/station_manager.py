@@ -75,6 +75,7 @@ class StationManager:
             c = self.config
             self.learner = LineLearner(self.pack, c.state, c.storage.dir, c.learn.parts, c.learn.suspect_z,
                                        c.target_false_reject)
+        self.refiner: LineLearner | None = self._refiner_for(self.state)
         self.jobs: queue.Queue = queue.Queue()
         self._state_lock = threading.Lock()  # one enrollment or reload at a time
         self._thread: threading.Thread | None = None
@@ -136,6 +137,8 @@ class StationManager:
             return self.reload()
         if kind == "learn":
             return self.learn_state()
+        if kind == "refine":
+            return self.refine_state()
         if kind == "deploy":
             return self.deploy(command)
         if kind == "rollback":
@@ -174,6 +177,61 @@ class StationManager:
         log.info("learn mode: state built from %d parts (%d set aside as suspect: %s); threshold %.4f",
                  summary["parts"], len(summary["suspects"]),
                  ", ".join(s["part_id"] for s in summary["suspects"]) or "none", scorer.threshold)
+        return summary
+
+    def _refiner_for(self, state) -> LineLearner | None:
+        """The collector that refines `state` from the line (learn.refine), or None: not configured, no state,
+        already refined or learned from the line, or enrolled from learn.parts references or more."""
+        spec = self.config.learn
+        if state is None or spec is None or not spec.refine:
+            return None
+        if "refined" in state.info or "learn" in state.info:
+            return None
+        if len(state.references) >= spec.parts:
+            log.info("learn.refine: the state already holds %d references (learn.parts %d); not refined",
+                     len(state.references), spec.parts)
+            return None
+        c = self.config
+        refiner = LineLearner(self.pack, c.state, c.storage.dir, spec.parts, spec.suspect_z, c.target_false_reject,
+                              refining=True, tiling=c.tiling_spec())
+        log.info("learn.refine: the state from %d references is refined with the next %d parts (%d kept so far); "
+                 "every part is scored as usual meanwhile", len(state.references), spec.parts,
+                 refiner.progress()["collected"])
+        return refiner
+
+    def collect_for_refinement(self, part) -> dict | None:
+        """Keep a scored part's frame for the refinement (the part that fills the collection queues it);
+        returns {collected, of} for its result, or None once there is nothing to refine."""
+        refiner = self.refiner
+        if refiner is None:
+            return None
+        try:
+            progress, full = refiner.add(part.part_id, part.frame.image)
+        except Exception as e:
+            log.warning("learn.refine: part %s not kept: %s", part.part_id, e)
+            progress, full = {**refiner.progress(), "error": str(e)}, False
+        if full:
+            log.info("learn.refine: %d parts kept; refining the station state", refiner.parts)
+            self.submit("refine")
+        return {k: progress[k] for k in ("collected", "of", "error") if k in progress}
+
+    def refine_state(self) -> dict:
+        """Refine the state with the kept parts; the refined scorer scores from the next part on."""
+        refiner = self.refiner
+        if refiner is None:
+            raise CommandError("refine: nothing to refine (learn.refine is off, or the state was refined already)")
+        with self._state_lock:
+            if self.state is None or "refined" in self.state.info:
+                self.refiner = None
+                raise CommandError("refine: the state changed since the parts were kept; not refined")
+            state, summary = refiner.build(log=log.info)
+            state = self._state_for_backend(state)
+            self.state, self.scorer, self.refiner = state, self._scorer_for(state), None
+        log.info("learn.refine: %d parts kept of %d (%d set aside as suspect: %s); references %d -> %d, threshold "
+                 "%.4f -> %.4f", summary["kept"], summary["parts"],
+                 len(summary["suspects"]), ", ".join(s["part_id"] for s in summary["suspects"]) or "none",
+                 summary["references_before"], summary["references"], summary["threshold_before"],
+                 self.scorer.threshold)
         return summary
 
     def enroll_good(self, part_id: str, by: str) -> dict:
@@ -216,6 +274,9 @@ class StationManager:
                                    "nothing switched: send it again")
             self.config = config
             self.pack, self.backend, self.state, self.scorer = models
+            if self.refiner is not None:  # parts kept for the state it replaces
+                self.refiner.clear()
+            self.refiner = self._refiner_for(self.state)
 
     def deploy(self, command: DeployCommand) -> dict:
         """Verify, trial-score and switch to a pack (and state); every step is replied on P/reply."""

@@ -236,6 +236,9 @@ def enroll(pack: Pack, good: list[Path], out: str | Path, shots: int | None = No
             state = build_tiled_state(pack, all_images, tiling, extractor, seed=seed, references=all_names,
                                       quiet=quiet)
         state.info["skipped"] = skipped
+        for key in ("learn", "refined"):  # where the references came from stays with them
+            if previous is not None and key in previous.info:
+                state.info[key] = previous.info[key]
         numerics.stamp(state, extractor.backend)  # the threshold holds for these numerics only
         out.mkdir(parents=True, exist_ok=True)
         if train_student is not None:

@@ -9,6 +9,8 @@ scratch on two parts) still stands out, while normal texture finds close matches
 whose score is a robust outlier (median + z * MAD-sigma of all parts' scores) are set aside as suspect;
 the rest are enrolled as good references (`edge.station.enrollment.enroll`: bank and automatic threshold from their
 own held-out scores). What was set aside is reported with its scores, so a person can look at it.
+`refine` does the same for a station that already has a state from a few good references: the kept
+parts join those references (one good sample to start, the line's own parts to sharpen it).
 
     result = learn(pack, paths, "station/state")
     result.kept, result.suspects, result.scores, result.state.calibration.threshold
@@ -86,15 +88,19 @@ def suspect_cutoff(scores: np.ndarray, z: float = SUSPECT_Z) -> float:
     return med + z * max(mad, 1e-6 * max(abs(med), 1e-6))
 
 
-def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: float = SUSPECT_Z,
-          extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
-    """Enroll the unlabeled `parts` into the state folder `out`, setting suspects aside."""
-    from edge.station.enrollment import enroll
+@dataclass
+class Screening:
+    """Unlabeled parts after mutual scoring: which look usual (kept) and which were set aside."""
+    kept: list[Path]
+    suspects: list[Path]
+    scores: dict[str, float]            # file name -> mutual score
+    cutoff: float
+    skipped: list[str]
 
-    out = Path(out)
-    if (out / "state.yaml").is_file():
-        raise StateError(f"{out}: already holds a station state; learn mode builds a new one (use enroll to add "
-                         "confirmed good parts to it)")
+
+def screen(pack: Pack, parts: list[Path], seed: int = 0, z: float = SUSPECT_Z,
+           extractor: FeatureExtractor | None = None, log=print) -> Screening:
+    """Mutual scoring of unlabeled parts: the robust outliers among them are set aside as suspect."""
     images, paths, skipped = read_images(list(parts), log)
     if len(images) < MIN_PARTS:
         raise StateError(f"learn mode needs at least {MIN_PARTS} readable parts to tell the usual from the unusual, "
@@ -112,8 +118,45 @@ def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: floa
     suspects = [p for p, s in zip(paths, suspect) if s]
     log(f"set aside {len(suspects)} of {len(images)} parts as suspect (mutual score above {cutoff:.4f}); "
         f"enrolling the other {len(kept)}")
-    state = enroll(pack, kept, out, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
-    state.info["learn"] = {"parts": len(images), "suspects": [p.name for p in suspects], "cutoff": cutoff}
+    return Screening(kept, suspects, {p.name: float(s) for p, s in zip(paths, scores)}, cutoff, skipped)
+
+
+def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: float = SUSPECT_Z,
+          extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
+    """Enroll the unlabeled `parts` into the state folder `out`, setting suspects aside."""
+    from edge.station.enrollment import enroll
+
+    out = Path(out)
+    if (out / "state.yaml").is_file():
+        raise StateError(f"{out}: already holds a station state; learn mode builds a new one (refine adds "
+                         "unlabeled parts to it: anomaly-edge learn --refine; enroll adds confirmed good parts)")
+    extractor = extractor or FeatureExtractor(pack)
+    found = screen(pack, parts, seed, z, extractor, log)
+    state = enroll(pack, found.kept, out, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
+    state.info["learn"] = {"parts": len(found.kept) + len(found.suspects), "suspects": [p.name for p in found.suspects],
+                           "cutoff": found.cutoff}
     state.save(out)
-    return LearnResult(state, kept, suspects, {p.name: float(s) for p, s in zip(paths, scores)}, cutoff,
-                       skipped)
+    return LearnResult(state, found.kept, found.suspects, found.scores, found.cutoff, found.skipped)
+
+
+def refine(pack: Pack, parts: list[Path], state_dir: str | Path, seed: int = 0, z: float = SUSPECT_Z,
+           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
+    """Sharpen a state enrolled from a few good references with unlabeled production parts: the parts that
+    mutual scoring does not set aside join the references (which all stay), and the head and the
+    automatic threshold are rebuilt from all of them. The state records it under info["refined"]."""
+    from edge.station.enrollment import enroll
+    from edge.station.state import load_state
+
+    state_dir = Path(state_dir)
+    if not (state_dir / "state.yaml").is_file():
+        raise StateError(f"{state_dir}: no station state to refine; enroll a good part first, or learn a new one")
+    before = load_state(state_dir)
+    extractor = extractor or FeatureExtractor(pack)
+    found = screen(pack, parts, seed, z, extractor, log)
+    state = enroll(pack, found.kept, state_dir, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
+    state.info["refined"] = {"parts": len(found.kept) + len(found.suspects), "kept": len(found.kept),
+                             "suspects": [p.name for p in found.suspects], "cutoff": found.cutoff,
+                             "references_before": len(before.references),
+                             "threshold_before": float(before.calibration.threshold)}
+    state.save(state_dir)
+    return LearnResult(state, found.kept, found.suspects, found.scores, found.cutoff, found.skipped)

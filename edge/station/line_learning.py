@@ -1,5 +1,7 @@
 """Learn mode on the running line: a station with no state yet builds its references and threshold from
 the first N parts that come off the line (unlabeled, most of them good), then scores from the next part on.
+With `refining`, a station that has a state (enrolled from a few good parts) scores every part as usual
+while it keeps the next N, then refines its state with them (`edge.station.learn.refine`).
 
 This module owns the collection of those frames (kept under `<storage.dir>/learning/`, so a restart
 during learning resumes where it stopped) and the hand-over to `edge.station.learn.learn`, which sets the
@@ -17,22 +19,24 @@ import cv2
 import numpy as np
 
 from edge.errors import StateError
-from edge.station.learn import MIN_PARTS, learn
+from edge.station.learn import MIN_PARTS, learn, refine
 from edge.pack import Pack
 
 FOLDER = "learning"
+REFINING_FOLDER = "refining"
 
 
 class LineLearner:
     """Collects the first `parts` frames of a station without state, then learns its state from them."""
 
     def __init__(self, pack: Pack, state_dir: Path, storage_dir: Path, parts: int, suspect_z: float,
-                 target_false_reject: float | None = None):
+                 target_false_reject: float | None = None, refining: bool = False, tiling=None):
         if parts < MIN_PARTS:
             raise StateError(f"learn.parts {parts}: learn mode needs at least {MIN_PARTS} parts")
         self.pack, self.state_dir, self.parts, self.suspect_z = pack, Path(state_dir), int(parts), suspect_z
         self.target_false_reject = target_false_reject
-        self.folder = Path(storage_dir) / FOLDER
+        self.refining, self.tiling = refining, tiling
+        self.folder = Path(storage_dir) / (REFINING_FOLDER if refining else FOLDER)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._count = len(self.collected())  # kept before a restart count; then counted here, not globbed per part
@@ -76,18 +80,28 @@ class LineLearner:
         self.attempts += 1
         try:
             kw = {} if self.target_false_reject is None else {"target_false_reject": self.target_false_reject}
-            result = learn(self.pack, paths, self.state_dir, z=self.suspect_z, quiet=True, log=log, **kw)
+            if self.refining:
+                result = refine(self.pack, paths, self.state_dir, z=self.suspect_z, quiet=True, log=log,
+                                tiling=self.tiling, **kw)
+            else:
+                result = learn(self.pack, paths, self.state_dir, z=self.suspect_z, quiet=True, log=log, **kw)
         except Exception as e:
             self.last_error = str(e)
-            self._clear()
-            raise StateError(f"learn mode: {e}; collecting {self.parts} new parts") from e
+            self.clear()
+            what = "refining the state" if self.refining else "learn mode"
+            raise StateError(f"{what}: {e}; collecting {self.parts} new parts") from e
         finally:
             self.learning = False
         summary = result.summary()
         summary["suspects"] = [{"part_id": self.part_id(s["file"]), "score": s["score"]} for s in summary["suspects"]]
         summary["threshold"] = round(float(result.state.calibration.threshold), 6)
         summary["threshold_source"] = result.state.calibration.source
-        self._clear()
+        if self.refining:
+            refined = result.state.info["refined"]
+            summary.update(references_before=refined["references_before"],
+                           references=len(result.state.references),
+                           threshold_before=round(refined["threshold_before"], 6))
+        self.clear()
         self.last_error = None
         return result.state, summary
 
@@ -98,7 +112,8 @@ class LineLearner:
         except OSError:
             return Path(file_name).stem.split("_", 1)[-1]
 
-    def _clear(self) -> None:
+    def clear(self) -> None:
+        """Drop what was collected; collecting starts again from the next part."""
         with self._lock:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True, exist_ok=True)
