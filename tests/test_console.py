@@ -89,7 +89,8 @@ def test_list_open_feedback_and_enroll_make_the_next_identical_part_pass(broker,
         command(child, "list all", r"P-2\s+\d\d:\d\d:\d\d\s+[\d.]+ ok")
         assert api.get("/parts/P-2")["verdict"] == "normal"
         command(child, "open P-1", "feedback: false_alarm by tester")
-        command(child, "status", r"frames/s captured", r"broker: connected", r"camera: folder .* streaming")
+        command(child, "status", r"frames/s captured", r"threshold [\d.]+ from 17 reference\(s\)", r"broker: connected",
+                r"camera: folder .* streaming")
         service.send_signal(signal.SIGTERM)
         service.wait(30)
         command(child, "status", "the station service is not running")
@@ -223,3 +224,17 @@ def test_asking_about_a_part_flagged_while_explanations_were_off_says_so(tmp_pat
         with pytest.raises(ApiError, match=r"^part N-1 is normal: only flagged parts have a dialogue"):
             ask(station, "N-1", {"question": "How big is it?"})
     store.close()
+
+
+def test_status_says_whether_the_station_is_learning_or_refining():
+    from edge.cli.console_screen import model_words
+
+    learning = {"threshold": None, "references": 0,
+                "learning": {"collected": 7, "of": 50, "building": False, "attempts": 0, "last_error": None}}
+    assert model_words(learning) == "learning: 7 of 50 parts collected; parts are not judged until the state is built"
+    refining = {"threshold": 26.52, "references": 1, "learning": None,
+                "refining": {"collected": 12, "of": 50, "building": False, "attempts": 0, "last_error": None}}
+    assert model_words(refining) == ("threshold 26.5200 from 1 reference(s); refining: 12 of 50 parts kept, then "
+                                     "the usual-looking ones join the references")
+    assert model_words({"threshold": 11.9, "references": 48, "learning": None, "refining": None}) == \
+        "threshold 11.9000 from 48 reference(s)"

@@ -20,7 +20,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edge.cli.console_screen import explain_words, heatmap_preview, parse_when, part_line, path_lines, wrapped
+from edge.cli.console_screen import (explain_words, heatmap_preview, model_words, parse_when, part_line, path_lines,
+                                     wrapped)
 from edge.line.api_client import ApiClient, ApiError
 from edge.errors import EdgeError
 
@@ -185,6 +186,7 @@ class Console:
         self.say(f"parts {c['parts']}  flagged {c['flagged']}  dropped {c['dropped_frames']}  "
                  f"bad frames {c['bad_frames']}  errors {c['errors']}")
         self.say(f"queues: score {q['score']}  output {q['output']}  triggers {q['triggers']}")
+        self.say(model_words(h))
         b = h.get("broker")
         self.say("broker: " + (f"{'connected' if b['connected'] else 'DISCONNECTED'}  outbox {b['outbox_size']}"
                                + (f"  ({b['last_error']})" if b.get("last_error") else "") if b else "MQTT off"))

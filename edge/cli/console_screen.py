@@ -93,6 +93,20 @@ def explain_words(e: dict) -> str:
             f"{e.get('failed', 0)} failed{busy}")
 
 
+def model_words(h: dict) -> str:
+    """The threshold and where the station's state stands (learning, refining) in words, from its health."""
+    learning, refining = h.get("learning"), h.get("refining")
+    if learning:
+        return (f"learning: {learning['collected']} of {learning['of']} parts collected; parts are not judged "
+                "until the state is built" + (f" (last try: {learning['last_error']})" if learning.get("last_error") else ""))
+    words = f"threshold {h['threshold']:.4f} from {h['references']} reference(s)" if h.get("threshold") is not None \
+        else "no threshold"
+    if refining:
+        words += (f"; refining: {refining['collected']} of {refining['of']} parts kept, then the usual-looking ones "
+                  "join the references" + (" (building now)" if refining.get("building") else ""))
+    return words
+
+
 def heatmap_preview(overlay_path: str | None, mask_path: str | None, image_path: str | None, colour: bool,
                     cols: int = 48, rows: int = 12) -> list[str]:
     """The heatmap in the terminal: colour half-blocks from the overlay, or shades with '#' on the
