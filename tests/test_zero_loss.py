@@ -22,7 +22,7 @@ from edge.line.config import load_config
 from edge.line.runtime import Runtime
 from edge.line.store import TraceStore
 from edge.line.synthetic import SyntheticLine
-from mqtt_helpers import Subscriber, needs_mosquitto, wait_until
+from mqtt_helpers import Subscriber, needs_mosquitto, retained, wait_until
 from station_helpers import finish, start, write_config
 
 pytestmark = needs_mosquitto
@@ -461,6 +461,56 @@ def test_the_watchdog_keeps_its_pace_while_a_sigterm_drains_the_queue(broker, tm
     stop_s = seen[-1][0] - t_stopping
     print(f"stop took {stop_s:.2f} s with {len(pings)} WATCHDOG=1 datagrams")
     assert len(pings) <= stop_s / 0.2 + 3, (len(pings), stop_s)
+
+
+@needs_mosquitto
+@pytest.mark.timeout(120)
+def test_a_stage_that_dies_stops_the_watchdog_and_says_so(broker, tmp_path, default_pack_dir, enrolled_state,
+                                                          monkeypatch, caplog):
+    """An unforeseen error that ends the capture thread (here: the part queue refusing a part) is not a
+    silent station: health says `failed` with the error, P/status too, and WATCHDOG=1 stops, so systemd's
+    watchdog restarts the service."""
+    import socket
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    cfg = write_config(tmp_path, default_pack_dir, enrolled_state, broker.port,
+                       {"kind": "synthetic", "seed": 0, "fps": 20}, explain={"enabled": False})
+    rt = start(cfg)
+    try:
+        pings: list[float] = []
+
+        def receive(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    pings.extend(time.monotonic() for f in notify.recv(4096).decode().split("\n") if f == "WATCHDOG=1")
+                except socket.timeout:
+                    pass
+
+        wait_until(lambda: rt.counts["parts"] >= 3, 30, "3 parts")
+        receive(1.0)
+        assert pings, "no watchdog pings while the station ran"
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("the part queue refused a part")
+
+        monkeypatch.setattr(rt.pipeline.queue, "put", refuse)
+        wait_until(lambda: "capture" in rt.pipeline.crashed, 10, "the capture thread to die")
+        crashed_at = time.monotonic()
+        receive(1.5)
+        assert [t for t in pings if t > crashed_at + 0.5] == [], "the watchdog was still fed with capture dead"
+        h = rt.health()
+        assert h["state"] == "failed" and "RuntimeError: the part queue refused a part" in h["crashed"]["capture"]
+        wait_until(lambda: retained(broker.port, "test/s1/status").get("state") == "failed", 10, "a failed P/status")
+        assert any("the capture thread died" in r.getMessage() for r in caplog.records)
+    finally:
+        monkeypatch.undo()
+        rt.stop()
+        notify.close()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ def health(rt) -> dict:
         references=len(manager.state.references) if manager.state is not None else 0,
         learning=manager.learner.progress() if manager.learner is not None else None,
         refining=manager.refiner.progress() if manager.refiner is not None else None,
+        crashed=pipeline.crashed or None,
         rates={"captured": pipeline.captured.rate(), "scored": pipeline.scored.rate()},
         latencies={"queue": pipeline.queue_ms.percentiles(), "score": pipeline.score_ms.percentiles(),
                    "capture_to_publish": pipeline.end_to_end_ms.percentiles()},
@@ -79,8 +80,9 @@ class HealthLoop:
         next_status = next_retention = time.monotonic()
         while not stopped.is_set() and not (stop.is_set() and not pipeline.scoring_alive()):
             now = time.monotonic()
-            # Ping the watchdog only while the stages turn over: a hung stage gets us restarted.
-            if interval and all(now - t < 30 for t in pipeline.heartbeat.values()):
+            # Ping the watchdog only while the stages turn over: a hung or dead stage gets us restarted.
+            if interval and all(now - t < 30 for t in pipeline.heartbeat.values()) and (
+                    stop.is_set() or pipeline.stages_alive()):
                 notifier.watchdog()
             if now >= next_status:
                 next_status = now + rt.config.health.status_interval_s

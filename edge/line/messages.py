@@ -40,7 +40,7 @@ def part_summary(result, learning: dict | None, threshold: float | None, mm_per_
 def result_message(*, message_id: str, station: str, line: str, part, summary: dict, result, model_id: str,
                    source_name: str, queue_ms: float, score_ms: float, capture_to_publish_ms: float,
                    mm_per_pixel: float | None, learning: dict | None = None, error: str | None = None,
-                   refining: dict | None = None) -> dict:
+                   refining: dict | None = None, crashed: dict | None = None) -> dict:
     """P/result for one part. `part`: its part_id, trigger, request_id and frame (captured_at, index, meta).
     `refining`: {collected, of} while the deciding state is being refined from the line (learn.refine)."""
     r = result
@@ -111,9 +111,10 @@ def status_message(*, now: float, started_at: float, stopping: bool, station: st
                    pack_sha256: str, trigger_mode: str, threshold: float | None, references: int,
                    learning: dict | None, rates: dict, latencies: dict, queues: dict, counts, dropped_frames: int,
                    source, broker: dict | None, storage: dict, deploy: dict, explain: dict | None,
-                   refining: dict | None = None) -> dict:
+                   refining: dict | None = None, crashed: dict | None = None) -> dict:
     """P/status (retained) and GET /health. `learning` / `refining`: learn mode's or learn.refine's progress
-    (collected, of, building, attempts, last_error), else None. `rates`: captured, scored (per s); `latencies`: queue, score,
+    (collected, of, building, attempts, last_error), else None. `crashed`: stage -> error for a stage whose
+    thread died (state `failed`: the watchdog is no longer fed, so systemd restarts the service). `rates`: captured, scored (per s); `latencies`: queue, score,
     capture_to_publish percentiles; `counts`: the runtime's counters (COUNTED, store_retries,
     refused_storage); `source`: name, state, detail, bad_frames, reconnects; `storage`:
     parts, fresh, free_mb, low_space_flag, min_free_mb, over_budget, files_bytes, db_bytes,
@@ -121,8 +122,8 @@ def status_message(*, now: float, started_at: float, stopping: bool, station: st
     s = storage
     low_space = s["low_space_flag"] and s["free_mb"] < s["min_free_mb"]  # recovers as space returns
     degraded = low_space or s["over_budget"]
-    return {
-        "state": "stopping" if stopping else "degraded" if degraded else "online",
+    message = {
+        "state": "stopping" if stopping else "failed" if crashed else "degraded" if degraded else "online",
         "station": station, "line": line, "model_id": model_id,
         "time": iso_time(now), "uptime_s": round(now - started_at, 1),
         "trigger": trigger_mode, "threshold": threshold, "references": references, "learning": learning,
@@ -146,10 +147,15 @@ def status_message(*, now: float, started_at: float, stopping: bool, station: st
                     "refused_parts": int(counts["refused_storage"])},
         "pack_sha256": pack_sha256, "deploy": deploy, "explain": explain,
     }
+    if crashed:
+        message["crashed"] = dict(crashed)
+    return message
 
 
 def status_line(status: dict) -> str:
     """The one line systemd shows (`systemctl status`) for a status message."""
     h = status
+    if h.get("crashed"):
+        return "FAILED: " + "; ".join(f"{stage} thread died ({why})" for stage, why in h["crashed"].items())
     return (f"{h['fps']['scored']:.1f} parts/s, {h['counts']['flagged']} flagged, source {h['source']['state']}, "
             f"outbox {h['broker']['outbox_size'] if h['broker'] else '-'}")

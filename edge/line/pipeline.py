@@ -166,6 +166,7 @@ class Pipeline:
         self.queued_ids: set[str] = set()
         self.ids_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.crashed: dict[str, str] = {}  # stage -> the error that ended its thread
         self.in_scoring: list[Part] = []  # the batch inside scorer.score() right now
         self.heartbeat = {"score": time.monotonic(), "output": time.monotonic()}
         self.captured = Rolling()
@@ -178,9 +179,26 @@ class Pipeline:
     def start(self) -> None:
         for name, target in (("capture", self._capture_loop), ("score", self._score_loop),
                              ("output", self._output_loop)):
-            t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
+            t = threading.Thread(target=self._guarded, args=(name, target), name=f"edge-{name}", daemon=True)
             t.start()
             self.threads.append(t)
+
+    def _guarded(self, name: str, loop) -> None:
+        """A stage's loop; one that dies of an unforeseen error says so loudly (and `stages_alive` turns
+        false, so the health loop stops feeding the systemd watchdog and the service is restarted)."""
+        try:
+            loop()
+        except BaseException as e:
+            self.crashed[name] = f"{type(e).__name__}: {e}"
+            log.critical("the %s thread died: %s; the station no longer %s", name, self.crashed[name],
+                         {"capture": "captures", "score": "scores", "output": "records"}[name], exc_info=True)
+
+    def stages_alive(self) -> bool:
+        """Every stage runs, or ended as it should (capture after its source ended or a stop)."""
+        if len(self.threads) < 3:
+            return False
+        capture, score, output = self.threads
+        return (capture.is_alive() or "capture" not in self.crashed) and score.is_alive() and output.is_alive()
 
     def scoring_alive(self) -> bool:
         return len(self.threads) > 1 and self.threads[1].is_alive()
