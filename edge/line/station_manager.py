@@ -222,6 +222,7 @@ class StationManager:
             raise CommandError("refine: nothing to refine (learn.refine is off, or the state was refined already)")
         with self._state_lock:
             if self.state is None or "refined" in self.state.info:
+                refiner.clear()
                 self.refiner = None
                 raise CommandError("refine: the state changed since the parts were kept; not refined")
             state, summary = refiner.build(log=log.info)
