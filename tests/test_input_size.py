@@ -114,3 +114,21 @@ def test_a_student_station_is_trained_at_the_pack_size(default_pack, tmp_path):
     with pytest.raises(StateError, match="aspect keep: the learned scorer"):
         enroll(default_pack, [], tmp_path / "s", quiet=True, log=lambda m: None, aspect="keep",
                train_student=lambda images, out: None)
+
+
+def test_a_scorer_that_takes_over_feeds_frames_at_its_own_state_size(default_pack):
+    """A reload or enrollment that changes the state's input size (a one-shot station refined with wide
+    parts keeps their aspect; one whose new references are square squashes again): the new scorer reuses
+    the old one's encoder session but feeds frames at the new state's size."""
+    wide_state = build_state(default_pack, strips(2), seed=0, quiet=True)
+    square_state = build_state(default_pack, strips(1), seed=0, quiet=True)
+    assert wide_state.input_size == (128, 352) and square_state.input_size is None
+    wide = build_scorer(default_pack, wide_state)
+    square = build_scorer(default_pack, square_state, replacing=wide)
+    assert square.extractor.backend is wide.extractor.backend  # the session is reused
+    frame = strips(1, seed=4)[0]
+    for state, scorer, size in ((square_state, square, (224, 224)),
+                                (wide_state, build_scorer(default_pack, wide_state, replacing=square), (128, 352))):
+        assert (scorer.extractor.pack.input.height, scorer.extractor.pack.input.width) == size
+        got, fresh = scorer.score_one(frame), build_scorer(default_pack, state).score_one(frame)
+        assert got.anomaly_map.shape == size and got.score == pytest.approx(fresh.score, rel=1e-5)

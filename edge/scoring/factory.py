@@ -54,7 +54,9 @@ def build_scorer(pack: Pack, state, tiling=None, *, kind: str = "bank", allow_un
         raise StateError(f"station state was enrolled with {_tiling_words(enrolled)} but the configuration asks for "
                          f"{_tiling_words(tiling)}: enroll again with the configured tiling")
     if extractor is None and replacing is not None and not isinstance(replacing, StudentScorer):
-        extractor = replacing.extractor
+        # Its encoder session, fed at this state's size: the one replaced may have run at another.
+        old = replacing.extractor
+        extractor = old if old.pack is pack else FeatureExtractor(pack, old.backend)
     request = ScorerRequest(pack, state, tiling, kind, allow_undertrained, cpu_scoring, backend, extractor)
     resolved = resolve_kind(request)
     if getattr(state, "input_size", None) is not None and resolved != "student":
