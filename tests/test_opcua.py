@@ -254,3 +254,13 @@ def test_an_encrypted_endpoint_serves_the_handshake_and_refuses_plain_channels(
 def test_encrypted_security_needs_the_certificate():
     with pytest.raises(ValueError, match="security encrypted needs certificate and private_key"):
         OpcUaSpec(security="encrypted", users=[{"name": "plc", "password": "x"}])
+
+
+def test_station_status_text_names_the_state_the_source_and_learning_or_refining():
+    from edge.line.plc.opcua import status_text
+
+    h = {"state": "online", "source": {"state": "streaming"}, "learning": None, "refining": None}
+    assert status_text(h) == "online; source streaming"
+    assert status_text({**h, "refining": {"collected": 7, "of": 50}}) == "online; source streaming; refining 7/50"
+    assert status_text({**h, "state": "failed", "learning": {"collected": 3, "of": 20}}) == \
+        "failed; source streaming; learning 3/20"

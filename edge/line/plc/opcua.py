@@ -213,7 +213,7 @@ class OpcUaServer(LoopServer):
         while True:
             try:
                 h = self.runtime.health()
-                await self._set({"Station.Status": f"{h['state']}; source {h['source']['state']}"})
+                await self._set({"Station.Status": status_text(h)})
             except Exception:
                 log.exception("opcua: status not updated")
             await asyncio.sleep(1.0)
@@ -301,3 +301,12 @@ class OpcUaServer(LoopServer):
             "Station.LastResult.Error": result.get("error", ""),
         })
         await self._set(self.handshake.result(result))
+
+
+def status_text(h: dict) -> str:
+    """Station/Status from the health: its state, the source's, and learn mode's or refinement's progress."""
+    text = f"{h['state']}; source {h['source']['state']}"
+    for key in ("learning", "refining"):
+        if h.get(key):
+            text += f"; {key} {h[key]['collected']}/{h[key]['of']}"
+    return text
