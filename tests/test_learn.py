@@ -240,3 +240,31 @@ def test_a_one_shot_station_refines_itself_from_the_line_while_deciding_every_pa
     assert rt.health()["refining"] is None and rt.health()["threshold"] == pytest.approx(reply["threshold"], rel=1e-5)
     finish(rt)
     sub.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_state_refined_off_the_line_and_reloaded_ends_the_station_s_own_collection(tmp_path, default_pack,
+                                                                                     default_pack_dir):
+    from mqtt_helpers import wait_until
+    from station_helpers import start, write_config
+
+    one_shot_state(default_pack, tmp_path / "enrolled", seed=11)
+    truth = write_stream(tmp_path / "frames", 3, defect_rate=0.0, seed=12)
+    cfg = write_config(tmp_path, default_pack_dir, tmp_path / "enrolled" / "state", 1,
+                       {"kind": "folder", "path": str(tmp_path / "frames")}, trigger={"mode": "mqtt"},
+                       mqtt={"enabled": False}, explain={"enabled": False}, learn={"parts": 12, "refine": True})
+    rt = start(cfg)
+    try:
+        for i in range(len(truth)):
+            rt.trigger(f"p{i}")
+        wait_until(lambda: rt.counts["parts"] == 3, 60, "3 parts")
+        assert rt.health()["refining"]["collected"] == 3
+        write_stream(tmp_path / "offline", 10, defect_rate=0.0, seed=13)
+        refined = refine(default_pack, sorted((tmp_path / "offline").glob("*.png")), tmp_path / "state",
+                         quiet=True, log=lambda m: None).state
+        out = rt.manager.run_job("reload")
+        assert out["threshold"] == pytest.approx(refined.calibration.threshold, rel=1e-5)
+        assert rt.health()["refining"] is None and rt.health()["references"] == len(refined.references)
+        assert not list((tmp_path / "var" / "refining").glob("*.png"))  # what it had kept is dropped
+    finally:
+        rt.stop()

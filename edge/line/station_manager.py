@@ -179,19 +179,19 @@ class StationManager:
                  ", ".join(s["part_id"] for s in summary["suspects"]) or "none", scorer.threshold)
         return summary
 
-    def _refiner_for(self, state) -> LineLearner | None:
-        """The collector that refines `state` from the line (learn.refine), or None: not configured, no state,
-        already refined or learned from the line, or enrolled from learn.parts references or more."""
+    def _to_refine(self, state) -> bool:
+        """Whether learn.refine applies to `state`: configured, a state, not refined or learned from the line
+        yet, and enrolled from fewer than learn.parts references."""
         spec = self.config.learn
         if state is None or spec is None or not spec.refine:
+            return False
+        return "refined" not in state.info and "learn" not in state.info and len(state.references) < spec.parts
+
+    def _refiner_for(self, state) -> LineLearner | None:
+        """The collector that refines `state` from the line (learn.refine), or None where it does not apply."""
+        if not self._to_refine(state):
             return None
-        if "refined" in state.info or "learn" in state.info:
-            return None
-        if len(state.references) >= spec.parts:
-            log.info("learn.refine: the state already holds %d references (learn.parts %d); not refined",
-                     len(state.references), spec.parts)
-            return None
-        c = self.config
+        c, spec = self.config, self.config.learn
         refiner = LineLearner(self.pack, c.state, c.storage.dir, spec.parts, spec.suspect_z, c.target_false_reject,
                               refining=True, tiling=c.tiling_spec())
         log.info("learn.refine: the state from %d references is refined with the next %d parts (%d kept so far); "
@@ -334,5 +334,8 @@ class StationManager:
             state = self._state_for_backend(load_state(self.config.state, self.pack))
             scorer = self._scorer_for(state)  # may refuse (an undertrained student): the old pair keeps scoring
             self.state, self.scorer = state, scorer
+            if self.refiner is not None and not self._to_refine(state):  # refined off the line meanwhile
+                self.refiner.clear()
+                self.refiner = None
         log.info("reloaded: applied %s; threshold %.4f", applied or "nothing new", self.scorer.threshold)
         return {"applied": applied, "needs_restart": restart, "threshold": round(self.scorer.threshold, 6)}
