@@ -1,6 +1,5 @@
 """Learn mode: a station enrolled from unlabeled production parts, most of them good."""
 import cv2
-import numpy as np
 import pytest
 
 from conftest import run_cli
