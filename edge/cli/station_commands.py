@@ -71,15 +71,15 @@ def cmd_learn(args) -> int:
     result = how(pack, parts, args.out, seed=args.seed, z=args.z, quiet=args.quiet,
                  log=lambda m: print(m, file=sys.stderr))
     c = result.state.calibration
+    screened = (f"kept {len(result.kept)}, set aside {len(result.suspects)} as suspect (mutual score above "
+                f"{result.cutoff:.4f})")
     if args.refine:
         before = result.state.info["refined"]
-        print(f"refined {args.out} with {len(parts)} unlabeled parts: kept {len(result.kept)}, set aside "
-              f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); references "
+        print(f"refined {args.out} with {len(parts)} unlabeled parts: {screened}; references "
               f"{before['references_before']} -> {len(result.state.references)}, threshold "
               f"{before['threshold_before']:.4f} -> {c.threshold:.4f}")
     else:
-        print(f"learned from {len(parts)} unlabeled parts into {args.out}: kept {len(result.kept)}, set aside "
-              f"{len(result.suspects)} as suspect (mutual score above {result.cutoff:.4f}); threshold {c.threshold:.4f}")
+        print(f"learned from {len(parts)} unlabeled parts into {args.out}: {screened}; threshold {c.threshold:.4f}")
     for p in result.suspects:
         print(f"  suspect {p.name}  mutual score {result.scores[p.name]:.4f}")
     return 0

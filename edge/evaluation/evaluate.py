@@ -92,7 +92,8 @@ def _evaluate_learn(pack, data, category, n_parts: int, defect_rate: float, seed
     defective = [t for t in category.test if t.kind != "good"]
     n_bad = int(round(n_parts * defect_rate))
     curated = choose_shots(category.train_good, shots, seed) if shots is not None else []
-    pool = [p for p in category.train_good if p not in set(curated)]
+    enrolled = set(curated)
+    pool = [p for p in category.train_good if p not in enrolled]
     if n_bad > len(defective) // 2 or n_parts - n_bad > len(pool):
         raise DatasetError(f"{category.root}: too few images for a learn stream of {n_parts} parts "
                            f"({n_bad} defective" + (f", after {len(curated)} enrolled shots)" if curated else ")"))

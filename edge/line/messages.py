@@ -40,7 +40,7 @@ def part_summary(result, learning: dict | None, threshold: float | None, mm_per_
 def result_message(*, message_id: str, station: str, line: str, part, summary: dict, result, model_id: str,
                    source_name: str, queue_ms: float, score_ms: float, capture_to_publish_ms: float,
                    mm_per_pixel: float | None, learning: dict | None = None, error: str | None = None,
-                   refining: dict | None = None, crashed: dict | None = None) -> dict:
+                   refining: dict | None = None) -> dict:
     """P/result for one part. `part`: its part_id, trigger, request_id and frame (captured_at, index, meta).
     `refining`: {collected, of} while the deciding state is being refined from the line (learn.refine)."""
     r = result

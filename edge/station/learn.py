@@ -124,19 +124,11 @@ def screen(pack: Pack, parts: list[Path], seed: int = 0, z: float = SUSPECT_Z,
 def learn(pack: Pack, parts: list[Path], out: str | Path, seed: int = 0, z: float = SUSPECT_Z,
           extractor: FeatureExtractor | None = None, quiet: bool = False, log=print, **enroll_kw) -> LearnResult:
     """Enroll the unlabeled `parts` into the state folder `out`, setting suspects aside."""
-    from edge.station.enrollment import enroll
-
     out = Path(out)
     if (out / "state.yaml").is_file():
         raise StateError(f"{out}: already holds a station state; learn mode builds a new one (refine adds "
                          "unlabeled parts to it: anomaly-edge learn --refine; enroll adds confirmed good parts)")
-    extractor = extractor or FeatureExtractor(pack)
-    found = screen(pack, parts, seed, z, extractor, log)
-    state = enroll(pack, found.kept, out, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
-    state.info["learn"] = {"parts": len(found.kept) + len(found.suspects), "suspects": [p.name for p in found.suspects],
-                           "cutoff": found.cutoff}
-    state.save(out)
-    return LearnResult(state, found.kept, found.suspects, found.scores, found.cutoff, found.skipped)
+    return _enroll_screened(pack, parts, out, seed, z, extractor, quiet, log, enroll_kw, "learn", {})
 
 
 def refine(pack: Pack, parts: list[Path], state_dir: str | Path, seed: int = 0, z: float = SUSPECT_Z,
@@ -144,19 +136,26 @@ def refine(pack: Pack, parts: list[Path], state_dir: str | Path, seed: int = 0, 
     """Sharpen a state enrolled from a few good references with unlabeled production parts: the parts that
     mutual scoring does not set aside join the references (which all stay), and the head and the
     automatic threshold are rebuilt from all of them. The state records it under info["refined"]."""
-    from edge.station.enrollment import enroll
     from edge.station.state import load_state
 
     state_dir = Path(state_dir)
     if not (state_dir / "state.yaml").is_file():
         raise StateError(f"{state_dir}: no station state to refine; enroll a good part first, or learn a new one")
     before = load_state(state_dir)
+    return _enroll_screened(pack, parts, state_dir, seed, z, extractor, quiet, log, enroll_kw, "refined",
+                            {"references_before": len(before.references),
+                             "threshold_before": float(before.calibration.threshold)})
+
+
+def _enroll_screened(pack, parts, out: Path, seed, z, extractor, quiet, log, enroll_kw, key: str,
+                     record: dict) -> LearnResult:
+    """Screen `parts`, enroll the kept ones into `out` (new or extended) and record how under info[key]."""
+    from edge.station.enrollment import enroll
+
     extractor = extractor or FeatureExtractor(pack)
     found = screen(pack, parts, seed, z, extractor, log)
-    state = enroll(pack, found.kept, state_dir, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
-    state.info["refined"] = {"parts": len(found.kept) + len(found.suspects), "kept": len(found.kept),
-                             "suspects": [p.name for p in found.suspects], "cutoff": found.cutoff,
-                             "references_before": len(before.references),
-                             "threshold_before": float(before.calibration.threshold)}
-    state.save(state_dir)
+    state = enroll(pack, found.kept, out, seed=seed, extractor=extractor, quiet=quiet, log=log, **enroll_kw)
+    state.info[key] = {"parts": len(found.kept) + len(found.suspects), "kept": len(found.kept),
+                       "suspects": [p.name for p in found.suspects], "cutoff": found.cutoff, **record}
+    state.save(out)
     return LearnResult(state, found.kept, found.suspects, found.scores, found.cutoff, found.skipped)

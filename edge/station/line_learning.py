@@ -3,7 +3,7 @@ the first N parts that come off the line (unlabeled, most of them good), then sc
 With `refining`, a station that has a state (enrolled from a few good parts) scores every part as usual
 while it keeps the next N, then refines its state with them (`edge.station.learn.refine`).
 
-This module owns the collection of those frames (kept under `<storage.dir>/learning/`, so a restart
+This module owns the collection of those frames (kept under `<storage.dir>/learning/`, or `refining/`, so a restart
 during learning resumes where it stopped) and the hand-over to `edge.station.learn.learn`, which sets the
 unusual parts aside and enrolls the rest. It does not score and does not publish: the runtime gives
 every part collected here a result with verdict `learning` and, when the state is built, publishes
@@ -27,7 +27,8 @@ REFINING_FOLDER = "refining"
 
 
 class LineLearner:
-    """Collects the first `parts` frames of a station without state, then learns its state from them."""
+    """Collects the first `parts` frames of a station without state, then learns its state from them; with
+    `refining`, the next `parts` scored frames of a station with a state, then refines that state."""
 
     def __init__(self, pack: Pack, state_dir: Path, storage_dir: Path, parts: int, suspect_z: float,
                  target_false_reject: float | None = None, refining: bool = False, tiling=None):
