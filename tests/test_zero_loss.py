@@ -511,6 +511,10 @@ def test_a_stage_that_dies_stops_the_watchdog_and_says_so(broker, tmp_path, defa
         monkeypatch.undo()
         rt.stop()
         notify.close()
+    # Every frame captured before the crash was recorded as a part (the refused one never entered the queue).
+    stored = TraceStore(tmp_path / "var").count()
+    assert stored == rt.counts["parts"] and rt.counts["parts"] >= 3
+    assert rt.counts["parts"] >= rt.counts["captured"] - 1 - rt.pipeline.queue.dropped
 
 
 @pytest.fixture
