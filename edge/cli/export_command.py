@@ -52,10 +52,15 @@ def cmd_export(args) -> int:
         export_backbone(args.out, args.arch, args.weights, size=args.size, force=args.force, llm=not args.no_llm)
         return 0
     try:
-        taps = tuple(int(t) for t in args.taps.split(","))
+        taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
     except ValueError:
         raise EdgeError(f"--taps must be comma-separated block indices, e.g. 4,10,14; got {args.taps!r}") from None
-    export_default(args.out, size=args.size, weights=args.weights, force=args.force, taps=taps, llm=not args.no_llm)
+    lite = {f"efficientnet_{v}": v for v in ("lite0", "lite1", "lite2")}
+    if args.arch is not None and args.arch not in lite:
+        raise EdgeError(f"export default --arch {args.arch!r}: expected one of {', '.join(lite)} "
+                        "(other architectures: export backbone --arch ... --weights FILE)")
+    export_default(args.out, size=args.size, weights=args.weights, force=args.force, taps=taps, llm=not args.no_llm,
+                   variant=lite[args.arch or "efficientnet_lite0"], aggregate=args.aggregate)
     return 0
 
 
@@ -82,15 +87,18 @@ def add_parsers(sub) -> None:
     e.add_argument("--out", help="pack folder to write (default, dinov2-s, backbone, anomalygpt)")
     e.add_argument("--size", type=positive, default=224,
                    help="input size in pixels (multiple of 32; dinov2-s: of 14, e.g. 224 or 448)")
-    e.add_argument("--weights", help="default: a local EfficientNet-Lite0 .pth instead of fetching it; dinov2-s: a "
+    e.add_argument("--weights", help="default: a local EfficientNet-Lite .pth instead of fetching it; dinov2-s: a "
                    "local vit_s_focus.onnx (both sha256 checked); backbone: your checkpoint (a state_dict)")
-    b = e.add_argument_group("dinov2-s and backbone")
+    b = e.add_argument_group("default, dinov2-s and backbone")
     b.add_argument("--arch", help="backbone: wide_resnet50_2, resnet18, dinov2_vits14, efficientnet_lite0, "
-                   "efficientnet_lite1 or efficientnet_lite2")
+                   "efficientnet_lite1 or efficientnet_lite2; default: efficientnet_lite0 (the default), "
+                   "efficientnet_lite1 or efficientnet_lite2 (the same PyPI family, pinned)")
     b.add_argument("--layers", help="dinov2-s: transformer blocks to average, 0..11 (default 8,11)")
-    b.add_argument("--aggregate", type=int, default=3, choices=[1, 3],
-                   help="dinov2-s: 3 = 3x3 neighbourhood mean of the patch tokens, 1 = none")
+    b.add_argument("--aggregate", type=int, default=3, choices=[1, 3, 5],
+                   help="dinov2-s and default: 3 = 3x3 neighbourhood mean of the patch tokens / tapped outputs, "
+                        "1 = none, 5 = 5x5 (default only)")
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
-    e.add_argument("--taps", default="4,10,14", help="EfficientNet blocks whose outputs form the features")
+    e.add_argument("--taps", default=None, help="default: EfficientNet blocks whose outputs form the features "
+                   "(default: the last block of stages 2, 4, 5; Lite0 4,10,14, Lite1/2 6,14,19)")
     e.add_argument("--no-llm", action="store_true", help="leave out the explanation LLM (scoring only)")
     e.set_defaults(func=cmd_export)

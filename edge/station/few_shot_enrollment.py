@@ -110,11 +110,12 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
                              seed: int, jitter_features: np.ndarray | None = None,
                              weights: np.ndarray | None = None) -> np.ndarray:
     """One shot's held-out scores: every view's patches from one quadrant of the part scored by a head
-    fitted to all views' patches from the other three (as `single_reference_scores` does for the bank).
-    `jitter_features` (untransformed geometry, re-lit / blurred / noisy copies of the shot) are scored
-    the same way, against the enrolled views only: they stand in for the part-to-part variation one
-    shot cannot show. `weights` (foreground masking: views, then jittered copies): only the part's patches
-    are fitted and scored, as the station scores."""
+    fitted to all views' patches from the other three (as `single_reference_scores` does for the bank),
+    each quadrant's score the mean of the top fraction of its own map pixels. `jitter_features`
+    (untransformed geometry, re-lit / blurred / noisy copies of the shot) are scored the same way,
+    against the enrolled views only: they stand in for the part-to-part variation one shot cannot show.
+    `weights` (foreground masking: views, then jittered copies): only the part's patches are fitted and
+    scored, as the station scores."""
     h, w = frame_shape
     labels = np.zeros((h, w), np.uint8)
     labels[: h // 2, w // 2:] = 1
@@ -140,7 +141,11 @@ def few_shot_quadrant_scores(pack: Pack, head: FewShotHead, view_features: np.nd
             patch = np.empty((gh, gw), np.float32)
             patch[own] = part_head.flat_scores(view_features[v][own], part_bank) * part[v][own]
             patch[~own] = np.median(patch[own])  # only the held-out quadrant is scored
-            scores.append(image_score(grid_maps(patch[None], pack)[0], pack.scorer.top_fraction))
+            m = grid_maps(patch[None], pack)[0]
+            # The held-out quadrant's own top fraction, the statistic a whole part gets over its whole
+            # map (the top fraction of the filled map would be a quarter as extreme: its upper 20%).
+            in_region = cv2.resize(own.astype(np.uint8), (m.shape[1], m.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+            scores.append(image_score(m[in_region], pack.scorer.top_fraction))
     return np.asarray(scores)
 
 
