@@ -1,8 +1,9 @@
 """`anomaly-edge export backbone --arch A --weights FILE`: a pack from the user's own checkpoint.
 
 The checkpoint is read unchanged: a plain state_dict, or a dict holding one under 'state_dict' or
-'model' (torch.save / .pth, or .safetensors), in the layout of the library the architecture comes
-from (torchvision for the ResNets, timm for EfficientNet-Lite and DINOv2 ViT-S/14, whose keys the
+'model' (torch.save / .pth, or .safetensors), its names as a training wrapper may have prefixed them
+(`module.`, `_orig_mod.`, a Lightning module's `model.`: `strip_wrapper_prefix`), in the layout of the
+library the architecture comes from (torchvision for the ResNets, timm for EfficientNet-Lite and DINOv2 ViT-S/14, whose keys the
 facebookresearch dinov2 hub checkpoints share). Keys the pack does not use (classifier heads, the
 layers after the last tap, the ViT's final norm and mask token) are ignored; every key the tapped
 layers need must be there with its shape, or the export stops naming the file and the keys.
@@ -81,6 +82,27 @@ def read_checkpoint(path: Path) -> dict:
                           f"'state_dict' or 'model'; got {type(obj).__name__}"
                           + (f" with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else ""))
     return obj
+
+
+def strip_wrapper_prefix(state: dict, names) -> tuple[dict, str]:
+    """`state` with the prefix a training wrapper put before every name taken off (DataParallel's and
+    DistributedDataParallel's `module.`, torch.compile's `_orig_mod.`, a Lightning module's attribute such
+    as `model.` or `backbone.`, up to three levels), and that prefix ('' for none). The prefix is the one
+    under which the most keys are the network's own `names`; keys outside it (a wrapper's own head, a
+    loss) are dropped, and `load_weights` still checks that nothing the pack needs is missing."""
+    names = set(names)
+    hits = sum(k in names for k in state)
+    counts: dict[str, int] = {}
+    for key in state:
+        parts = key.split(".")
+        for i in range(1, min(len(parts), 4)):
+            prefix = ".".join(parts[:i]) + "."
+            if key[len(prefix):] in names:
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts or max(counts.values()) <= hits:
+        return state, ""
+    prefix = max(counts, key=counts.get)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
 def build_network(arch: str, state: dict | None = None):
@@ -164,7 +186,9 @@ def build_encoder(arch: str, weights: Path, size: int):
     """(feature module, layers) for `arch` with the checkpoint's weights, at `size` x `size`."""
     if arch not in ARCHS:
         raise ExportError(f"--arch {arch!r}: expected one of {', '.join(ARCHS)}")
-    state = read_checkpoint(weights)
+    state, prefix = strip_wrapper_prefix(read_checkpoint(weights), build_network(arch).state_dict())
+    if prefix:
+        note(f"keys read without the prefix {prefix!r} a training wrapper put before them")
     net = build_network(arch, state)
     load_weights(net, state, arch, weights)
     net.eval()

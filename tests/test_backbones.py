@@ -93,13 +93,8 @@ def test_resnet_pack_matches_torchvision_layer2_layer3(arch, tmp_path):
     assert np.abs(got - want).max() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
-def test_efficientnet_lite_pack_matches_timm(arch, tmp_path):
-    model = _calibrated(timm.create_model(arch, pretrained=False))
-    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")  # a trainer's checkpoint
-    export_backbone(tmp_path / "pack", arch, tmp_path / "ckpt.pth", size=64, llm=False)
-    batch = _batch(64, seed=1)
-    pack, got = _onnx_features(tmp_path / "pack", batch)
+def _lite_reference(model, batch):
+    """timm's EfficientNet-Lite forward to the last blocks of stages 2, 4, 5, as the pack taps them."""
     with torch.no_grad():
         x = model.bn1(model.conv_stem(torch.from_numpy(batch)))
         taps = []
@@ -107,10 +102,52 @@ def test_efficientnet_lite_pack_matches_timm(arch, tmp_path):
             x = stage(x)
             if i in (2, 4, 5):
                 taps.append(x)
-        want = _patchcore(taps).numpy()
+        return _patchcore(taps).numpy()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_pack_matches_timm(arch, tmp_path):
+    model = _calibrated(timm.create_model(arch, pretrained=False))
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")  # a trainer's checkpoint
+    export_backbone(tmp_path / "pack", arch, tmp_path / "ckpt.pth", size=64, llm=False)
+    batch = _batch(64, seed=1)
+    pack, got = _onnx_features(tmp_path / "pack", batch)
+    want = _lite_reference(model, batch)
     assert got.shape == want.shape
     assert [layer.stride for layer in pack.encoder.layers] == [8, 16, 32]
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_checkpoints_saved_through_training_wrappers_load_unchanged(tmp_path):
+    """DistributedDataParallel's `module.` names in float16, and a Lightning module's checkpoint whose
+    network sits under `model.backbone.` beside a loss buffer: both load as the network itself."""
+    model = _calibrated(torchvision.models.resnet18())
+    half = {f"module.{k}": v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(half, tmp_path / "ddp.pth")
+    model.load_state_dict({k[len("module."):]: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    proc = run_cli("export", "backbone", "--arch", "resnet18", "--weights", tmp_path / "ddp.pth", "--out",
+                   tmp_path / "p", "--size", "64", "--no-llm")
+    assert "without the prefix 'module.'" in proc.stderr
+    batch = _batch(64, seed=4)
+    _, got = _onnx_features(tmp_path / "p", batch)
+    with torch.no_grad():
+        x = model.maxpool(model.relu(model.bn1(model.conv1(torch.from_numpy(batch)))))
+        f2 = model.layer2(model.layer1(x))
+        want = _patchcore([f2, model.layer3(f2)]).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+    lite = _calibrated(timm.create_model("efficientnet_lite0", pretrained=False))
+    lightning = {"epoch": 7, "global_step": 700, "state_dict": {
+        **{f"model.backbone.{k}": v for k, v in lite.state_dict().items()}, "model.loss.pos_weight": torch.ones(1)}}
+    torch.save(lightning, tmp_path / "lightning.ckpt")
+    export_backbone(tmp_path / "q", "efficientnet_lite0", tmp_path / "lightning.ckpt", size=64, llm=False)
+    batch = _batch(64, seed=5)
+    _, got = _onnx_features(tmp_path / "q", batch)
+    assert np.abs(got - _lite_reference(lite, batch)).max() <= 1e-4
+    # A wrapper around the wrong network is still refused by its keys.
+    torch.save({f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}, tmp_path / "r.pth")
+    with pytest.raises(ExportError, match="not a wide_resnet50_2 checkpoint"):
+        export_backbone(tmp_path / "r", "wide_resnet50_2", tmp_path / "r.pth", size=64, llm=False)
 
 
 def _vit_reference(model, batch):
