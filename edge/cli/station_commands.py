@@ -51,10 +51,11 @@ def _enroll(pack, good, args) -> int:
                   f"--allow-undertrained; {st.training.resume_hint(args.out)}", file=sys.stderr)
     if len(state.references) < 4:
         print(f"warning: {len(state.references)} reference(s) show little of how good parts vary; the automatic "
-              "threshold may reject good parts (one magnetic tile: 0-98% of good tiles, 42% on average): enroll more good images "
-              "when you have them, or let the line sharpen this state (learn: {parts: 50, refine: true} in the "
-              "station config: its next 50 parts are scored as usual, then the usual-looking ones join the "
-              "references), or start in learn mode (learn: {parts: 50} and no state folder)", file=sys.stderr)
+              "threshold may reject good parts (one magnetic tile: 0-91% of good tiles, 19% on average over six "
+              "tiles): enroll more good images when you have them, or let the line sharpen this state (learn: "
+              "{parts: 50, refine: true} in the station config: its next 50 parts are scored as usual, then the "
+              "usual-looking ones join the references), or start in learn mode (learn: {parts: 50} and no state "
+              "folder)", file=sys.stderr)
     return 0
 
 
