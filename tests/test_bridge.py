@@ -45,7 +45,7 @@ def start_station(port: int, outbox: Path, count: int, rate: float) -> subproces
 def test_results_cross_a_15s_central_outage_in_order_with_status_and_last_will(bridged, tmp_path):
     central, local = bridged
     subscriber = Subscriber(central.port, topic=f"{PREFIX}/#")  # persistent session, QoS 1
-    wait_until(lambda: _retained_or_none(central.port, f"{PREFIX}/bridge") == "1", 15, "the bridge to connect")
+    wait_for_bridge(central, local)
     count, rate = 600, 40.0  # 15 s of results
     station = start_station(local.port, tmp_path / "outbox.sqlite", count, rate)
     try:
@@ -79,7 +79,7 @@ def test_results_cross_a_15s_central_outage_in_order_with_status_and_last_will(b
 @pytest.mark.timeout(60)
 def test_commands_come_down_the_bridge_once_and_the_bridge_last_will_reaches_central(bridged):
     central, local = bridged
-    wait_until(lambda: _retained_or_none(central.port, f"{PREFIX}/bridge") == "1", 15, "the bridge to connect")
+    wait_for_bridge(central, local)
     on_station = Subscriber(local.port, topic=f"{PREFIX}/cmd/#", persistent=False)
     on_central = Subscriber(central.port, topic=f"{PREFIX}/cmd/#", persistent=False)
     try:
@@ -103,6 +103,18 @@ def test_commands_come_down_the_bridge_once_and_the_bridge_last_will_reaches_cen
 
 def _results(subscriber: Subscriber) -> list[dict]:
     return subscriber.unique_by_topic().get(f"{PREFIX}/result", [])
+
+
+def wait_for_bridge(central: Broker, local: Broker, timeout: float = 30) -> None:
+    """Until the central broker holds the bridge's retained presence "1"; on a timeout the assertion
+    carries both brokers' logs (the bridge's connection attempts are in the local one)."""
+    try:
+        wait_until(lambda: _retained_or_none(central.port, f"{PREFIX}/bridge") == "1", timeout, "the bridge to connect")
+    except AssertionError as e:
+        logs = "\n".join(f"--- {name} broker log (port {b.port}):\n"
+                         f"{Path(b.log.name).read_text(errors='replace')[-3000:]}"
+                         for name, b in (("local", local), ("central", central)))
+        raise AssertionError(f"{e}\n{logs}") from None
 
 
 def _retained_or_none(port: int, topic: str):
