@@ -19,7 +19,7 @@ $(BIN)/anomaly-edge: pyproject.toml scripts/build-llama-cpp.sh
 
 install: $(BIN)/anomaly-edge
 
-$(PACK)/pack.yaml: $(BIN)/anomaly-edge export/default_pack.py export/efficientnet_lite.py export/assets.py edge/pack.py
+$(PACK)/pack.yaml: $(BIN)/anomaly-edge export/default_pack.py export/efficientnet_lite.py export/backbone_nets.py export/assets.py edge/pack.py
 	$(BIN)/anomaly-edge export default --out $(PACK) --force
 
 pack: $(PACK)/pack.yaml

@@ -26,11 +26,11 @@ from bench.fewshot_ablation import test_features  # noqa: E402
 from edge.evaluation import metrics  # noqa: E402
 from edge.evaluation.dataset import open_dataset  # noqa: E402
 from edge.pack import load_pack  # noqa: E402
-from edge.inference.preprocess import choose_shots, read_image, to_input_pixels  # noqa: E402
+from edge.inference.preprocess import choose_shots, read_image  # noqa: E402
 from edge.inference.features import FeatureExtractor  # noqa: E402
 from edge.scoring.decide import image_score  # noqa: E402
 from edge.station import few_shot_enrollment  # noqa: E402
-from edge.station.few_shot_enrollment import build_few_shot_state, head_image_scores  # noqa: E402
+from edge.station.few_shot_enrollment import build_few_shot_state, encode_frames, head_image_scores  # noqa: E402
 
 
 def relative_image_score(anomaly_map: np.ndarray, top_fraction: float) -> float:
@@ -48,8 +48,8 @@ def test_scores(state, pack, extractor, category, cached: np.ndarray) -> np.ndar
     scores = []
     for b in range(0, len(category.test), 32):
         frames = [read_image(s.path) for s in category.test[b:b + 32]]
-        painted, weights = mask.prepare(frames, lambda f: to_input_pixels(f, pack.input), pack.encoder.feature_shape[1:])
-        scores.append(head_image_scores(state.head, state.bank, extractor.patch_features_batched(painted), pack, weights))
+        feats, weights = encode_frames(pack, extractor, frames, mask)
+        scores.append(head_image_scores(state.head, state.bank, feats, pack, weights))
     return np.concatenate(scores)
 
 

@@ -3,8 +3,8 @@
 The checkpoint is read unchanged: a plain state_dict, or a dict holding one under 'state_dict' or
 'model' (torch.save / .pth, or .safetensors), its names as a training wrapper may have prefixed them
 (`module.`, `_orig_mod.`, a Lightning module's `model.`: `strip_wrapper_prefix`), in the layout of the
-library the architecture comes from (torchvision for the ResNets, timm for EfficientNet-Lite and DINOv2 ViT-S/14, whose keys the
-facebookresearch dinov2 hub checkpoints share). Keys the pack does not use (classifier heads, the
+library the architecture comes from (torchvision for the ResNets, timm for EfficientNet-Lite and DINOv2
+ViT-S/14, whose keys the facebookresearch dinov2 hub checkpoints share). Keys the pack does not use (classifier heads, the
 layers after the last tap, the ViT's final norm and mask token) are ignored; every key the tapped
 layers need must be there with its shape, or the export stops naming the file and the keys.
 
@@ -186,7 +186,11 @@ def build_encoder(arch: str, weights: Path, size: int):
     """(feature module, layers) for `arch` with the checkpoint's weights, at `size` x `size`."""
     if arch not in ARCHS:
         raise ExportError(f"--arch {arch!r}: expected one of {', '.join(ARCHS)}")
-    state, prefix = strip_wrapper_prefix(read_checkpoint(weights), build_network(arch).state_dict())
+    import torch
+
+    with torch.device("meta"):  # only the names: no memory, no initialisation
+        names = build_network(arch).state_dict().keys()
+    state, prefix = strip_wrapper_prefix(read_checkpoint(weights), names)
     if prefix:
         note(f"keys read without the prefix {prefix!r} a training wrapper put before them")
     net = build_network(arch, state)

@@ -24,7 +24,7 @@ from .common import export_onnx as _export_onnx
 from .common import step as _step
 
 TAPS = (4, 10, 14)  # Lite0's (efficientnet_lite.default_taps gives every variant's)
-VARIANTS = ("lite0", "lite1", "lite2")  # `export default --arch efficientnet_lite1` etc.
+VARIANTS = tuple(assets.EFFICIENTNET_LITE)  # lite0, lite1, lite2: `export default --arch efficientnet_lite1` etc.
 AGGREGATES = (1, 3, 5)  # neighbourhood mean of every tapped output: none, 3x3 (default), 5x5
 MAX_ABS_ERROR = 1e-4
 SIZE_MULTIPLE = 32  # the network's total stride: the encoder takes any height and width that are multiples of it

@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (kernel, stride, expand ratio) per stage, shared by the Lite variants.
-STAGE_KERNELS = [(3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6)]
-# Per variant: repeats and output channels per stage (the stem stays 32 wide and the head 1280 in
-# every Lite variant; the first and last stage keep one block).
-VARIANTS = {
-    "lite0": ([1, 2, 2, 3, 3, 4, 1], [16, 24, 40, 80, 112, 192, 320]),
-    "lite1": ([1, 3, 3, 4, 4, 5, 1], [16, 24, 40, 80, 112, 192, 320]),
-    "lite2": ([1, 3, 3, 4, 4, 5, 1], [16, 24, 48, 88, 120, 208, 352]),
-}
-TAP_STAGES = (2, 4, 5)  # the last block of each (strides 8, 16, 32) forms the default features
+from .backbone_nets import LITE_STAGES, LITE_TAP_STAGES, LITE_VARIANTS
+
+# The architecture tables (kernel/stride/expand per stage; repeats and widths per variant; the tapped
+# stages) are timm's layout's, in backbone_nets: the same networks under other key names. The stem stays
+# 32 wide and the head 1280 in every Lite variant.
 STEM, HEAD = 32, 1280
 BN_EPS = 1e-3
 
@@ -31,7 +26,7 @@ BN_EPS = 1e-3
 def stage_ends(variant: str) -> list[int]:
     """Index of the last block of every stage of `variant`."""
     ends, n = [], -1
-    for repeats in VARIANTS[variant][0]:
+    for repeats in LITE_VARIANTS[f"efficientnet_{variant}"][0]:
         n += repeats
         ends.append(n)
     return ends
@@ -40,7 +35,7 @@ def stage_ends(variant: str) -> list[int]:
 def default_taps(variant: str) -> tuple[int, ...]:
     """The default pack's feature blocks for `variant` (Lite0: 4, 10, 14)."""
     ends = stage_ends(variant)
-    return tuple(ends[s] for s in TAP_STAGES)
+    return tuple(ends[s] for s in LITE_TAP_STAGES)
 
 
 def _same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -88,12 +83,12 @@ class EfficientNetLite(nn.Module):
 
     def __init__(self, variant: str = "lite0", num_classes: int = 1000):
         super().__init__()
-        repeats, widths = VARIANTS[variant]
+        repeats, widths = LITE_VARIANTS[f"efficientnet_{variant}"]
         self.variant = variant
         self._conv_stem = SameConv2d(3, STEM, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(STEM, eps=BN_EPS)
         blocks, c_in = [], STEM
-        for n, (kernel, stride, expand), c_out in zip(repeats, STAGE_KERNELS, widths):
+        for n, (kernel, stride, expand), c_out in zip(repeats, LITE_STAGES, widths):
             for i in range(n):
                 blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, c_in, c_out))
                 c_in = c_out

@@ -25,7 +25,7 @@ def cmd_export(args) -> int:
         return 0
     try:
         from export.anomalygpt import export_anomalygpt
-        from export.default_pack import export_default
+        from export.default_pack import VARIANTS, export_default
     except ImportError as e:
         raise EdgeError(f"export needs the 'export' extra (torch, onnx): pip install 'anomaly-edge[export]' ({e})") from None
     if not args.out:
@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
         taps = tuple(int(t) for t in args.taps.split(",")) if args.taps else None
     except ValueError:
         raise EdgeError(f"--taps must be comma-separated block indices, e.g. 4,10,14; got {args.taps!r}") from None
-    lite = {f"efficientnet_{v}": v for v in ("lite0", "lite1", "lite2")}
+    lite = {f"efficientnet_{v}": v for v in VARIANTS}
     if args.arch is not None and args.arch not in lite:
         raise EdgeError(f"export default --arch {args.arch!r}: expected one of {', '.join(lite)} "
                         "(other architectures: export backbone --arch ... --weights FILE)")

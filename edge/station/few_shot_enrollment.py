@@ -186,6 +186,16 @@ def foreground_for(mode: str, images: list[np.ndarray], view_images: list[list[n
     return Foreground.from_references(pixels), "on"
 
 
+def encode_frames(pack: Pack, extractor: FeatureExtractor, frames: list[np.ndarray], mask: Foreground | None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features and patch weights of frames as the station's scorer takes them: with a foreground `mask`,
+    the background painted over and only the part's patches weighted; without one, weights None."""
+    if mask is None:
+        return extractor.patch_features_batched(frames), None
+    painted, weights = mask.prepare(frames, lambda f: to_input_pixels(f, pack.input), pack.encoder.feature_shape[1:])
+    return extractor.patch_features_batched(painted), weights
+
+
 def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: FeatureExtractor, seed: int = 0,
                          references: list[str] | None = None, quiet: bool = False,
                          target_false_reject: float = TARGET_FALSE_REJECT, views: str | None = None,
@@ -201,11 +211,7 @@ def build_few_shot_state(pack: Pack, images: list[np.ndarray], extractor: Featur
     mask, masking = foreground_for(foreground, images, view_images, pack)
 
     def encoded(frames):
-        """Features and patch weights of frames as the station's scorer takes them (background painted over)."""
-        if mask is None:
-            return extractor.patch_features_batched(frames), None
-        painted, weights = mask.prepare(frames, lambda f: to_input_pixels(f, pack.input), pack.encoder.feature_shape[1:])
-        return extractor.patch_features_batched(painted), weights
+        return encode_frames(pack, extractor, frames, mask)
 
     per_shot, shot_weights = [], []
     with progress_bar("extracting features of augmented views", len(images), quiet, unit="shot") as bar:
